@@ -1,0 +1,316 @@
+"""Typed run configuration: dataclass schema, YAML composition, overrides, validation.
+
+A run config is YAML validated against :class:`RunConfig`. A file may list other files under
+``defaults:`` (paths relative to that file, without ``.yaml``); they are merged first, in order,
+and the file's own keys win. On the command line ``dotted.key=value`` overrides a key, and
+``group=name`` swaps the ``group/...`` entry of the top-level defaults list (``block=sdd``).
+
+Every problem is reported as a :class:`ConfigError` whose message starts with the offending key,
+before any work starts; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration or usage error; the message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class InitConfig:
+    # 'auto' takes the block scheme's own scheme (megatron for pre/post/reordered/spannorm,
+    # sdd for sdd/sdd_pre, deepnorm for deepnorm).
+    scheme: str = "auto"
+    # Base std sigma; null means 1/sqrt(2.5 * d_model) (OLMo2).
+    std: float | None = None
+    # Multiplies every std (the paper's "init std x 0.1" ablation is std_multiplier=0.1).
+    std_multiplier: float = 1.0
+    # SDD weights use sdd_std_multiplier * sigma (0.1 in the reference run script; the paper's text says 1).
+    sdd_std_multiplier: float = 0.1
+    # Megatron init: output projections get sigma/sqrt(2L) (SpanNorm's "ScaleInit"); false keeps sigma.
+    depth_scaled_output: bool = True
+
+
+@dataclass
+class SpanNormConfig:
+    # Multiplier on the residual x that spans the block: x' = N(beta*x + A(.) + F(.)).
+    residual_scale: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 688  # per SwiGLU branch
+    vocab_size: int = 8192  # embedding rows (padded); must cover the tokenizer
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    block: str = "pre"
+    # none | head (per-head, gain shared across heads) | full (over all q / k features, OLMo2) | auto
+    qk_norm: str = "auto"
+    # SDD up+gate projection: one norm over the fused vector (reference) or one per branch.
+    sdd_ffn_norm: str = "fused"
+    ffn: str = "dense"  # feed-forward type; the MoE issue registers 'moe'
+    attention_backend: str = "auto"  # auto | sdpa | flash
+    init: InitConfig = field(default_factory=InitConfig)
+    spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    # 'stdlib': the embedded default corpus built from this Python's standard library sources.
+    source: str = "stdlib"
+    tokenizer_vocab_size: int = 8192
+    max_corpus_bytes: int = 12_000_000
+    val_fraction: float = 0.01
+    cache_dir: str | None = None  # null: $SDD_TRAIN_CACHE or ~/.cache/sdd_train
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_gains: bool = True  # weight decay on norm gains and SDD alphas (reference: yes)
+    decay_embeddings: bool = False  # weight decay on the token embedding (reference dense: no)
+    warmup_steps: int = 2000
+    alpha_f: float = 0.1  # cosine decays to alpha_f * lr
+    grad_clip: float = 1.0  # global norm; 0 disables
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); 0 disables
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seq_len: int = 256
+    global_batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward/backward
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile each block
+    seed: int = 0
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables in-loop validation
+    eval_batches: int = 4
+    checkpoint_interval: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str | None = None  # null: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them on one line
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping of keys")
+    return cfg
+
+
+def _defaults_of(cfg: DictConfig, path: Path) -> list[str]:
+    if "defaults" not in cfg:
+        return []
+    defaults = cfg.defaults
+    if not OmegaConf.is_list(defaults) or not all(isinstance(d, str) for d in defaults):
+        raise ConfigError(f"defaults: in {path} must be a list of file names like 'model/tiny'")
+    return list(defaults)
+
+
+def _compose(path: Path, swaps: dict[str, str], depth: int = 0) -> DictConfig:
+    """Merge a file's defaults (recursively) under its own keys."""
+    if depth > 16:
+        raise ConfigError(f"defaults: nesting deeper than 16 at {path} (a cycle?)")
+    cfg = _read_yaml(path)
+    merged = OmegaConf.create({})
+    for entry in _defaults_of(cfg, path):
+        group = entry.split("/", 1)[0] if "/" in entry else None
+        if depth == 0 and group in swaps:
+            entry = f"{group}/{swaps[group]}"
+        target = path.parent / f"{entry}.yaml"
+        if not target.is_file():
+            options = _group_options(path.parent, group)
+            hint = f" (available: {', '.join(options)})" if options else ""
+            raise ConfigError(f"defaults: '{entry}' not found as {target}{hint}")
+        merged = OmegaConf.merge(merged, _compose(target, swaps, depth + 1))
+    if "defaults" in cfg:
+        cfg.pop("defaults")
+    return OmegaConf.merge(merged, cfg)
+
+
+def _group_options(root: Path, group: str | None) -> list[str]:
+    if group is None or not (root / group).is_dir():
+        return []
+    return sorted(p.stem for p in (root / group).glob("*.yaml"))
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{key}: {first}" if key else first
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Compose, override, type-check and validate a run config. Raises ConfigError."""
+    path = Path(path)
+    dotted = [o for o in overrides if "=" in o and "." in o.split("=", 1)[0]]
+    swaps: dict[str, str] = {}
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}': expected dotted.key=value (or group=name for a defaults group)")
+        if o not in dotted:
+            key, value = o.split("=", 1)
+            top = {f.name for f in RunConfig.__dataclass_fields__.values()}
+            if key in top:  # a top-level scalar such as name=foo
+                dotted.append(o)
+            else:
+                swaps[key] = value
+    raw = _compose(path, swaps)
+    base_defaults = _defaults_of(_read_yaml(path), path)
+    for group in swaps:
+        if not any(d.startswith(group + "/") for d in base_defaults):
+            raise ConfigError(
+                f"override '{group}={swaps[group]}': '{group}' is neither a config key nor a defaults group of {path}"
+            )
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        if dotted:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotted))
+        cfg: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, allowed: list[str] | tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that the type system cannot express."""
+    from sdd_train.model.blocks import BLOCKS
+    from sdd_train.model.feed_forward import FEED_FORWARDS
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.n_heads: head_dim={m.head_dim} must be even for RoPE")
+    _choice("model.block", m.block, sorted(BLOCKS))
+    _choice("model.qk_norm", m.qk_norm, ["auto", "none", "head", "full"])
+    _choice("model.sdd_ffn_norm", m.sdd_ffn_norm, ["fused", "per_branch"])
+    _choice("model.ffn", m.ffn, sorted(FEED_FORWARDS))
+    _choice("model.attention_backend", m.attention_backend, ["auto", "sdpa", "flash"])
+    _choice("model.init.scheme", m.init.scheme, ["auto", "megatron", "sdd", "deepnorm"])
+    if m.init.std is not None:
+        _positive("model.init.std", m.init.std)
+    _positive("model.init.std_multiplier", m.init.std_multiplier)
+    _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
+    _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
+
+    _choice("data.source", d.source, ["stdlib"])
+    if d.tokenizer_vocab_size < 300:
+        raise ConfigError(f"data.tokenizer_vocab_size: must be >= 300 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
+    if m.vocab_size < d.tokenizer_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than data.tokenizer_vocab_size={d.tokenizer_vocab_size};"
+            " the embedding must cover every token id"
+        )
+    _positive("data.max_corpus_bytes", d.max_corpus_bytes)
+    if not 0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+
+    _positive("optim.lr", o.lr)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(o.betas)}")
+    _positive("optim.eps", o.eps)
+    for key in ("weight_decay", "grad_clip", "z_loss", "warmup_steps"):
+        _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    if not 0 <= o.alpha_f <= 1:
+        raise ConfigError(f"optim.alpha_f: must be in [0, 1], got {o.alpha_f}")
+
+    for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("eval_interval", "eval_batches", "checkpoint_interval"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of"
+            f" train.micro_batch_size={t.micro_batch_size}"
+        )
+    _choice("train.precision", t.precision, ["bf16", "fp32"])
+    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
+
+
+def as_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

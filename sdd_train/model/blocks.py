@@ -1,0 +1,154 @@
+"""Transformer block schemes, selected by ``model.block``.
+
+``A`` is the attention sublayer (with its output projection), ``F`` the feed-forward, ``N`` an
+RMSNorm with a learned gain. A new scheme is one subclass of :class:`Block` plus ``@register``.
+Class attributes carry what the rest of the model needs to know about a scheme:
+
+- ``qk_norm``: default QK-norm ('none', 'head', 'full') when ``model.qk_norm=auto``;
+- ``sdd``: whether A and F use SDD layers (A_sdd / F_sdd, SPEC section 2);
+- ``final_norm``: whether the stream needs an RMSNorm before the LM head;
+- ``init_scheme``: default initialisation when ``model.init.scheme=auto``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sdd_train.config import ModelConfig
+from sdd_train.model.feed_forward import build_feed_forward
+from sdd_train.model.layers import Attention, RMSNorm
+
+BLOCKS: dict[str, type[Block]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[Block]) -> type[Block]:
+        cls.name = name
+        BLOCKS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Block(nn.Module):
+    name = "base"
+    qk_norm = "none"
+    sdd = False
+    final_norm = False
+    init_scheme = "megatron"
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        qk_norm = self.qk_norm if cfg.qk_norm == "auto" else cfg.qk_norm
+        self.attention = Attention(cfg, qk_norm=qk_norm, sdd=self.sdd)
+        self.feed_forward = build_feed_forward(cfg, sdd=self.sdd)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register("pre")
+class PreNormBlock(Block):
+    """Pre-Norm (the OLMo2-1B baseline): h = x + A(N(x)); x' = h + F(N(h))."""
+
+    qk_norm = "full"
+    final_norm = True
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attn_norm(x), rope)
+        return h + self.feed_forward(self.ff_norm(h))
+
+
+@register("post")
+class PostNormBlock(Block):
+    """Post-Norm (Vaswani et al.): h = N(x + A(x)); x' = N(h + F(h))."""
+
+    residual_scale = 1.0
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        a = self.residual_scale
+        h = self.attn_norm(a * x + self.attention(x, rope))
+        return self.ff_norm(a * h + self.feed_forward(h))
+
+
+@register("deepnorm")
+class DeepNormBlock(PostNormBlock):
+    """DeepNorm (DeepNet): Post-Norm with the residual scaled by a = (2L)^(1/4); init gain (8L)^(-1/4)."""
+
+    init_scheme = "deepnorm"
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.residual_scale = deepnorm_alpha(cfg.n_layers)
+
+
+def deepnorm_alpha(n_layers: int) -> float:
+    return (2 * n_layers) ** 0.25
+
+
+def deepnorm_beta(n_layers: int) -> float:
+    return (8 * n_layers) ** -0.25
+
+
+@register("reordered")
+class ReorderedNormBlock(Block):
+    """OLMo2's reordered norm: h = x + N(A(x)); x' = h + N(F(h))."""
+
+    qk_norm = "full"
+    final_norm = True
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn_norm(self.attention(x, rope))
+        return h + self.ff_norm(self.feed_forward(h))
+
+
+@register("sdd")
+class SDDBlock(Block):
+    """The paper's SDD Post-Norm block: a = N1(x); h = a + A_sdd(a); f = N2(h); x' = f + F_sdd(f).
+
+    The next block's N1 completes the post-norm of this block's output (the first block's N1 is
+    the embedding norm) and a final N precedes the head.
+    """
+
+    qk_norm = "head"
+    sdd = True
+    final_norm = True
+    init_scheme = "sdd"
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        a = self.attn_norm(x)
+        h = a + self.attention(a, rope)
+        f = self.ff_norm(h)
+        return f + self.feed_forward(f)
+
+
+@register("sdd_pre")
+class SDDPreNormBlock(PreNormBlock):
+    """SDD layers inside a Pre-Norm block (paper Fig. 8): h = x + A_sdd(N(x)); x' = h + F_sdd(N(h))."""
+
+    qk_norm = "head"
+    sdd = True
+    init_scheme = "sdd"
+
+
+@register("spannorm")
+class SpanNormBlock(Block):
+    """SpanNorm, our reading of the abstract (arXiv 2601.22580), not the authors' code.
+
+    One clean residual spans the block and one PostNorm-style norm closes it:
+    h = b*x + A(N1(x)); u = h + F(N2(h)); x' = N_out(u), with b = ``model.spannorm.residual_scale``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.residual_scale = cfg.spannorm.residual_scale
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = self.residual_scale * x + self.attention(self.attn_norm(x), rope)
+        u = h + self.feed_forward(self.ff_norm(h))
+        return self.out_norm(u)

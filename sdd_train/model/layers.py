@@ -1,0 +1,191 @@
+"""Building blocks shared by every block scheme: RMSNorm, the SDD linear layer, RoPE, attention.
+
+Norms compute in fp32 and cast back, so bf16 autocast never normalises in low precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdd_train.config import ModelConfig
+
+try:  # optional: pip install flash-attn (GPU only)
+    from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_func = None
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to fp32; fp32 and fp64 unchanged (so float64 references stay exact)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks."""
+    xf = upcast(x)
+    if groups == 1:
+        return F.rms_norm(xf, (xf.shape[-1],), weight.to(xf.dtype), eps).to(x.dtype)
+    y = F.rms_norm(xf.unflatten(-1, (groups, -1)), (xf.shape[-1] // groups,), eps=eps).flatten(-2)
+    return (y * weight.to(y.dtype)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-feature gain, no bias, no mean subtraction."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, groups: int = 1):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"RMSNorm: dim {dim} not divisible into {groups} groups")
+        self.eps, self.groups = eps, groups
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (f", groups={self.groups}" if self.groups > 1 else "")
+
+
+class SDDLinear(nn.Module):
+    """Scale-Distribution Decoupling: ``y = alpha * rms(V x)``.
+
+    The norm over the output features fixes the distribution, so the output does not depend on the
+    scale of ``V`` (``weight``); the learned ``alpha`` carries the scale. ``norm_groups=2`` normalises
+    each half separately (the per-branch variant of the fused SwiGLU up+gate projection).
+    """
+
+    def __init__(self, in_features: int, out_features: int, eps: float = 1e-5, norm_groups: int = 1):
+        super().__init__()
+        if out_features % norm_groups:
+            raise ValueError(f"SDDLinear: {out_features} outputs not divisible into {norm_groups} groups")
+        self.eps, self.norm_groups = eps, norm_groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.alpha = nn.Parameter(torch.ones(out_features))
+        nn.init.normal_(self.weight, std=in_features**-0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(F.linear(x, self.weight), self.alpha, self.eps, self.norm_groups)
+
+    def extra_repr(self) -> str:
+        out, inp = self.weight.shape
+        return f"in={inp}, out={out}, eps={self.eps}" + (f", norm_groups={self.norm_groups}" if self.norm_groups > 1 else "")
+
+
+def linear(in_features: int, out_features: int, sdd: bool, eps: float, norm_groups: int = 1) -> nn.Module:
+    """A bias-free projection, SDD or plain."""
+    if sdd:
+        return SDDLinear(in_features, out_features, eps, norm_groups)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_cache(seq_len: int, head_dim: int, theta: float, device: torch.device | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """cos and sin of the rotary angles, stacked: [2, seq_len, head_dim] (angles computed in fp64,
+    since fp32 angles at position 4096 are off by ~1e-4 rad)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()]).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [B, S, H, D] by the half-split convention (as OLMo2 and Llama in transformers)."""
+    seq_len = x.shape[1]
+    cos, sin = rope[0, :seq_len, None, :], rope[1, :seq_len, None, :]
+    xf = upcast(x)
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+
+# SDPA takes grouped k/v directly from torch 2.5 on.
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Causal GQA attention on [B, S, H, D] inputs, returning [B, S, H, D].
+
+    ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
+    scaled_dot_product_attention, 'auto' flash-attn where it can run, else SDPA.
+    """
+    if backend != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return flash_attn_func(q, k, v, causal=True)
+    if backend == "flash":
+        raise RuntimeError(
+            "model.attention_backend=flash needs the flash-attn package and CUDA half-precision tensors;"
+            " use 'auto' or 'sdpa'"
+        )
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return out.transpose(1, 2)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional QK-norm and RoPE.
+
+    With ``sdd=True`` this is the paper's A_sdd: the attention context is RMS-normalised
+    (``context_norm``) and the output projection is an SDD layer.
+    """
+
+    def __init__(self, cfg: ModelConfig, qk_norm: str, sdd: bool):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.kv_dim = cfg.n_kv_heads * hd
+        self.backend = cfg.attention_backend
+        self.qk_norm = qk_norm
+        self.att_proj = nn.Linear(d, d + 2 * self.kv_dim, bias=False)  # fused q, k, v
+        if qk_norm == "head":  # one gain of size head_dim, shared by all heads
+            self.q_norm: nn.Module | None = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm: nn.Module | None = RMSNorm(hd, cfg.norm_eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(self.kv_dim, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
+        self.attn_out = linear(d, d, sdd, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.att_proj(x).split([d, self.kv_dim, self.kv_dim], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, s, self.n_heads, self.head_dim)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        ctx = causal_attention(q, k, v, self.backend).reshape(b, s, d)
+        if self.context_norm is not None:
+            ctx = self.context_norm(ctx)
+        return self.attn_out(ctx)
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores and context (PaLM's 12*L*d*S)."""
+    return 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
+    """Truncated normal at +-3 std (OLMo2)."""
+    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+def xavier_normal_(t: torch.Tensor, gain: float) -> torch.Tensor:
+    fan_out, fan_in = t.shape
+    return nn.init.normal_(t, std=gain * math.sqrt(2.0 / (fan_in + fan_out)))

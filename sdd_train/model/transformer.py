@@ -1,0 +1,130 @@
+"""The decoder-only transformer: embedding, a stack of blocks of one scheme, optional final norm, LM head.
+
+The model is plain PyTorch: parallelism (FSDP2), activation checkpointing and ``torch.compile``
+are applied to it from outside, block by block. ``init_weights`` re-initialises every parameter
+and buffer in place, so the model can be built on the meta device, materialised with
+``to_empty`` and initialised afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sdd_train.config import ModelConfig
+from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
+from sdd_train.model.layers import RMSNorm, SDDLinear, attention_flops_per_token, rope_cache, trunc_normal_, xavier_normal_
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    embedding: int  # the token-embedding table
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        block_cls: type[Block] = BLOCKS[cfg.block]
+        self.block_cls = block_cls
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(block_cls(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
+        self.init_weights()
+
+    @property
+    def init_scheme(self) -> str:
+        scheme = self.cfg.init.scheme
+        return self.block_cls.init_scheme if scheme == "auto" else scheme
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab_size]."""
+        return self.head(self.hidden_states(tokens)[-1])
+
+    def hidden_states(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The residual stream after the embedding and after every block."""
+        x = self.embed(tokens)
+        states = [x]
+        for block in self.blocks:
+            x = block(x, self.rope)
+            states.append(x)
+        return states
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return nn.functional.linear(x, weight)
+
+    # ------------------------------------------------------------------ initialisation
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise per SPEC section 4 (megatron / sdd / deepnorm); gains first set to 1."""
+        cfg, init = self.cfg, self.cfg.init
+        d, n_layers = cfg.d_model, cfg.n_layers
+        self.rope.copy_(rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=self.rope.device))
+        sigma = (init.std if init.std is not None else 1.0 / math.sqrt(2.5 * d)) * init.std_multiplier
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, SDDLinear):
+                module.alpha.fill_(1.0)
+        trunc_normal_(self.embed.weight, sigma)
+        if self.lm_head is not None:
+            trunc_normal_(self.lm_head.weight, d**-0.5)
+
+        scheme = self.init_scheme
+        for block in self.blocks:
+            att_proj, attn_out = block.attention.att_proj, block.attention.attn_out
+            ff_proj, ff_out = block.feed_forward.ff_proj, block.feed_forward.ff_out
+            if scheme == "megatron":
+                out_std = sigma / math.sqrt(2 * n_layers) if init.depth_scaled_output else sigma
+                trunc_normal_(att_proj.weight, sigma)
+                trunc_normal_(ff_proj.weight, sigma)
+                trunc_normal_(attn_out.weight, out_std)
+                trunc_normal_(ff_out.weight, out_std)
+            elif scheme == "sdd":
+                sdd_std = sigma * init.sdd_std_multiplier
+                for lin in (att_proj, attn_out, ff_proj, ff_out):
+                    trunc_normal_(lin.weight, sdd_std)
+                for lin in (attn_out, ff_out):  # output SDD gains carry the depth scaling
+                    if isinstance(lin, SDDLinear):
+                        lin.alpha.fill_(1.0 / math.sqrt(2 * n_layers))
+            elif scheme == "deepnorm":
+                beta = deepnorm_beta(n_layers)
+                q, k, v = att_proj.weight.split([d, block.attention.kv_dim, block.attention.kv_dim], dim=0)
+                xavier_normal_(q, 1.0)
+                xavier_normal_(k, 1.0)
+                xavier_normal_(v, beta)
+                xavier_normal_(attn_out.weight, beta)
+                for half in ff_proj.weight.chunk(2, dim=0):  # up and gate are separate matrices in DeepNet
+                    xavier_normal_(half, beta)
+                xavier_normal_(ff_out.weight, beta)
+            else:  # validated in config; guards direct construction
+                raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}")
+
+    # ------------------------------------------------------------------ accounting
+
+    def param_counts(self) -> ParamCounts:
+        total = sum(p.numel() for p in self.parameters())
+        return ParamCounts(total=total, embedding=self.embed.weight.numel())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (non-embedding params + the LM-head matmul) + attention.
+
+        The head matmul is counted even when its weight is tied to the embedding: it is real work.
+        """
+        counts = self.param_counts()
+        head = self.cfg.vocab_size * self.cfg.d_model if self.lm_head is None else 0
+        return 6.0 * (counts.non_embedding + head) + attention_flops_per_token(self.cfg, seq_len)

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, loss, checkpoints, metrics, the loop and its CLI."""

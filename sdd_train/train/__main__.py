@@ -1,0 +1,62 @@
+"""``sdd-train CONFIG.yaml [dotted.key=value | group=name ...]`` (also ``python -m sdd_train.train``).
+
+Exit codes: 0 success, 2 configuration or usage error, 3 divergence (NaN/Inf), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sdd_train.config import ConfigError, load_config, to_yaml
+
+EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="sdd-train",
+        description="Train a transformer from a YAML config. Re-running the same command resumes the run.",
+        epilog="examples: sdd-train configs/tiny.yaml model.block=sdd train.max_steps=100 | "
+        "sdd-train configs/tiny.yaml block=sdd",
+    )
+    parser.add_argument("config", help="run config YAML (may pull others through 'defaults:')")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, or group=name to swap a defaults entry")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            import torch
+
+            from sdd_train.model import Transformer
+            from sdd_train.train.trainer import describe
+
+            print(to_yaml(cfg))
+            with torch.device("meta"):
+                print(describe(Transformer(cfg.model), cfg))
+            return 0
+        from sdd_train.train.trainer import TrainingDiverged, train
+
+        try:
+            run_dir = train(cfg)
+        except TrainingDiverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_DIVERGED
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def main_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_cli()

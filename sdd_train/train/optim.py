@@ -1,0 +1,55 @@
+"""AdamW with parameter groups, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sdd_train.config import OptimConfig
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Split parameters into weight-decay groups: matrices, gains (norm weights, SDD alphas), embeddings.
+
+    Groups keep a ``name`` so logs and tests can tell them apart; empty groups are dropped.
+    """
+    embed = getattr(model, "embed", None)
+    embed_ids = {id(embed.weight)} if embed is not None else set()
+    groups: dict[str, list[nn.Parameter]] = {"matrices": [], "gains": [], "embeddings": []}
+    seen: set[int] = set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in embed_ids:
+            groups["embeddings"].append(p)
+        elif p.ndim < 2:
+            groups["gains"].append(p)
+        else:
+            groups["matrices"].append(p)
+    decay = {"matrices": True, "gains": cfg.decay_gains, "embeddings": cfg.decay_embeddings}
+    return [
+        {"name": name, "params": params, "weight_decay": cfg.weight_decay if decay[name] else 0.0}
+        for name, params in groups.items()
+        if params
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based).
+
+    Linear warmup from lr/warmup to lr over ``warmup_steps``, then a cosine from lr down to
+    ``alpha_f * lr`` at ``max_steps``. A pure function of the step, so resuming needs no state.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.alpha_f * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,67 @@
+"""The SDD linear layer y = alpha * rms(V x) (SPEC section 1)."""
+
+import torch
+
+from reference import rms
+from sdd_train.model.layers import SDDLinear
+
+
+def make(in_f=24, out_f=40, groups=1, seed=0):
+    torch.manual_seed(seed)
+    layer = SDDLinear(in_f, out_f, eps=1e-5, norm_groups=groups).double()
+    with torch.no_grad():
+        layer.alpha.copy_(torch.randn(out_f, dtype=torch.float64))
+    return layer, torch.randn(5, 7, in_f, dtype=torch.float64)
+
+
+def test_matches_float64_reference():
+    layer, x = make()
+    expected = layer.alpha * (x @ layer.weight.T) / torch.sqrt(((x @ layer.weight.T) ** 2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_output_rms_per_token_equals_abs_alpha():
+    layer, x = make()
+    for value in (0.25, -3.0):
+        with torch.no_grad():
+            layer.alpha.fill_(value)
+        y = layer(x)
+        token_rms = y.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(token_rms, torch.full_like(token_rms, abs(value)), rtol=1e-4, atol=0)
+    # with a per-feature alpha, y / alpha has unit RMS per token
+    layer, x = make(seed=1)
+    unit = (layer(x) / layer.alpha).pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(unit, torch.ones_like(unit), rtol=1e-4, atol=0)
+
+
+def test_invariant_to_scale_of_v():
+    layer, x = make()
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(37.0)
+    # exact up to eps: eps / mean(z^2) ~ 1e-5 here
+    torch.testing.assert_close(layer(x), y, rtol=1e-4, atol=1e-6)
+    layer.eps = 1e-30
+    y = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(1e-3)
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_per_branch_groups_normalise_each_half():
+    layer, x = make(out_f=40, groups=2)
+    z = x @ layer.weight.T
+    expected = torch.cat([rms(z[..., :20], layer.alpha[:20], 1e-5), rms(z[..., 20:], layer.alpha[20:], 1e-5)], -1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    one = rms(z, layer.alpha, 1e-5)  # the fused variant differs
+    assert not torch.allclose(layer(x), one)
+
+
+def test_bf16_input_normalises_in_fp32():
+    layer, x = make()
+    layer = layer.float()
+    y32 = layer(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x.float())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
