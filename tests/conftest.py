@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 
 from sdd_train.config import InitConfig, ModelConfig  # noqa: E402
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = str(CONFIGS / "tiny.yaml")
+DENSE_1B = str(CONFIGS / "dense_1b.yaml")
 ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm"]
 
 

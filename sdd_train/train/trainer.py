@@ -123,7 +123,8 @@ def train(cfg: RunConfig, log=print) -> Path:
         loss_sum = torch.zeros((), device=device)
         z_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            inputs, targets = train_batch(corpus.train, t.seq_len, t.micro_batch_size, t.seed, step, micro)
+            inputs, targets = train_batch(corpus.train, t.seq_len, t.global_batch_size, t.seed, step,
+                                          start=micro * t.micro_batch_size, size=t.micro_batch_size)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast(device, t.precision):
                 logits = model(inputs)

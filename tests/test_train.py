@@ -1,0 +1,141 @@
+"""End-to-end CPU training: every scheme learns, exact resume after SIGKILL, accumulation, divergence."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ALL_BLOCKS, TINY
+from sdd_train.config import load_config
+from sdd_train.train import checkpoint
+from sdd_train.train.__main__ import main
+from sdd_train.train.metrics import read_metrics
+from sdd_train.train.optim import lr_at, param_groups
+from sdd_train.model import Transformer
+
+SMALL = [
+    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=5",
+]
+
+
+def small(run_dir, data_cache, *extra) -> list[str]:
+    return [TINY, *SMALL, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *extra]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
+    assert main(small(tmp_path, data_cache, f"model.block={block}", "train.max_steps=30", "train.eval_interval=30")) == 0
+    loss = losses(tmp_path)
+    first, last = loss[1], sum(loss[s] for s in range(26, 31)) / 5
+    assert first == pytest.approx(math.log(512), abs=0.6)
+    assert last < first - 1.0, (block, first, last)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(records[0])
+    assert any("val_loss" in r for r in records)
+    assert (tmp_path / "config.yaml").is_file()
+    assert load_config(tmp_path / "config.yaml").model.block == block
+    final = checkpoint.latest(tmp_path)
+    assert final is not None and checkpoint.load(final)["step"] == 30
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
+    args = ["train.max_steps=40", "train.checkpoint_interval=4", "train.precision=fp32", "train.eval_interval=0",
+            "model.block=sdd"]
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
+    assert main(small(ref_dir, data_cache, *args)) == 0
+    cmd = [sys.executable, "-m", "sdd_train.train", *small(run_dir, data_cache, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file() and any(s >= 10 for s in losses(run_dir)):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    interrupted_at = checkpoint.load(checkpoint.latest(run_dir))["step"]
+    assert 4 <= interrupted_at < 40
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert losses(run_dir) == losses(ref_dir)  # bitwise: the same floats, every step
+
+
+def test_rerun_of_finished_run_is_a_no_op(tmp_path, data_cache):
+    args = small(tmp_path, data_cache, "train.max_steps=3", "train.eval_interval=0")
+    assert main(args) == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert main(args) == 0
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cache):
+    """Four micro-batches of 2 give the same training run as one batch of 8 (fp32)."""
+    common = ["train.max_steps=6", "train.precision=fp32", "train.eval_interval=0", "train.global_batch_size=8"]
+    a, b = tmp_path / "accum", tmp_path / "whole"
+    assert main(small(a, data_cache, *common, "train.micro_batch_size=2")) == 0
+    assert main(small(b, data_cache, *common, "train.micro_batch_size=8")) == 0
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys() == set(range(1, 7))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-5)
+    # Adam hides a gradient scale error from the losses; the logged (pre-clip) norm does not
+    ga, gb = ([r["grad_norm"] for r in read_metrics(d / "metrics.jsonl") if "grad_norm" in r] for d in (a, b))
+    assert ga == pytest.approx(gb, rel=1e-4)
+    assert la[6] < la[1] - 0.3  # and the runs did move
+
+
+def test_divergence_stops_with_exit_3_and_no_bad_checkpoint(tmp_path, data_cache, capsys):
+    args = small(tmp_path, data_cache, "train.max_steps=30", "optim.lr=1e6", "optim.warmup_steps=0",
+                 "optim.grad_clip=0", "train.checkpoint_interval=1", "train.eval_interval=0", "model.block=post")
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "not finite" in err and "diverged" in err
+    ckpt = checkpoint.latest(tmp_path)
+    if ckpt is not None:
+        state = checkpoint.load(ckpt)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_z_loss_is_logged(tmp_path, data_cache):
+    assert main(small(tmp_path, data_cache, "train.max_steps=2", "optim.z_loss=1e-4", "train.eval_interval=0")) == 0
+    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert record["z_loss"] > 0
+
+
+def test_lr_schedule():
+    cfg = load_config(TINY, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.alpha_f=0.1"]).optim
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(500, cfg, 110) == pytest.approx(0.1)
+    no_warmup = load_config(TINY, ["optim.lr=1.0", "optim.warmup_steps=0"]).optim
+    assert lr_at(0, no_warmup, 100) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("decay_gains,decay_embeddings", [(True, False), (False, True)])
+def test_weight_decay_groups(decay_gains, decay_embeddings):
+    cfg = load_config(TINY, [f"optim.decay_gains={decay_gains}", f"optim.decay_embeddings={decay_embeddings}"])
+    model = Transformer(cfg.model)
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    assert groups["matrices"]["weight_decay"] == 0.1
+    assert groups["gains"]["weight_decay"] == (0.1 if decay_gains else 0.0)
+    assert groups["embeddings"]["weight_decay"] == (0.1 if decay_embeddings else 0.0)
+    assert groups["embeddings"]["params"] == [model.embed.weight]
+    alphas = {id(m.alpha) for m in model.modules() if hasattr(m, "alpha")}
+    assert alphas and alphas <= {id(p) for p in groups["gains"]["params"]}
+    n = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n == model.param_counts().total
