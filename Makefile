@@ -1,0 +1,32 @@
+# sdd_train developer entry points. Everything runs inside .venv, created on first use.
+#   make train   set up, then train the tiny default model on CPU from the embedded corpus
+#   make test    set up, then run the test suite (what CI runs)
+#   make bench   set up, then run the CPU step-time benchmark
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: setup train test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+train: setup
+	$(VENV)/bin/sdd-train configs/tiny.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/step_time.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
