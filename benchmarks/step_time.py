@@ -25,17 +25,19 @@ from sdd_train.config import load_config  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
 from sdd_train.train.loss import lm_loss  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
-from sdd_train.train.trainer import autocast, compile_blocks, resolve_device  # noqa: E402
+from sdd_train.train.distributed import init_world  # noqa: E402
+from sdd_train.train.parallelize import apply_compile  # noqa: E402
+from sdd_train.train.trainer import autocast  # noqa: E402
 
 
 def time_steps(config: str, block: str, compiled: bool, precision: str, steps: int, warmup: int) -> dict:
     cfg = load_config(config, [f"model.block={block}", f"train.precision={precision}"])
     t = cfg.train
-    device = resolve_device(t.device)
+    device = init_world(t.device).device
     torch.manual_seed(0)
     model = Transformer(cfg.model).to(device)
     if compiled:
-        compile_blocks(model)
+        apply_compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     accum = t.global_batch_size // t.micro_batch_size
     batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)

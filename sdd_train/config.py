@@ -113,7 +113,34 @@ class TrainConfig:
     eval_interval: int = 100  # 0 disables in-loop validation
     eval_batches: int = 4
     checkpoint_interval: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N interval checkpoints are kept
+    permanent_checkpoint_interval: int = 0  # also keep every M-th step forever; 0 disables
+    async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
+    nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
+    max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
+    peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism over all ranks: FSDP2 (dp_replicate=1) or HSDP (replicate x shard)."""
+
+    dp_replicate: int = 1  # replica groups; > 1 is HSDP
+    dp_shard: int = -1  # ranks per shard group; -1: world_size / dp_replicate
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
+    activation_checkpointing: str = "none"  # none | full | every_n
+    ac_every: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
+    defer_grad_sync: bool = True  # reduce-scatter gradients once per step, not per micro-batch
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | online | offline (offline needs no network; sync later)
+    wandb_project: str = "sdd_train"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    progress_bar: bool = True  # a tqdm bar on rank 0 when stdout is a terminal
 
 
 @dataclass
@@ -124,6 +151,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -251,7 +280,7 @@ def validate(cfg: RunConfig) -> None:
     from sdd_train.model.blocks import BLOCKS
     from sdd_train.model.feed_forward import FEED_FORWARDS
 
-    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    m, t, o, d, par = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.parallel
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.rope_theta", m.rope_theta)
@@ -308,6 +337,18 @@ def validate(cfg: RunConfig) -> None:
         )
     _choice("train.precision", t.precision, ["bf16", "fp32"])
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    _positive("train.permanent_checkpoint_interval", t.permanent_checkpoint_interval, allow_zero=True)
+    _choice("train.nonfinite", t.nonfinite, ["stop", "skip"])
+    _positive("train.max_nonfinite_skips", t.max_nonfinite_skips)
+    if t.peak_tflops is not None:
+        _positive("train.peak_tflops", t.peak_tflops)
+
+    _positive("parallel.dp_replicate", par.dp_replicate)
+    if par.dp_shard != -1:
+        _positive("parallel.dp_shard", par.dp_shard)
+    _choice("parallel.activation_checkpointing", par.activation_checkpointing, ["none", "full", "every_n"])
+    _positive("parallel.ac_every", par.ac_every)
+    _choice("logging.wandb", cfg.logging.wandb, ["disabled", "online", "offline"])
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
 

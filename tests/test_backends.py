@@ -6,7 +6,7 @@ import torch
 from conftest import small_model_cfg
 from sdd_train.model import Transformer
 from sdd_train.model import layers
-from sdd_train.train.trainer import compile_blocks
+from sdd_train.train.parallelize import apply_compile
 
 
 @pytest.mark.parametrize("block", ["sdd", "pre"])
@@ -18,7 +18,7 @@ def test_compiled_blocks_match_eager(block):
     eager.sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    compile_blocks(model)  # fullgraph=True: a graph break is an error
+    apply_compile(model)  # fullgraph=True: a graph break is an error
     compiled = model(tokens)
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5 * eager.abs().max().item())

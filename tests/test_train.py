@@ -49,7 +49,7 @@ def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
     assert (tmp_path / "config.yaml").is_file()
     assert load_config(tmp_path / "config.yaml").model.block == block
     final = checkpoint.latest(tmp_path)
-    assert final is not None and checkpoint.load(final)["step"] == 30
+    assert final is not None and checkpoint.read_meta(final)["step"] == 30
 
 
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
@@ -67,7 +67,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
             break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted_at = checkpoint.load(checkpoint.latest(run_dir))["step"]
+    interrupted_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
     assert 4 <= interrupted_at < 40
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     assert losses(run_dir) == losses(ref_dir)  # bitwise: the same floats, every step
@@ -105,7 +105,7 @@ def test_divergence_stops_with_exit_3_and_no_bad_checkpoint(tmp_path, data_cache
     assert "not finite" in err and "diverged" in err
     ckpt = checkpoint.latest(tmp_path)
     if ckpt is not None:
-        state = checkpoint.load(ckpt)["model"]
+        state = checkpoint.read_model_state(ckpt)
         assert all(torch.isfinite(v).all() for v in state.values())
 
 

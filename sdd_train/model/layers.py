@@ -6,6 +6,7 @@ Norms compute in fp32 and cast back, so bf16 autocast never normalises in low pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,24 @@ class Attention(nn.Module):
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of the attention scores and context (PaLM's 12*L*d*S)."""
     return 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def init_full_(param: torch.Tensor, fill: Callable[[torch.Tensor], object]) -> None:
+    """Run ``fill`` on the full (unsharded) value of ``param``.
+
+    A plain tensor is filled in place. A sharded DTensor (FSDP2) gets a full-size scratch tensor
+    filled with the same random stream and keeps its own shard of it, so initialisation is
+    identical for every world size while only one parameter is ever materialised in full.
+    """
+    if type(param).__name__ != "DTensor":
+        fill(param)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+    fill(full)
+    local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    param.to_local().copy_(local)
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:

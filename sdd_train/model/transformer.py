@@ -16,7 +16,8 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import RMSNorm, SDDLinear, attention_flops_per_token, rope_cache, trunc_normal_, xavier_normal_
+from sdd_train.model.layers import (RMSNorm, SDDLinear, attention_flops_per_token, init_full_, rope_cache, trunc_normal_,
+                                   xavier_normal_)
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
             elif isinstance(module, SDDLinear):
                 module.alpha.fill_(1.0)
-        trunc_normal_(self.embed.weight, sigma)
+        # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
+        init_full_(self.embed.weight, lambda w: trunc_normal_(w, sigma))
         if self.lm_head is not None:
-            trunc_normal_(self.lm_head.weight, d**-0.5)
+            init_full_(self.lm_head.weight, lambda w: trunc_normal_(w, d**-0.5))
 
         scheme = self.init_scheme
         for block in self.blocks:
@@ -90,27 +92,33 @@ class Transformer(nn.Module):
             ff_proj, ff_out = block.feed_forward.ff_proj, block.feed_forward.ff_out
             if scheme == "megatron":
                 out_std = sigma / math.sqrt(2 * n_layers) if init.depth_scaled_output else sigma
-                trunc_normal_(att_proj.weight, sigma)
-                trunc_normal_(ff_proj.weight, sigma)
-                trunc_normal_(attn_out.weight, out_std)
-                trunc_normal_(ff_out.weight, out_std)
+                init_full_(att_proj.weight, lambda w: trunc_normal_(w, sigma))
+                init_full_(ff_proj.weight, lambda w: trunc_normal_(w, sigma))
+                init_full_(attn_out.weight, lambda w: trunc_normal_(w, out_std))
+                init_full_(ff_out.weight, lambda w: trunc_normal_(w, out_std))
             elif scheme == "sdd":
                 sdd_std = sigma * init.sdd_std_multiplier
                 for lin in (att_proj, attn_out, ff_proj, ff_out):
-                    trunc_normal_(lin.weight, sdd_std)
+                    init_full_(lin.weight, lambda w: trunc_normal_(w, sdd_std))
                 for lin in (attn_out, ff_out):  # output SDD gains carry the depth scaling
                     if isinstance(lin, SDDLinear):
                         lin.alpha.fill_(1.0 / math.sqrt(2 * n_layers))
             elif scheme == "deepnorm":
                 beta = deepnorm_beta(n_layers)
-                q, k, v = att_proj.weight.split([d, block.attention.kv_dim, block.attention.kv_dim], dim=0)
-                xavier_normal_(q, 1.0)
-                xavier_normal_(k, 1.0)
-                xavier_normal_(v, beta)
-                xavier_normal_(attn_out.weight, beta)
-                for half in ff_proj.weight.chunk(2, dim=0):  # up and gate are separate matrices in DeepNet
-                    xavier_normal_(half, beta)
-                xavier_normal_(ff_out.weight, beta)
+                split = [d, block.attention.kv_dim, block.attention.kv_dim]
+
+                def qkv(w: torch.Tensor) -> None:
+                    for part, gain in zip(w.split(split, dim=0), (1.0, 1.0, beta)):
+                        xavier_normal_(part, gain)
+
+                def up_gate(w: torch.Tensor) -> None:  # up and gate are separate matrices in DeepNet
+                    for half in w.chunk(2, dim=0):
+                        xavier_normal_(half, beta)
+
+                init_full_(att_proj.weight, qkv)
+                init_full_(attn_out.weight, lambda w: xavier_normal_(w, beta))
+                init_full_(ff_proj.weight, up_gate)
+                init_full_(ff_out.weight, lambda w: xavier_normal_(w, beta))
             else:  # validated in config; guards direct construction
                 raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}")
 

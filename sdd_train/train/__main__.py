@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 configuration or usage error, 3 divergence (NaN/Inf), 1
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sdd_train.config import ConfigError, load_config, to_yaml
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Under torchrun every rank reaches the same verdict; rank 0 reports it.
+    report = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
@@ -45,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_dir = train(cfg)
         except TrainingDiverged as e:
-            print(f"error: {e}", file=sys.stderr)
+            report(f"error: {e}", file=sys.stderr)
             return EXIT_DIVERGED
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        report(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"run directory: {run_dir}")
+    report(f"run directory: {run_dir}")
     return 0
 
 

@@ -1,11 +1,18 @@
-"""``metrics.jsonl`` (one JSON object per record) and the console log line."""
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per record), Weights & Biases, the console line.
+
+Only rank 0 writes; every value it writes is already global (reduced over ranks by the trainer).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sdd_train.config import ConfigError, LoggingConfig
 
 
 class MetricsLog:
@@ -32,15 +39,59 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+class WandbLog:
+    """Weights & Biases sink; ``offline`` needs no network (``wandb sync RUN/wandb/offline-run-*`` later).
+
+    The W&B run id is kept in the run directory so a resumed run continues the same W&B run.
+    """
+
+    def __init__(self, cfg: LoggingConfig, run_dir: Path, name: str, config: dict[str, Any]):
+        try:
+            import wandb  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError(f"logging.wandb: '{cfg.wandb}' needs the wandb package (pip install wandb),"
+                              " or set logging.wandb=disabled") from None
+        id_file = Path(run_dir) / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group, name=name,
+                              id=run_id, resume="allow", mode=cfg.wandb, dir=str(run_dir), config=config)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# (record key, how it reads on the console line), in display order
+_CONSOLE: tuple[tuple[str, Callable[[Any], str]], ...] = (
+    ("loss", "loss {:.4f}".format),
+    ("val_loss", "val_loss {:.4f}".format),
+    ("lr", "lr {:.2e}".format),
+    ("grad_norm", "grad_norm {:.3f}".format),
+    ("tokens_per_sec", "{:,.0f} tok/s".format),
+    ("step_time", "{:.3f} s/step".format),
+    ("mfu", "MFU {:.1%}".format),
+    ("peak_mem_gib", "peak mem {:.2f} GiB".format),
+    ("skipped_steps", "skipped {}".format),
+    ("eta_s", lambda s: f"ETA {_duration(s)}"),
+)
+
+
 def format_line(record: dict[str, Any], max_steps: int) -> str:
     parts = [f"step {record['step']:>{len(str(max_steps))}}/{max_steps}"]
-    for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
-                     ("tokens_per_sec", "{:,.0f} tok/s"), ("step_time", "{:.3f} s/step")):
-        if key in record and record[key] is not None and not (isinstance(record[key], float) and math.isnan(record[key])):
-            label = "" if key in ("tokens_per_sec", "step_time") else f"{key} "
-            parts.append(label + fmt.format(record[key]))
+    for key, fmt in _CONSOLE:
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(fmt(value))
     return " | ".join(parts)

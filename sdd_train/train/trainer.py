@@ -1,51 +1,47 @@
-"""Single-process training loop.
+"""The training loop: one process (``sdd-train``) or many (``torchrun``), the same code.
 
-The loop only sees a plain ``nn.Module`` and an optimizer; compile (and, later, FSDP2) is applied
-to the model before it gets here. A run directory holds ``config.yaml``, ``metrics.jsonl`` and
-``checkpoints/``; running the same config again resumes from the latest checkpoint.
+The loop sees a plain :class:`Transformer` to which :func:`parallelize` has applied activation
+checkpointing, compile and (with more than one rank) FSDP2. A run directory holds
+``config.yaml``, ``metrics.jsonl`` and ``checkpoints/``; running the same command again
+resumes from the latest checkpoint, with any number of ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import resource
+import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from sdd_train.config import ConfigError, RunConfig, save_config
-from sdd_train.data.corpus import load_stdlib_corpus
+from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
+from sdd_train.data.corpus import TokenizedCorpus, load_stdlib_corpus
 from sdd_train.data.sampler import train_batch, val_batches
 from sdd_train.model import Transformer
-from sdd_train.train import checkpoint
+from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
+from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
+                                        data_parallel_shape, init_world)
 from sdd_train.train.loss import lm_loss
-from sdd_train.train.metrics import MetricsLog, format_line
+from sdd_train.train.metrics import MetricsLog, WandbLog, format_line
 from sdd_train.train.optim import build_optimizer, lr_at
+from sdd_train.train.parallelize import parallelize
+
+# Peak dense bf16 FLOP/s per device, for MFU when train.peak_tflops is not set (SPEC section 9).
+PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0}
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/Inf; nothing non-finite is checkpointed."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
-
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def compile_blocks(model: Transformer) -> None:
-    """torch.compile each block in place (parameter names unchanged); identical blocks share one graph."""
-    for block in model.blocks:
-        block.compile(fullgraph=True)
 
 
 def describe(model: Transformer, cfg: RunConfig) -> str:
@@ -59,15 +55,42 @@ def describe(model: Transformer, cfg: RunConfig) -> str:
     )
 
 
+def peak_tflops(cfg_value: float | None, device: torch.device) -> float | None:
+    if cfg_value is not None:
+        return cfg_value
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (exact over FSDP shards), then clip to ``max_norm`` if finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
+        total = total.full_tensor()
+    if max_norm < math.inf and torch.isfinite(total):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-             precision: str) -> float:
-    """Token-mean validation cross-entropy over fixed batches."""
+             use_autocast: bool) -> float:
+    """Token-mean validation cross-entropy over fixed batches (every rank sees all of them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for inputs, targets in batches:
-        with autocast(device, precision):
+        with autocast(device, "bf16" if use_autocast else "fp32"):
             logits = model(inputs.to(device))
         _, ce, _ = lm_loss(logits, targets.to(device))
         total += ce.item() * targets.numel()
@@ -76,97 +99,269 @@ def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]
     return total / max(count, 1)
 
 
+class StopSignal:
+    """SIGTERM / SIGUSR1 (Slurm preemption) ask the loop to checkpoint and exit at the next step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+
+def _check_world(cfg: RunConfig, world: World) -> None:
+    """The checks that need the world size, before any work starts."""
+    t = cfg.train
+    data_parallel_shape(cfg.parallel, world.world_size)
+    per_step = world.world_size * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world.world_size})"
+            f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
+        )
+    if cfg.logging.wandb != "disabled" and world.is_main:
+        try:
+            import wandb  # noqa: F401  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError(f"logging.wandb: '{cfg.logging.wandb}' needs the wandb package (pip install wandb),"
+                              " or set logging.wandb=disabled") from None
+
+
+def _load_corpus(cfg: RunConfig, world: World, log) -> TokenizedCorpus:
+    """Rank 0 builds the cached corpus first; the other ranks then read the cache."""
+    corpus = load_stdlib_corpus(cfg.data, log=log) if world.is_main else None
+    barrier()
+    return corpus if corpus is not None else load_stdlib_corpus(cfg.data, log=lambda *a: None)
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    bad = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if type(p).__name__ == "DTensor" else p
+        if not torch.isfinite(local).all():
+            bad.fill_(1.0)
+            break
+    return all_reduce_max(bad).item() == 0
+
+
 def train(cfg: RunConfig, log=print) -> Path:
     """Train ``cfg`` to ``train.max_steps`` (resuming if a checkpoint exists); return the run directory."""
-    t, o = cfg.train, cfg.optim
-    run_dir = cfg.resolved_run_dir
-    device = resolve_device(t.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    world = init_world(cfg.train.device)
+    try:
+        return Trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).run()
+    finally:
+        close_world()
 
-    corpus = load_stdlib_corpus(cfg.data, log=log)
-    if corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {corpus.tokenizer.vocab_size} pieces"
-        )
 
-    torch.manual_seed(t.seed)
-    model = Transformer(cfg.model).to(device)
-    optimizer = build_optimizer(model, o)
-    start_step = 0
-    ckpt = checkpoint.latest(run_dir)
-    if ckpt is not None:
-        state = checkpoint.load(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        log(f"resume: from {ckpt} (step {start_step})")
-    log(describe(model, cfg))
-    accum = t.global_batch_size // t.micro_batch_size
-    tokens_per_step = t.global_batch_size * t.seq_len
-    log(f"train: {t.max_steps} steps x {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size}"
-        f" x {t.seq_len}), {t.precision} on {device}, run dir {run_dir}")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step)
-    if start_step >= t.max_steps:
-        log(f"train: already complete at step {start_step}")
-        return run_dir
+class Trainer:
+    def __init__(self, cfg: RunConfig, world: World, log) -> None:
+        _check_world(cfg, world)
+        self.cfg, self.world, self.log = cfg, world, log
+        t = cfg.train
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = cfg.resolved_run_dir
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.corpus = _load_corpus(cfg, world, log)
+        if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
+                              f" {self.corpus.tokenizer.vocab_size} pieces")
 
-    if t.compile:
-        compile_blocks(model)
-    eval_data = val_batches(corpus.val, t.seq_len, t.micro_batch_size, t.eval_batches) if t.eval_batches else []
-    model.train()
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    for step in range(start_step, t.max_steps):
-        lr = lr_at(step, o, t.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        z_sum = torch.zeros((), device=device)
+        # Build on the meta device, parallelise, then materialise and initialise: with FSDP2 no rank
+        # ever holds the full model, and the values are the same for every world size.
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        self.checkpointed = parallelize(model, cfg.parallel, world, t.precision, t.compile)
+        model.to_empty(device=world.device)
+        torch.manual_seed(t.seed)
+        model.init_weights()
+        self.model = model
+        self.sharded = world.distributed
+        self.use_autocast = t.precision == "bf16" and not self.sharded  # FSDP2 casts parameters itself
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.checkpointer = Checkpointer(self.run_dir, world, keep=t.keep_checkpoints,
+                                         permanent_every=t.permanent_checkpoint_interval, async_save=t.async_checkpoint)
+        self.step, self.skipped = 0, 0
+        resume = broadcast_object(latest(self.run_dir))
+        if resume is not None:
+            meta = self.checkpointer.load(resume, model, self.optimizer)
+            self.step, self.skipped = meta["step"], meta.get("skipped_steps", 0)
+            log(f"resume: from {resume} (step {self.step}, written by {meta['world_size']} rank(s))")
+        log(describe(model, cfg))
+        self.peak = peak_tflops(t.peak_tflops, world.device)
+        self.flops_per_token = model.flops_per_token(t.seq_len)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Path:
+        cfg, t, world, log = self.cfg, self.cfg.train, self.world, self.log
+        per_rank = t.global_batch_size // world.world_size
+        accum = per_rank // t.micro_batch_size
+        tokens_per_step = t.global_batch_size * t.seq_len
+        par = "" if not world.distributed else f", FSDP2 over {world.world_size} ranks"
+        ac = f", activation checkpointing on {len(self.checkpointed)} blocks" if self.checkpointed else ""
+        log(f"train: {t.max_steps} steps x {tokens_per_step:,} tokens ({accum} micro-batches of {t.micro_batch_size}"
+            f" x {t.seq_len} per rank), {t.precision} on {world.device}{par}{ac}, run dir {self.run_dir}")
+        if self.step >= t.max_steps:
+            log(f"train: already complete at step {self.step}")
+            return self.run_dir
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if world.is_main else None
+        wandb = (WandbLog(cfg.logging, self.run_dir, cfg.name, as_dict(cfg))
+                 if world.is_main and cfg.logging.wandb != "disabled" else None)
+        bar = _progress_bar(cfg, world, self.step)
+
+        def emit(record: dict) -> None:
+            if metrics is not None:
+                metrics.write(record)
+            if wandb is not None:
+                wandb.write(record)
+            (bar.write if bar is not None else log)(format_line(record, t.max_steps))
+
+        eval_data = val_batches(self.corpus.val, t.seq_len, t.micro_batch_size, t.eval_batches) if t.eval_batches else []
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        consecutive_skips = 0
+        start_step = self.step
+        last_time, last_step, run_start = time.perf_counter(), self.step, time.perf_counter()
+        try:
+            with StopSignal() as stop:
+                while self.step < t.max_steps:
+                    lr = lr_at(self.step, cfg.optim, t.max_steps)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, z = self._forward_backward(accum, per_rank)
+                    grad_norm = grad_norm_and_clip(params, max_norm)
+                    finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+                    self.step += 1
+                    if finite:
+                        self.optimizer.step()
+                        consecutive_skips = 0
+                    else:
+                        self._nonfinite(loss, grad_norm.item())
+                        self.skipped += 1
+                        consecutive_skips += 1
+                        emit({"step": self.step, "loss": loss, "grad_norm": grad_norm.item(), "skipped": True,
+                              "skipped_steps": self.skipped})
+                        if consecutive_skips >= t.max_nonfinite_skips:
+                            raise TrainingDiverged(
+                                f"step {self.step}: {consecutive_skips} consecutive non-finite steps; the run diverged."
+                                f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    done = self.step
+                    if bar is not None:
+                        bar.update(1)
+
+                    if finite and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
+                        now = time.perf_counter()
+                        steps = done - last_step
+                        tok_s = steps * tokens_per_step / (now - last_time)
+                        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                                  "tokens_per_sec": tok_s, "step_time": (now - last_time) / steps,
+                                  "peak_mem_gib": peak_memory_gib(world.device),
+                                  "eta_s": (t.max_steps - done) * (now - run_start) / (done - start_step)}
+                        if self.peak is not None:
+                            record["mfu"] = self.flops_per_token * tok_s / world.world_size / (self.peak * 1e12)
+                        if z is not None:
+                            record["z_loss"] = z
+                        if self.skipped:
+                            record["skipped_steps"] = self.skipped
+                        emit(record)
+                        last_time, last_step = time.perf_counter(), done
+                    if eval_data and t.eval_interval and (done % t.eval_interval == 0 or done == t.max_steps):
+                        val_loss = evaluate(self.model, eval_data, world.device, self.use_autocast)
+                        emit({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+                        last_time = time.perf_counter()  # keep eval time out of tokens/s
+                    stopping = self._stop_requested(stop)
+                    interval = t.checkpoint_interval and done % t.checkpoint_interval == 0
+                    permanent = t.permanent_checkpoint_interval and done % t.permanent_checkpoint_interval == 0
+                    if interval or permanent or done == t.max_steps or stopping:
+                        path = self._save()
+                        if done == t.max_steps:
+                            log(f"checkpoint: {path}")
+                        last_time = time.perf_counter()
+                    if stopping:
+                        name = signal.Signals(stopping).name
+                        log(f"stopped by {name} at step {done}; checkpoint {checkpoint_dir(self.run_dir)}."
+                            " Re-run the same command to resume.")
+                        break
+            self.checkpointer.wait()
+        finally:
+            if bar is not None:
+                bar.close()
+            if wandb is not None:
+                wandb.close()
+        return self.run_dir
+
+    def _forward_backward(self, accum: int, per_rank: int) -> tuple[float, float | None]:
+        """Accumulate gradients over this rank's micro-batches; return the global mean loss (and z-loss)."""
+        t, o, world = self.cfg.train, self.cfg.optim, self.world
+        loss_sum = torch.zeros((), device=world.device)
+        z_sum = torch.zeros((), device=world.device)
         for micro in range(accum):
-            inputs, targets = train_batch(corpus.train, t.seq_len, t.global_batch_size, t.seed, step,
-                                          start=micro * t.micro_batch_size, size=t.micro_batch_size)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast(device, t.precision):
-                logits = model(inputs)
+            if self.sharded and self.cfg.parallel.defer_grad_sync:
+                self.model.set_requires_gradient_sync(micro == accum - 1)
+            inputs, targets = train_batch(self.corpus.train, t.seq_len, t.global_batch_size, t.seed, self.step,
+                                          start=world.rank * per_rank + micro * t.micro_batch_size,
+                                          size=t.micro_batch_size)
+            inputs = inputs.to(world.device, non_blocking=True)
+            targets = targets.to(world.device, non_blocking=True)
+            with autocast(world.device, "bf16" if self.use_autocast else "fp32"):
+                logits = self.model(inputs)
+            # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
+            # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
             loss, ce, z = lm_loss(logits, targets, o.z_loss)
             (loss / accum).backward()
             loss_sum += ce.detach()
             if z is not None:
                 z_sum += z.detach()
-        max_norm = o.grad_clip if o.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        step_loss = (loss_sum / accum).item()
-        if not (math.isfinite(step_loss) and math.isfinite(grad_norm.item())):
-            raise TrainingDiverged(
-                f"step {step + 1}: loss={step_loss} grad_norm={grad_norm.item()} is not finite; the run diverged."
-                " Lower optim.lr, raise optim.warmup_steps or try model.block=sdd."
-                f" The last good checkpoint (if any) is in {checkpoint.checkpoint_dir(run_dir)}"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        totals = all_reduce_sum(torch.stack([loss_sum, z_sum])) / (accum * world.world_size)
+        mean_loss, mean_z = totals.tolist()
+        return mean_loss, (mean_z if o.z_loss > 0 else None)
 
-        if done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1:
-            now = time.perf_counter()
-            steps = done - last_log_step
-            record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                      "tokens_per_sec": steps * tokens_per_step / (now - last_log_time),
-                      "step_time": (now - last_log_time) / steps}
-            if o.z_loss > 0:
-                record["z_loss"] = (z_sum / accum).item()
-            metrics.write(record)
-            log(format_line(record, t.max_steps))
-            last_log_time, last_log_step = time.perf_counter(), done
-        if eval_data and t.eval_interval and (done % t.eval_interval == 0 or done == t.max_steps):
-            val_loss = evaluate(model, eval_data, device, t.precision)
-            record = {"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-            metrics.write(record)
-            log(format_line(record, t.max_steps))
-            last_log_time = time.perf_counter()  # keep eval time out of tokens/s
-        if (t.checkpoint_interval and done % t.checkpoint_interval == 0) or done == t.max_steps:
-            path = checkpoint.save(run_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                   "step": done}, keep=t.keep_checkpoints)
-            if done == t.max_steps:
-                log(f"checkpoint: {path}")
-            last_log_time = time.perf_counter()
-    return run_dir
+    def _nonfinite(self, loss: float, grad_norm: float) -> None:
+        message = f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite"
+        if self.cfg.train.nonfinite == "stop":
+            raise TrainingDiverged(
+                f"{message}; the run diverged. Lower optim.lr, raise optim.warmup_steps, try model.block=sdd,"
+                " or set train.nonfinite=skip to drop such steps."
+                f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
+        self.log(f"warning: {message}; update skipped (train.nonfinite=skip)")
+
+    def _stop_requested(self, stop: StopSignal) -> int:
+        """The signal number if any rank received SIGTERM/SIGUSR1 (all ranks agree), else 0."""
+        flag = torch.tensor(float(stop.received or 0), device=self.world.device)
+        return int(all_reduce_max(flag).item()) if self.world.distributed else int(flag.item())
+
+    def _save(self) -> Path:
+        if not _all_finite(self.model):
+            raise TrainingDiverged(f"step {self.step}: the model has non-finite parameters; not checkpointing it."
+                                   f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
+        meta = {"skipped_steps": self.skipped, "tokens_seen": self.step * self.cfg.train.global_batch_size
+                * self.cfg.train.seq_len, "data": {"sampler": "random_windows", "seed": self.cfg.train.seed}}
+        return self.checkpointer.save(self.step, self.model, self.optimizer, meta)
+
+
+def _progress_bar(cfg: RunConfig, world: World, initial: int):
+    """A tqdm bar on rank 0 when stdout is a terminal (log lines then print above it)."""
+    if not (cfg.logging.progress_bar and world.is_main and sys.stdout.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.train.max_steps, initial=initial, unit="step", dynamic_ncols=True, leave=False)

@@ -1,0 +1,95 @@
+"""Process-group set-up and the few collectives the training loop needs.
+
+One code path for every launch: ``sdd-train`` is a world of one process (no process group, no
+FSDP); ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and we join a process group
+(NCCL on GPU, gloo on CPU). Helpers degrade to no-ops in a world of one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sdd_train.config import ConfigError, ParallelConfig
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device_name: str) -> World:
+    """Join the process group that torchrun describes in the environment (if any) and pick a device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=int(os.environ.get("SDD_TRAIN_DIST_TIMEOUT", "1800")))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
+                                **({"device_id": device} if use_cuda else {}))
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def data_parallel_shape(par: ParallelConfig, world_size: int) -> tuple[int, int]:
+    """(replicate, shard) degrees; their product must be the world size."""
+    shard = par.dp_shard if par.dp_shard != -1 else world_size // par.dp_replicate
+    if par.dp_replicate * shard != world_size:
+        raise ConfigError(
+            f"parallel.dp_shard: dp_replicate={par.dp_replicate} x dp_shard={shard} must equal the world size"
+            f" {world_size} (set dp_shard=-1 to infer it)"
+        )
+    return par.dp_replicate, shard
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (a decision made once, e.g. which checkpoint to load)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

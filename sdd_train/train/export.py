@@ -1,0 +1,82 @@
+"""``sdd-export RUN_DIR [--step N] [--out DIR]``: one consolidated safetensors file from a (sharded) checkpoint.
+
+The output folder holds ``model.safetensors`` (full fp32 tensors, names as in
+``Transformer.state_dict()``) and ``config.yaml`` (the run's resolved config), enough to rebuild
+the model in any process with ``load_exported``. Works for checkpoints written by any number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from sdd_train.config import ConfigError, load_config
+from sdd_train.train.checkpoint import checkpoint_dir, latest, read_meta, read_model_state
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
+    if step is None:
+        ckpt = latest(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+        return ckpt
+    ckpt = checkpoint_dir(run_dir) / f"step_{step:07d}"
+    if not (ckpt / "meta.json").is_file():
+        raise ConfigError(f"--step: no complete checkpoint {ckpt}")
+    return ckpt
+
+
+def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.yaml`` to ``out`` (default RUN_DIR/export/step_N); return it."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    ckpt = resolve_checkpoint(run_dir, step)
+
+    state = {k: v.contiguous() for k, v in read_model_state(ckpt).items()}
+    out = Path(out) if out is not None else run_dir / "export" / ckpt.name
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_meta(ckpt)
+    save_file(state, str(out / "model.safetensors"), metadata={"step": str(meta["step"]), "format": "pt"})
+    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    return out
+
+
+def load_exported(folder: Path, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the :class:`Transformer` of an exported folder."""
+    from safetensors.torch import load_file
+
+    from sdd_train.model import Transformer
+
+    cfg = load_config(Path(folder) / "config.yaml")
+    model = Transformer(cfg.model)
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors"), device=device))
+    return model.to(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdd-export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/step_N)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(Path(args.run_dir), Path(args.out) if args.out else None, args.step)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported: {out / 'model.safetensors'}")
+    return 0
+
+
+def main_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_cli()

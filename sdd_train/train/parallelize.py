@@ -1,0 +1,82 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to a plain :class:`Transformer`.
+
+Order matters and follows torchtitan: activation checkpointing wraps a block's forward, compile
+compiles that forward (so recomputation is inside the graph), and FSDP2 shards each block and
+then the root. Only ``forward`` methods are replaced, so parameter names (and therefore
+checkpoints) are identical with and without any of the three.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sdd_train.config import ParallelConfig
+from sdd_train.model import Transformer
+from sdd_train.train.distributed import World, data_parallel_shape
+
+
+def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
+    if mode == "full":
+        return list(range(n_layers))
+    if mode == "every_n":
+        return list(range(0, n_layers, every))
+    return []
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> list[int]:
+    """Recompute the chosen blocks' activations in backward instead of storing them."""
+    chosen = checkpointed_blocks(len(model.blocks), mode, every)
+    for i in chosen:
+        block = model.blocks[i]
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    return chosen
+
+
+def apply_compile(model: Transformer) -> None:
+    """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown).
+
+    Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer.
+    """
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+
+
+def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision: str) -> None:
+    """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
+
+    With bf16, parameters are all-gathered in bf16 and gradients reduced in fp32; the sharded
+    master weights and optimizer state stay fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    replicate, shard = data_parallel_shape(par, world.world_size)
+    if replicate > 1:
+        mesh = init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+                              reduce_dtype=torch.float32)
+    for i, block in enumerate(model.blocks):
+        # The last block's parameters are needed again right away in backward: keep them gathered.
+        reshard = par.reshard_after_forward and i < len(model.blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
+
+
+def parallelize(model: Transformer, par: ParallelConfig, world: World, precision: str, compile: bool) -> list[int]:
+    """AC, then compile, then FSDP2 (only in a world of more than one). Returns the checkpointed blocks."""
+    chosen = apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
+    if compile:
+        apply_compile(model)
+    if world.distributed:
+        apply_fsdp(model, par, world, precision)
+    return chosen
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())

@@ -1,0 +1,133 @@
+"""Checkpoint lifecycle in one process: crash during a save, retention, async save, export, non-finite steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from sdd_train.train import checkpoint, trainer
+from sdd_train.train.__main__ import main
+from sdd_train.train.export import export, load_exported
+from sdd_train.train.export import main as export_main
+from sdd_train.train.metrics import read_metrics
+
+SMALL = [
+    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=3", "model.block=sdd",
+    "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5",
+]
+
+
+def run(run_dir: Path, cache: Path, *extra: str) -> int:
+    return main([TINY, *SMALL, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(data_cache, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    assert run(run_dir, data_cache) == 0
+    return run_dir
+
+
+def test_crash_during_save_keeps_previous_checkpoint(reference, data_cache, tmp_path, monkeypatch):
+    real_save, calls = checkpoint.dcp.save, []
+
+    def crash_on_second_save(*args, **kwargs):
+        calls.append(1)
+        real_save(*args, **kwargs)  # the shards are on disk ...
+        if len(calls) == 2:
+            raise OSError("disk vanished")  # ... but the checkpoint was never finalised
+
+    monkeypatch.setattr(checkpoint.dcp, "save", crash_on_second_save)
+    with pytest.raises(OSError, match="disk vanished"):
+        run(tmp_path, data_cache)
+    monkeypatch.undo()
+    ckpt = checkpoint.latest(tmp_path)
+    assert ckpt.name == "step_0000005"
+    assert (checkpoint.checkpoint_dir(tmp_path) / "step_0000010.partial").is_dir()
+    assert run(tmp_path, data_cache) == 0  # resumes from step 5 and finishes exactly like the reference
+    assert losses(tmp_path) == losses(reference)
+    assert not list(checkpoint.checkpoint_dir(tmp_path).glob("*.partial"))
+
+
+def test_retention_keeps_last_n_plus_permanent(data_cache, tmp_path):
+    assert run(tmp_path, data_cache, "train.checkpoint_interval=2", "train.keep_checkpoints=1",
+               "train.permanent_checkpoint_interval=4") == 0
+    kept = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*"))
+    assert kept == ["step_0000004", "step_0000008", "step_0000010"]
+    assert (checkpoint.checkpoint_dir(tmp_path) / "latest").read_text() == "step_0000010"
+
+
+def test_async_checkpoints_equal_sync_ones(reference, data_cache, tmp_path):
+    assert run(tmp_path, data_cache, "train.async_checkpoint=true") == 0
+    assert losses(tmp_path) == losses(reference)
+    for step in (5, 10):
+        name = f"step_{step:07d}"
+        a = checkpoint.read_model_state(checkpoint.checkpoint_dir(tmp_path) / name)
+        b = checkpoint.read_model_state(checkpoint.checkpoint_dir(reference) / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), step  # staged before training moved on
+
+
+def test_export_consolidated_safetensors(reference, tmp_path, capsys):
+    out = export(reference, tmp_path / "export")
+    model = load_exported(out)
+    state = checkpoint.read_model_state(checkpoint.latest(reference))
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    tokens = torch.randint(0, 512, (2, 16))
+    assert torch.isfinite(model(tokens)).all()
+    assert export_main([str(tmp_path / "no_such_run")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+class NaNAt:
+    """Wraps lm_loss so that the given forward calls return NaN (a planted bad batch)."""
+
+    def __init__(self, calls: set[int] | None = None, from_call: int | None = None):
+        self.calls, self.from_call, self.n = calls or set(), from_call, 0
+        self.real = trainer.lm_loss
+
+    def __call__(self, logits, targets, z=0.0):
+        self.n += 1
+        loss, ce, zl = self.real(logits, targets, z)
+        if self.n in self.calls or (self.from_call is not None and self.n >= self.from_call):
+            nan = torch.tensor(float("nan"))
+            return loss * nan, ce * nan, zl
+        return loss, ce, zl
+
+
+def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))  # step 3's first micro-batch (2 per step)
+    assert run(tmp_path, data_cache, "train.nonfinite=skip") == 0
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    skipped = [r for r in records if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [3]
+    assert records[-1]["skipped_steps"] == 1
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["skipped_steps"] == 1
+    state = checkpoint.read_model_state(checkpoint.latest(tmp_path))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "lm_loss", NaNAt(from_call=5))
+    assert run(tmp_path, data_cache, "train.nonfinite=skip", "train.max_nonfinite_skips=3",
+               "train.checkpoint_interval=1") == 3
+    assert "3 consecutive non-finite steps" in capsys.readouterr().err
+    meta = checkpoint.read_meta(checkpoint.latest(tmp_path))
+    assert (meta["step"], meta["skipped_steps"]) == (4, 2)  # the run stops at step 5, before saving it
+
+
+def test_nonfinite_stop_is_the_default(data_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))
+    assert run(tmp_path, data_cache) == 3
+    assert "train.nonfinite=skip" in capsys.readouterr().err
