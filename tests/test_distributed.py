@@ -160,3 +160,13 @@ def test_batch_not_divisible_by_ranks_is_a_config_error(cache, tmp_path):
     assert result.returncode != 0
     assert "train.global_batch_size: 6 is not a multiple of world_size (2)" in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_fsdp2_with_compile_ac_and_async_checkpoints_matches(single, cache, tmp_path):
+    """Everything applied at once (compile, activation checkpointing, async DCP) still trains the same model."""
+    result = torchrun(2, args_for(tmp_path, cache, "train.compile=true", "parallel.activation_checkpointing=every_n",
+                                  "train.async_checkpoint=true", "train.max_steps=4", "train.checkpoint_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-4)
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*")) == ["step_0000002",
+                                                                                          "step_0000004"]
