@@ -14,6 +14,19 @@ TINY = str(CONFIGS / "tiny.yaml")
 DENSE_1B = str(CONFIGS / "dense_1b.yaml")
 ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm"]
 
+# A training run small enough for a test: 2 layers of width 64 on a 300 kB slice of the corpus.
+SMALL_RUN = [
+    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
+    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
+    "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=5",
+]
+
+
+def small_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    """sdd-train arguments for a small run (later overrides win)."""
+    return [TINY, *SMALL_RUN, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
+
 
 def small_model_cfg(block: str = "pre", **kw) -> ModelConfig:
     base = dict(block=block, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=97,

@@ -13,22 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import small_run
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
 from sdd_train.train.metrics import read_metrics
 
-SMALL = [
-    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
-    "model.d_model=64", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2",
-    "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=3", "model.block=sdd",
-    "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5",
-]
+EXTRA = ["model.n_layers=3", "train.micro_batch_size=2", "optim.warmup_steps=3", "model.block=sdd",
+         "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5"]
 
 
 def args_for(run_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return [TINY, *SMALL, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]
+    return small_run(run_dir, cache, *EXTRA, *extra)
 
 
 def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, small_run
 from sdd_train.config import load_config
 from sdd_train.model import Transformer
 from sdd_train.train.__main__ import main
 from sdd_train.train.metrics import format_line, read_metrics
 
-SMALL = [
-    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
-    "train.compile=false", "train.log_interval=1", "train.eval_interval=0", "train.max_steps=3",
-]
 
 
 def test_wandb_offline_and_mfu(data_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
-    args = [TINY, *SMALL, f"data.cache_dir={data_cache}", f"run_dir={tmp_path}", "logging.wandb=offline",
-            "train.peak_tflops=0.001"]
+    args = small_run(tmp_path, data_cache, "train.eval_interval=0", "train.max_steps=3", "logging.wandb=offline",
+                     "train.peak_tflops=0.001")
     assert main(args) == 0
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ALL_BLOCKS, TINY
+from conftest import ALL_BLOCKS, TINY, small_run
 from sdd_train.config import load_config
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
@@ -20,25 +20,13 @@ from sdd_train.train.metrics import read_metrics
 from sdd_train.train.optim import lr_at, param_groups
 from sdd_train.model import Transformer
 
-SMALL = [
-    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
-    "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-    "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
-    "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=5",
-]
-
-
-def small(run_dir, data_cache, *extra) -> list[str]:
-    return [TINY, *SMALL, f"data.cache_dir={data_cache}", f"run_dir={run_dir}", *extra]
-
-
 def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
-    assert main(small(tmp_path, data_cache, f"model.block={block}", "train.max_steps=30", "train.eval_interval=30")) == 0
+    assert main(small_run(tmp_path, data_cache, f"model.block={block}", "train.max_steps=30", "train.eval_interval=30")) == 0
     loss = losses(tmp_path)
     first, last = loss[1], sum(loss[s] for s in range(26, 31)) / 5
     assert first == pytest.approx(math.log(512), abs=0.6)
@@ -56,8 +44,8 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
     args = ["train.max_steps=40", "train.checkpoint_interval=4", "train.precision=fp32", "train.eval_interval=0",
             "model.block=sdd"]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert main(small(ref_dir, data_cache, *args)) == 0
-    cmd = [sys.executable, "-m", "sdd_train.train", *small(run_dir, data_cache, *args)]
+    assert main(small_run(ref_dir, data_cache, *args)) == 0
+    cmd = [sys.executable, "-m", "sdd_train.train", *small_run(run_dir, data_cache, *args)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -74,7 +62,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
 
 
 def test_rerun_of_finished_run_is_a_no_op(tmp_path, data_cache):
-    args = small(tmp_path, data_cache, "train.max_steps=3", "train.eval_interval=0")
+    args = small_run(tmp_path, data_cache, "train.max_steps=3", "train.eval_interval=0")
     assert main(args) == 0
     before = (tmp_path / "metrics.jsonl").read_text()
     assert main(args) == 0
@@ -85,8 +73,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cache):
     """Four micro-batches of 2 give the same training run as one batch of 8 (fp32)."""
     common = ["train.max_steps=6", "train.precision=fp32", "train.eval_interval=0", "train.global_batch_size=8"]
     a, b = tmp_path / "accum", tmp_path / "whole"
-    assert main(small(a, data_cache, *common, "train.micro_batch_size=2")) == 0
-    assert main(small(b, data_cache, *common, "train.micro_batch_size=8")) == 0
+    assert main(small_run(a, data_cache, *common, "train.micro_batch_size=2")) == 0
+    assert main(small_run(b, data_cache, *common, "train.micro_batch_size=8")) == 0
     la, lb = losses(a), losses(b)
     assert la.keys() == lb.keys() == set(range(1, 7))
     for step in la:
@@ -98,7 +86,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cache):
 
 
 def test_divergence_stops_with_exit_3_and_no_bad_checkpoint(tmp_path, data_cache, capsys):
-    args = small(tmp_path, data_cache, "train.max_steps=30", "optim.lr=1e6", "optim.warmup_steps=0",
+    args = small_run(tmp_path, data_cache, "train.max_steps=30", "optim.lr=1e6", "optim.warmup_steps=0",
                  "optim.grad_clip=0", "train.checkpoint_interval=1", "train.eval_interval=0", "model.block=post")
     assert main(args) == 3
     err = capsys.readouterr().err
@@ -110,7 +98,7 @@ def test_divergence_stops_with_exit_3_and_no_bad_checkpoint(tmp_path, data_cache
 
 
 def test_z_loss_is_logged(tmp_path, data_cache):
-    assert main(small(tmp_path, data_cache, "train.max_steps=2", "optim.z_loss=1e-4", "train.eval_interval=0")) == 0
+    assert main(small_run(tmp_path, data_cache, "train.max_steps=2", "optim.z_loss=1e-4", "train.eval_interval=0")) == 0
     record = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert record["z_loss"] > 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import resource
 import signal
 import sys
@@ -171,6 +172,7 @@ class Trainer:
         self.cfg, self.world, self.log = cfg, world, log
         t = cfg.train
         if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
             torch.use_deterministic_algorithms(True)
         self.run_dir = cfg.resolved_run_dir
         if world.is_main:
@@ -351,8 +353,9 @@ class Trainer:
         if not _all_finite(self.model):
             raise TrainingDiverged(f"step {self.step}: the model has non-finite parameters; not checkpointing it."
                                    f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
-        meta = {"skipped_steps": self.skipped, "tokens_seen": self.step * self.cfg.train.global_batch_size
-                * self.cfg.train.seq_len, "data": {"sampler": "random_windows", "seed": self.cfg.train.seed}}
+        t = self.cfg.train
+        meta = {"skipped_steps": self.skipped, "tokens_seen": self.step * t.global_batch_size * t.seq_len,
+                "data": {"sampler": "random_windows", "seed": t.seed}, "config": as_dict(self.cfg)}
         return self.checkpointer.save(self.step, self.model, self.optimizer, meta)
 
 
