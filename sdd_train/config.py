@@ -76,9 +76,21 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetConfig:
+    path: str = "???"  # a directory written by 'sdd-data prepare'
+    weight: float = 1.0  # mixing weight: this dataset's share of every epoch is weight / sum(weights)
+    name: str | None = None  # for messages; default: the directory name
+
+
+@dataclass
 class DataConfig:
     # 'stdlib': the embedded default corpus built from this Python's standard library sources.
+    # 'prepared': the datasets listed under data.datasets.
     source: str = "stdlib"
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    doc_mask: bool = False  # attention stays within documents (EOS-separated) instead of spanning them
+    prefetch: bool = True  # read the next step's batches in a background thread
+    # stdlib corpus only:
     tokenizer_vocab_size: int = 8192
     max_corpus_bytes: int = 12_000_000
     val_fraction: float = 0.01
@@ -303,10 +315,17 @@ def validate(cfg: RunConfig) -> None:
     _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
     _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
 
-    _choice("data.source", d.source, ["stdlib"])
+    _choice("data.source", d.source, ["stdlib", "prepared"])
+    if d.source == "prepared" and not d.datasets:
+        raise ConfigError("data.datasets: data.source=prepared needs at least one dataset"
+                          " ({path: DIR, weight: 1.0}, prepared with 'sdd-data prepare')")
+    for i, ds in enumerate(d.datasets):
+        if not ds.path:
+            raise ConfigError(f"data.datasets.{i}.path: missing; the directory of a prepared dataset")
+        _positive(f"data.datasets.{i}.weight", ds.weight)
     if d.tokenizer_vocab_size < 300:
         raise ConfigError(f"data.tokenizer_vocab_size: must be >= 300 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
-    if m.vocab_size < d.tokenizer_vocab_size:
+    if d.source == "stdlib" and m.vocab_size < d.tokenizer_vocab_size:
         raise ConfigError(
             f"model.vocab_size: {m.vocab_size} is smaller than data.tokenizer_vocab_size={d.tokenizer_vocab_size};"
             " the embedding must cover every token id"

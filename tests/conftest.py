@@ -16,7 +16,7 @@ ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannor
 
 # A training run small enough for a test: 2 layers of width 64 on a 300 kB slice of the corpus.
 SMALL_RUN = [
-    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "model.vocab_size=512",
+    "data.max_corpus_bytes=300000", "data.tokenizer_vocab_size=512", "data.val_fraction=0.3", "model.vocab_size=512",
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
     "model.max_seq_len=64", "train.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=4",
     "train.compile=false", "train.log_interval=1", "optim.lr=3e-3", "optim.warmup_steps=5",

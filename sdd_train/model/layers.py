@@ -112,27 +112,38 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] document ids -> [B, 1, S, S] boolean mask: causal and within the same document."""
+    s = doc_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal).unsqueeze(1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal GQA attention on [B, S, H, D] inputs, returning [B, S, H, D].
 
     ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
-    scaled_dot_product_attention, 'auto' flash-attn where it can run, else SDPA.
+    scaled_dot_product_attention, 'auto' flash-attn where it can run, else SDPA. ``mask``
+    (from :func:`document_mask`) restricts attention to the same document; it runs through SDPA.
     """
-    if backend != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    flash_ok = flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if backend != "sdpa" and flash_ok and mask is None:
         return flash_attn_func(q, k, v, causal=True)
-    if backend == "flash":
+    if backend == "flash" and not (flash_ok and mask is None):
         raise RuntimeError(
-            "model.attention_backend=flash needs the flash-attn package and CUDA half-precision tensors;"
-            " use 'auto' or 'sdpa'"
+            "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
+            " document mask; use 'auto' or 'sdpa'"
         )
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
     if q.shape[1] != k.shape[1]:
         if _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
             return out.transpose(1, 2)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -160,7 +171,7 @@ class Attention(nn.Module):
         self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
         self.attn_out = linear(d, d, sdd, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.att_proj(x).split([d, self.kv_dim, self.kv_dim], dim=-1)
         if self.qk_norm == "full":
@@ -171,7 +182,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        ctx = causal_attention(q, k, v, self.backend).reshape(b, s, d)
+        ctx = causal_attention(q, k, v, self.backend, mask).reshape(b, s, d)
         if self.context_norm is not None:
             ctx = self.context_norm(ctx)
         return self.attn_out(ctx)

@@ -16,8 +16,8 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import (RMSNorm, SDDLinear, attention_flops_per_token, init_full_, rope_cache, trunc_normal_,
-                                   xavier_normal_)
+from sdd_train.model.layers import (RMSNorm, SDDLinear, attention_flops_per_token, document_mask, init_full_, rope_cache,
+                                   trunc_normal_, xavier_normal_)
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,17 @@ class Transformer(nn.Module):
         scheme = self.cfg.init.scheme
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, vocab_size]."""
-        return self.head(self.hidden_states(tokens)[-1])
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab_size]; ``doc_ids`` [B, S] confines attention to documents."""
+        return self.head(self.hidden_states(tokens, doc_ids)[-1])
 
-    def hidden_states(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The residual stream after the embedding and after every block."""
+        mask = document_mask(doc_ids) if doc_ids is not None else None
         x = self.embed(tokens)
         states = [x]
         for block in self.blocks:
-            x = block(x, self.rope)
+            x = block(x, self.rope, mask)
             states.append(x)
         return states
 

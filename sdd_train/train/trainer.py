@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
-from sdd_train.data.corpus import TokenizedCorpus, load_stdlib_corpus
-from sdd_train.data.sampler import train_batch, val_batches
+from sdd_train.data.corpus import load_stdlib_corpus
+from sdd_train.data.dataset import PreparedDataset
+from sdd_train.data.loader import MixtureLoader, Prefetcher, open_datasets, val_batches
+from sdd_train.data.sources import DataError
 from sdd_train.model import Transformer
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
 from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
@@ -84,16 +86,18 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+def evaluate(model: Transformer, batches: list[dict[str, torch.Tensor]], device: torch.device,
              use_autocast: bool) -> float:
     """Token-mean validation cross-entropy over fixed batches (every rank sees all of them)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in batches:
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = batch["targets"]
         with autocast(device, "bf16" if use_autocast else "fp32"):
-            logits = model(inputs.to(device))
-        _, ce, _ = lm_loss(logits, targets.to(device))
+            logits = model(batch["inputs"], batch.get("doc_ids"))
+        _, ce, _ = lm_loss(logits, targets)
         total += ce.item() * targets.numel()
         count += targets.numel()
     model.train(was_training)
@@ -140,11 +144,18 @@ def _check_world(cfg: RunConfig, world: World) -> None:
                               " or set logging.wandb=disabled") from None
 
 
-def _load_corpus(cfg: RunConfig, world: World, log) -> TokenizedCorpus:
-    """Rank 0 builds the cached corpus first; the other ranks then read the cache."""
-    corpus = load_stdlib_corpus(cfg.data, log=log) if world.is_main else None
-    barrier()
-    return corpus if corpus is not None else load_stdlib_corpus(cfg.data, log=lambda *a: None)
+def _open_data(cfg: RunConfig, world: World, log) -> tuple[list[PreparedDataset], list[str]]:
+    """The training datasets and their names. For the stdlib corpus rank 0 builds the cache first."""
+    if cfg.data.source == "stdlib":
+        corpus = load_stdlib_corpus(cfg.data, log=log) if world.is_main else None
+        barrier()
+        corpus = corpus or load_stdlib_corpus(cfg.data, log=lambda *a: None)
+        return [corpus], ["stdlib"]
+    datasets = open_datasets([d.path for d in cfg.data.datasets])
+    names = [d.name or Path(d.path).name for d in cfg.data.datasets]
+    for name, ds in zip(names, datasets):
+        log(f"data: {name}: {len(ds.train):,} train / {len(ds.val):,} val tokens ({ds.root})")
+    return datasets, names
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -162,6 +173,8 @@ def train(cfg: RunConfig, log=print) -> Path:
     world = init_world(cfg.train.device)
     try:
         return Trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).run()
+    except DataError as e:  # bad data is a usage error (exit 2), found before training starts
+        raise ConfigError(f"data: {e}") from None
     finally:
         close_world()
 
@@ -178,10 +191,15 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.corpus = _load_corpus(cfg, world, log)
-        if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
+        self.datasets, names = _open_data(cfg, world, log)
+        tokenizer = self.datasets[0].tokenizer
+        if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
-                              f" {self.corpus.tokenizer.vocab_size} pieces")
+                              f" {tokenizer.vocab_size} pieces ({tokenizer.model_file})")
+        weights = [d.weight for d in cfg.data.datasets] if cfg.data.source == "prepared" else [1.0]
+        self.loader = MixtureLoader([d.train for d in self.datasets], weights, t.seq_len, t.seed, tokenizer.eos_id,
+                                    names, cfg.data.doc_mask)
+        self.data_fingerprint = [d.fingerprint for d in self.datasets]
 
         # Build on the meta device, parallelise, then materialise and initialise: with FSDP2 no rank
         # ever holds the full model, and the values are the same for every world size.
@@ -197,12 +215,17 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.checkpointer = Checkpointer(self.run_dir, world, keep=t.keep_checkpoints,
                                          permanent_every=t.permanent_checkpoint_interval, async_save=t.async_checkpoint)
-        self.step, self.skipped = 0, 0
+        self.step, self.skipped, self.consumed = 0, 0, 0
         resume = broadcast_object(latest(self.run_dir))
         if resume is not None:
             meta = self.checkpointer.load(resume, model, self.optimizer)
             self.step, self.skipped = meta["step"], meta.get("skipped_steps", 0)
-            log(f"resume: from {resume} (step {self.step}, written by {meta['world_size']} rank(s))")
+            data = meta.get("data", {})
+            self.consumed = data.get("instances_consumed", self.step * t.global_batch_size)
+            if data.get("fingerprints", self.data_fingerprint) != self.data_fingerprint:
+                log("warning: the training data changed since this checkpoint; continuing at the same stream position")
+            log(f"resume: from {resume} (step {self.step}, {self.consumed:,} instances consumed,"
+                f" written by {meta['world_size']} rank(s))")
         log(describe(model, cfg))
         self.peak = peak_tflops(t.peak_tflops, world.device)
         self.flops_per_token = model.flops_per_token(t.seq_len)
@@ -233,11 +256,12 @@ class Trainer:
                 wandb.write(record)
             (bar.write if bar is not None else log)(format_line(record, t.max_steps))
 
-        eval_data = val_batches(self.corpus.val, t.seq_len, t.micro_batch_size, t.eval_batches) if t.eval_batches else []
+        eval_data = self._val_batches()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         consecutive_skips = 0
+        prefetch = Prefetcher(self.loader.batch, pin_memory=world.device.type == "cuda") if cfg.data.prefetch else None
         start_step = self.step
         last_time, last_step, run_start = time.perf_counter(), self.step, time.perf_counter()
         try:
@@ -246,10 +270,11 @@ class Trainer:
                     lr = lr_at(self.step, cfg.optim, t.max_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, z = self._forward_backward(accum, per_rank)
+                    loss, z = self._forward_backward(accum, per_rank, prefetch)
                     grad_norm = grad_norm_and_clip(params, max_norm)
                     finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
                     self.step += 1
+                    self.consumed += t.global_batch_size
                     if finite:
                         self.optimizer.step()
                         consecutive_skips = 0
@@ -303,27 +328,35 @@ class Trainer:
                         break
             self.checkpointer.wait()
         finally:
+            if prefetch is not None:
+                prefetch.close()
             if bar is not None:
                 bar.close()
             if wandb is not None:
                 wandb.close()
         return self.run_dir
 
-    def _forward_backward(self, accum: int, per_rank: int) -> tuple[float, float | None]:
+    def _forward_backward(self, accum: int, per_rank: int, prefetch: Prefetcher | None
+                          ) -> tuple[float, float | None]:
         """Accumulate gradients over this rank's micro-batches; return the global mean loss (and z-loss)."""
         t, o, world = self.cfg.train, self.cfg.optim, self.world
         loss_sum = torch.zeros((), device=world.device)
         z_sum = torch.zeros((), device=world.device)
-        for micro in range(accum):
+        starts = [world.rank * per_rank + micro * t.micro_batch_size for micro in range(accum)]
+        for micro, start in enumerate(starts):
             if self.sharded and self.cfg.parallel.defer_grad_sync:
                 self.model.set_requires_gradient_sync(micro == accum - 1)
-            inputs, targets = train_batch(self.corpus.train, t.seq_len, t.global_batch_size, t.seed, self.step,
-                                          start=world.rank * per_rank + micro * t.micro_batch_size,
-                                          size=t.micro_batch_size)
-            inputs = inputs.to(world.device, non_blocking=True)
-            targets = targets.to(world.device, non_blocking=True)
+            if prefetch is not None:
+                batch = prefetch.get(self.consumed, start, t.micro_batch_size)
+                if micro == 0:  # read the next step's micro-batches while this one computes
+                    for s in starts:
+                        prefetch.schedule(self.consumed + t.global_batch_size, s, t.micro_batch_size)
+            else:
+                batch = self.loader.batch(self.consumed, start, t.micro_batch_size)
+            batch = {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
+            targets = batch["targets"]
             with autocast(world.device, "bf16" if self.use_autocast else "fp32"):
-                logits = self.model(inputs)
+                logits = self.model(batch["inputs"], batch.get("doc_ids"))
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
             loss, ce, z = lm_loss(logits, targets, o.z_loss)
@@ -334,6 +367,19 @@ class Trainer:
         totals = all_reduce_sum(torch.stack([loss_sum, z_sum])) / (accum * world.world_size)
         mean_loss, mean_z = totals.tolist()
         return mean_loss, (mean_z if o.z_loss > 0 else None)
+
+    def _val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """Fixed validation batches: the first windows of every dataset's held-out split."""
+        t = self.cfg.train
+        if not (t.eval_batches and t.eval_interval):
+            return []
+        batches = []
+        for ds in self.datasets:
+            batches += val_batches(ds.val, t.seq_len, t.micro_batch_size, t.eval_batches, ds.tokenizer.eos_id,
+                                   self.cfg.data.doc_mask)
+        if not batches:
+            self.log(f"warning: no validation split holds {t.seq_len + 1} tokens; in-loop validation is off")
+        return batches
 
     def _nonfinite(self, loss: float, grad_norm: float) -> None:
         message = f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite"
@@ -354,8 +400,10 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: the model has non-finite parameters; not checkpointing it."
                                    f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
         t = self.cfg.train
-        meta = {"skipped_steps": self.skipped, "tokens_seen": self.step * t.global_batch_size * t.seq_len,
-                "data": {"sampler": "random_windows", "seed": t.seed}, "config": as_dict(self.cfg)}
+        data = {"instances_consumed": self.consumed, "epoch": self.loader.epoch_of(self.consumed),
+                "seed": t.seed, "fingerprints": self.data_fingerprint}
+        meta = {"skipped_steps": self.skipped, "tokens_seen": self.consumed * t.seq_len, "data": data,
+                "config": as_dict(self.cfg)}
         return self.checkpointer.save(self.step, self.model, self.optimizer, meta)
 
 
