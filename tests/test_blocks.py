@@ -96,8 +96,8 @@ def test_new_scheme_is_one_class_and_one_line():
     class Sandwich(Block):
         final_norm = True
 
-        def forward(self, x, rope):
-            return x + self.attn_norm(self.attention(self.attn_norm(x), rope))
+        def forward(self, x, rope, mask=None):
+            return x + self.attn_norm(self.attention(self.attn_norm(x), rope, mask))
 
     try:
         model = Transformer(small_model_cfg("sandwich_test"))
