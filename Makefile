@@ -1,7 +1,7 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
-#   make bench   set up, then run the CPU step-time benchmark
+#   make bench   set up, then run the benchmarks (step time, 1 vs 2 ranks, data preparation and loading)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,6 +27,8 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/step_time.py $(ARGS)
+	$(PY) benchmarks/distributed_step.py
+	$(PY) benchmarks/data_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

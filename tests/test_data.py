@@ -50,6 +50,7 @@ def corpus_dir(tmp_path_factory) -> Path:
     (root / "txt").mkdir()
     for i in range(5):
         (root / "txt" / f"doc{i}.txt").write_text(words(200 + 30 * i, i))
+    (root / "txt" / "empty.txt").write_text("")
     with open(root / "big.jsonl", "w") as f:
         for i in range(400):
             f.write(json.dumps({"text": words(20 + i % 17, 100 + i), "id": i}) + "\n")
@@ -79,7 +80,7 @@ def test_every_input_format_yields_its_documents(corpus_dir):
         return [d for u in list_units(inputs, **{k: v for k, v in kw.items() if k in ("fmt", "unit_bytes")})
                 for d in iter_documents(u, kw.get("field", "text"))]
 
-    assert len(docs([str(corpus_dir / "txt")])) == 5  # a directory: one document per file
+    assert len(docs([str(corpus_dir / "txt")])) == 5  # a directory: one document per file (empty ones skipped)
     assert len(docs([str(corpus_dir / "txt" / "doc*.txt")])) == 5  # a glob
     assert docs([str(corpus_dir / "big.jsonl")])[3] == words(23, 103)
     assert len(docs([str(corpus_dir / "records.json")], field="body")) == 10
@@ -362,3 +363,4 @@ def test_stdlib_corpus_is_cached_and_files_capped(data_cache):
     assert first.train.documents > 0 and first.val.documents > 0
     files = stdlib_files(200_000)
     assert files == sorted(files) and sum(p.stat().st_size for p in files) <= 200_000
+    assert all(p.stat().st_size > 0 for p in stdlib_files(DataConfig().max_corpus_bytes))  # empty __init__.py out

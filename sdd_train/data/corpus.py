@@ -25,7 +25,8 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib
 def stdlib_files(max_bytes: int) -> list[Path]:
     """Sorted standard-library ``.py`` files, up to ``max_bytes`` in total."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
+    files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
+                   and p.stat().st_size > 0)
     chosen, total = [], 0
     for p in files:
         size = p.stat().st_size

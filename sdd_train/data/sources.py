@@ -67,17 +67,23 @@ def expand_inputs(inputs: list[str], fmt: str = "auto") -> list[tuple[Path, str]
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not matches:
                 raise DataError(f"{spec}: the glob matches no files")
+            matches = [m for m in matches if m.stat().st_size > 0]  # empty files found by a pattern: nothing to read
+            if not matches:
+                raise DataError(f"{spec}: every file the glob matches is empty")
             found += [(m, _format_of(m, fmt)) for m in matches]
         elif path.is_dir() and _is_hf_dir(path, fmt):
             found.append((path, "hf"))
         elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.stat().st_size > 0)
             if fmt == "auto":
                 files = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES | {".jsonl", ".json", ".parquet"}]
             if not files:
                 raise DataError(f"{spec}: the directory holds no input files")
             found += [(p, _format_of(p, fmt)) for p in files]
         elif path.is_file():
+            if path.stat().st_size == 0:
+                raise DataError(f"{path}: the file is empty; remove it from the inputs")
             found.append((path, _format_of(path, fmt)))
         elif fmt == "hf" or (fmt == "auto" and "/" in spec and not spec.startswith((".", "/"))):
             found.append((path, "hf"))  # a hub name such as "allenai/c4" (needs a network)
@@ -86,8 +92,6 @@ def expand_inputs(inputs: list[str], fmt: str = "auto") -> list[tuple[Path, str]
     for path, f in found:
         if f not in FORMATS[1:]:
             raise DataError(f"--format: '{f}' is not one of {', '.join(FORMATS)}")
-        if f != "hf" and path.stat().st_size == 0:
-            raise DataError(f"{path}: the file is empty; remove it from the inputs")
     return found
 
 
