@@ -1,7 +1,7 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
-#   make bench   set up, then run the benchmarks (step time, 1 vs 2 ranks, data preparation and loading)
+#   make bench   set up, then run the benchmarks (step time, 1 vs 2 ranks, data, MoE layer)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,6 +29,7 @@ bench: setup
 	$(PY) benchmarks/step_time.py $(ARGS)
 	$(PY) benchmarks/distributed_step.py
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/moe_layer.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

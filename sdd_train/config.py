@@ -49,6 +49,19 @@ class SpanNormConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Used when model.ffn=moe: dropless token-choice routing over n_experts SwiGLU experts."""
+
+    n_experts: int = 64
+    top_k: int = 8
+    expert_hidden: int = 512  # per SwiGLU branch of each expert
+    renormalize: bool = False  # combine weights: raw top-k probabilities (SPEC) or renormalised to sum 1
+    lb_loss_weight: float = 0.01  # load balancing, averaged over layers
+    z_loss_weight: float = 0.001  # router z-loss, averaged over layers
+    grouped_mm: str = "auto"  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
+
+
+@dataclass
 class ModelConfig:
     d_model: int = 256
     n_layers: int = 6
@@ -65,10 +78,11 @@ class ModelConfig:
     qk_norm: str = "auto"
     # SDD up+gate projection: one norm over the fused vector (reference) or one per branch.
     sdd_ffn_norm: str = "fused"
-    ffn: str = "dense"  # feed-forward type; the MoE issue registers 'moe'
+    ffn: str = "dense"  # dense (SwiGLU) | moe (model.moe)
     attention_backend: str = "auto"  # auto | sdpa | flash
     init: InitConfig = field(default_factory=InitConfig)
     spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
@@ -314,6 +328,14 @@ def validate(cfg: RunConfig) -> None:
     _positive("model.init.std_multiplier", m.init.std_multiplier)
     _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
     _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
+    if m.ffn == "moe":
+        for key in ("n_experts", "top_k", "expert_hidden"):
+            _positive(f"model.moe.{key}", getattr(m.moe, key))
+        if m.moe.top_k > m.moe.n_experts:
+            raise ConfigError(f"model.moe.top_k: {m.moe.top_k} is more than model.moe.n_experts={m.moe.n_experts}")
+        _positive("model.moe.lb_loss_weight", m.moe.lb_loss_weight, allow_zero=True)
+        _positive("model.moe.z_loss_weight", m.moe.z_loss_weight, allow_zero=True)
+        _choice("model.moe.grouped_mm", m.moe.grouped_mm, ["auto", "loop"])
 
     _choice("data.source", d.source, ["stdlib", "prepared"])
     if d.source == "prepared" and not d.datasets:

@@ -165,3 +165,16 @@ def test_fsdp2_with_compile_ac_and_async_checkpoints_matches(single, cache, tmp_
     assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-4)
     assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*")) == ["step_0000002",
                                                                                           "step_0000004"]
+
+
+def test_moe_under_fsdp2_matches_one_process(cache, tmp_path):
+    moe = ["model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=32",
+           "train.max_steps=4", "train.checkpoint_interval=0"]
+    assert main(args_for(tmp_path / "one", cache, *moe)) == 0
+    result = torchrun(2, args_for(tmp_path / "two", cache, *moe, "parallel.activation_checkpointing=full"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert_same_run(one, two, range(1, 5), rel=1e-5)
+    for step in (1, 4):
+        assert two[step]["moe_lb_loss"] == pytest.approx(one[step]["moe_lb_loss"], rel=1e-5)
+        assert two[step]["moe/layer_0/load_max"] == one[step]["moe/layer_0/load_max"]  # global, not per rank

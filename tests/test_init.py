@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from conftest import small_model_cfg
+from conftest import ALL_BLOCKS, small_model_cfg
+from sdd_train.config import MoEConfig
 from sdd_train.model import RMSNorm, SDDLinear, Transformer
 from sdd_train.model.blocks import deepnorm_alpha, deepnorm_beta
 
@@ -110,3 +111,24 @@ def test_init_weights_after_meta_construction():
     for (n, a), (_, b) in zip(model.state_dict().items(), eager.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
     torch.testing.assert_close(model.rope, eager.rope)
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_init_weights_sets_every_parameter_of_a_meta_built_model(block, ffn):
+    """The trainer builds on meta and calls init_weights on uninitialised memory: nothing may be missed."""
+    cfg = small_model_cfg(block, ffn=ffn, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
+    reference = Transformer(cfg)
+    torch.manual_seed(0)
+    reference.init_weights()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(float("nan"))
+    torch.manual_seed(0)
+    model.init_weights()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(model.rope, reference.rope)

@@ -1,4 +1,4 @@
-"""Feed-forward sublayers, registered by name (``model.ffn``); the MoE issue adds 'moe'.
+"""Feed-forward sublayers, registered by name (``model.ffn``): dense SwiGLU and the MoE.
 
 A feed-forward is built as ``cls(cfg, sdd=...)`` and maps [B, S, d] -> [B, S, d]. Its
 projections are named ``ff_proj`` (input side) and ``ff_out`` (output side) so that
@@ -13,6 +13,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.layers import linear
+from sdd_train.model.moe import MoE
 
 
 class SwiGLU(nn.Module):
@@ -33,7 +34,7 @@ class SwiGLU(nn.Module):
         return self.ff_out(F.silu(gate) * up)
 
 
-FEED_FORWARDS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
+FEED_FORWARDS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE}
 
 
 def build_feed_forward(cfg: ModelConfig, sdd: bool) -> nn.Module:

@@ -217,5 +217,6 @@ def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
 
 
 def xavier_normal_(t: torch.Tensor, gain: float) -> torch.Tensor:
-    fan_out, fan_in = t.shape
+    """Xavier normal over the last two dims ([out, in], or [experts, out, in] per expert)."""
+    fan_out, fan_in = t.shape[-2:]
     return nn.init.normal_(t, std=gain * math.sqrt(2.0 / (fan_in + fan_out)))

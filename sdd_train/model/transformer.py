@@ -16,18 +16,24 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import (RMSNorm, SDDLinear, attention_flops_per_token, document_mask, init_full_, rope_cache,
-                                   trunc_normal_, xavier_normal_)
+from sdd_train.model.layers import (RMSNorm, attention_flops_per_token, document_mask, init_full_, rope_cache, trunc_normal_,
+                                   xavier_normal_)
 
 
 @dataclass(frozen=True)
 class ParamCounts:
     total: int
     embedding: int  # the token-embedding table
+    inactive_experts: int = 0  # expert parameters a token does not use (MoE: (E - k) / E of them)
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
+
+    @property
+    def active(self) -> int:
+        """Parameters used per token, without the embedding lookup (the LM head counts)."""
+        return self.non_embedding - self.inactive_experts
 
 
 class Transformer(nn.Module):
@@ -80,7 +86,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            elif isinstance(module, SDDLinear):
+            elif isinstance(getattr(module, "alpha", None), torch.Tensor):  # SDD gains, dense or per expert
                 module.alpha.fill_(1.0)
         # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
         init_full_(self.embed.weight, lambda w: trunc_normal_(w, sigma))
@@ -101,8 +107,8 @@ class Transformer(nn.Module):
                 sdd_std = sigma * init.sdd_std_multiplier
                 for lin in (att_proj, attn_out, ff_proj, ff_out):
                     init_full_(lin.weight, lambda w: trunc_normal_(w, sdd_std))
-                for lin in (attn_out, ff_out):  # output SDD gains carry the depth scaling
-                    if isinstance(lin, SDDLinear):
+                for lin in (attn_out, ff_out):  # output SDD gains carry the depth scaling (per expert in MoE)
+                    if getattr(lin, "alpha", None) is not None:
                         lin.alpha.fill_(1.0 / math.sqrt(2 * n_layers))
             elif scheme == "deepnorm":
                 beta = deepnorm_beta(n_layers)
@@ -113,7 +119,7 @@ class Transformer(nn.Module):
                         xavier_normal_(part, gain)
 
                 def up_gate(w: torch.Tensor) -> None:  # up and gate are separate matrices in DeepNet
-                    for half in w.chunk(2, dim=0):
+                    for half in w.chunk(2, dim=-2):
                         xavier_normal_(half, beta)
 
                 init_full_(att_proj.weight, qkv)
@@ -122,18 +128,39 @@ class Transformer(nn.Module):
                 init_full_(ff_out.weight, lambda w: xavier_normal_(w, beta))
             else:  # validated in config; guards direct construction
                 raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}")
+            router = getattr(block.feed_forward, "router", None)
+            if router is not None:
+                init_full_(router.weight, lambda w: trunc_normal_(w, sigma))
 
     # ------------------------------------------------------------------ accounting
 
     def param_counts(self) -> ParamCounts:
         total = sum(p.numel() for p in self.parameters())
-        return ParamCounts(total=total, embedding=self.embed.weight.numel())
+        inactive = 0
+        if self.cfg.ffn == "moe":
+            m = self.cfg.moe
+            experts = sum(p.numel() for b in self.blocks for n, p in b.feed_forward.named_parameters()
+                          if n.startswith(("ff_proj", "ff_out")))
+            inactive = experts * (m.n_experts - m.top_k) // m.n_experts
+        return ParamCounts(total=total, embedding=self.embed.weight.numel(), inactive_experts=inactive)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x (non-embedding params + the LM-head matmul) + attention.
+        """Training FLOPs per token: 6 x (active non-embedding params + the LM-head matmul) + attention.
 
         The head matmul is counted even when its weight is tied to the embedding: it is real work.
+        MoE counts only the top-k experts a token uses (active FLOPs).
         """
         counts = self.param_counts()
         head = self.cfg.vocab_size * self.cfg.d_model if self.lm_head is None else 0
-        return 6.0 * (counts.non_embedding + head) + attention_flops_per_token(self.cfg, seq_len)
+        return 6.0 * (counts.active + head) + attention_flops_per_token(self.cfg, seq_len)
+
+    def moe_aux(self) -> dict[str, torch.Tensor]:
+        """The MoE auxiliary losses of the last forward, averaged over layers ({} for dense models)."""
+        layers = [b.feed_forward.aux for b in self.blocks if getattr(b.feed_forward, "aux", None)]
+        if not layers:
+            return {}
+        return {k: torch.stack([a[k] for a in layers]).mean() for k in layers[0]}
+
+    def moe_load(self) -> list[torch.Tensor]:
+        """Tokens per expert of the last forward, one [E] tensor per layer ([] for dense models)."""
+        return [b.feed_forward.load for b in self.blocks if getattr(b.feed_forward, "load", None) is not None]

@@ -19,13 +19,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     embed_ids = {id(embed.weight)} if embed is not None else set()
     groups: dict[str, list[nn.Parameter]] = {"matrices": [], "gains": [], "embeddings": []}
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         if id(p) in embed_ids:
             groups["embeddings"].append(p)
-        elif p.ndim < 2:
+        elif p.ndim < 2 or name.endswith("alpha"):  # MoE experts' SDD gains are [experts, features]
             groups["gains"].append(p)
         else:
             groups["matrices"].append(p)

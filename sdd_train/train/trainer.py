@@ -25,6 +25,7 @@ from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import MixtureLoader, Prefetcher, open_datasets, val_batches
 from sdd_train.data.sources import DataError
 from sdd_train.model import Transformer
+from sdd_train.model.moe import load_stats
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
 from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
                                         data_parallel_shape, init_world)
@@ -48,12 +49,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def describe(model: Transformer, cfg: RunConfig) -> str:
+    m = cfg.model
     counts = model.param_counts()
     flops = model.flops_per_token(cfg.train.seq_len)
+    ffn = (f"moe {m.moe.n_experts} experts top-{m.moe.top_k} x {m.moe.expert_hidden}" if m.ffn == "moe"
+           else f"ffn={m.ffn_hidden}")
+    active = f", {counts.active:,} active (MoE, without the embedding lookup)" if m.ffn == "moe" else ""
     return (
-        f"model: block={cfg.model.block} init={model.init_scheme} d={cfg.model.d_model} L={cfg.model.n_layers}"
-        f" heads={cfg.model.n_heads}/{cfg.model.n_kv_heads} ffn={cfg.model.ffn_hidden} vocab={cfg.model.vocab_size}\n"
-        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding;"
+        f"model: block={m.block} init={model.init_scheme} d={m.d_model} L={m.n_layers}"
+        f" heads={m.n_heads}/{m.n_kv_heads} {ffn} vocab={m.vocab_size}\n"
+        f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding{active};"
         f" {flops / 1e9:.3f} GFLOPs/token (train, seq {cfg.train.seq_len})"
     )
 
@@ -270,7 +275,8 @@ class Trainer:
                     lr = lr_at(self.step, cfg.optim, t.max_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, z = self._forward_backward(accum, per_rank, prefetch)
+                    log_step = (self.step + 1) % t.log_interval == 0 or self.step + 1 in (t.max_steps, start_step + 1)
+                    loss, extra = self._forward_backward(accum, per_rank, prefetch, log_step)
                     grad_norm = grad_norm_and_clip(params, max_norm)
                     finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
                     self.step += 1
@@ -303,8 +309,7 @@ class Trainer:
                                   "eta_s": (t.max_steps - done) * (now - run_start) / (done - start_step)}
                         if self.peak is not None:
                             record["mfu"] = self.flops_per_token * tok_s / world.world_size / (self.peak * 1e12)
-                        if z is not None:
-                            record["z_loss"] = z
+                        record.update(extra)
                         if self.skipped:
                             record["skipped_steps"] = self.skipped
                         emit(record)
@@ -336,12 +341,18 @@ class Trainer:
                 wandb.close()
         return self.run_dir
 
-    def _forward_backward(self, accum: int, per_rank: int, prefetch: Prefetcher | None
-                          ) -> tuple[float, float | None]:
-        """Accumulate gradients over this rank's micro-batches; return the global mean loss (and z-loss)."""
-        t, o, world = self.cfg.train, self.cfg.optim, self.world
-        loss_sum = torch.zeros((), device=world.device)
-        z_sum = torch.zeros((), device=world.device)
+    def _forward_backward(self, accum: int, per_rank: int, prefetch: Prefetcher | None, log_step: bool
+                          ) -> tuple[float, dict[str, float]]:
+        """Accumulate gradients over this rank's micro-batches.
+
+        Returns the global mean cross-entropy and the other global metrics of the step (z-loss,
+        MoE auxiliary losses, and on logging steps the per-layer expert load).
+        """
+        t, o, world, moe = self.cfg.train, self.cfg.optim, self.world, self.cfg.model.moe
+        is_moe = self.cfg.model.ffn == "moe"
+        # [cross-entropy, logits z-loss, MoE load balancing, MoE router z-loss], summed over micro-batches
+        sums = torch.zeros(4, device=world.device)
+        loads: torch.Tensor | None = None
         starts = [world.rank * per_rank + micro * t.micro_batch_size for micro in range(accum)]
         for micro, start in enumerate(starts):
             if self.sharded and self.cfg.parallel.defer_grad_sync:
@@ -360,13 +371,26 @@ class Trainer:
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
             loss, ce, z = lm_loss(logits, targets, o.z_loss)
+            parts = [ce.detach(), z.detach() if z is not None else ce.new_zeros(())]
+            if is_moe:
+                aux = self.model.moe_aux()
+                loss = loss + moe.lb_loss_weight * aux["lb_loss"] + moe.z_loss_weight * aux["router_z_loss"]
+                parts += [aux["lb_loss"].detach(), aux["router_z_loss"].detach()]
+                if log_step:
+                    step_load = torch.stack(self.model.moe_load())
+                    loads = step_load if loads is None else loads + step_load
             (loss / accum).backward()
-            loss_sum += ce.detach()
-            if z is not None:
-                z_sum += z.detach()
-        totals = all_reduce_sum(torch.stack([loss_sum, z_sum])) / (accum * world.world_size)
-        mean_loss, mean_z = totals.tolist()
-        return mean_loss, (mean_z if o.z_loss > 0 else None)
+            sums[: len(parts)] += torch.stack(parts).float()
+        means = (all_reduce_sum(sums) / (accum * world.world_size)).tolist()
+        extra: dict[str, float] = {}
+        if o.z_loss > 0:
+            extra["z_loss"] = means[1]
+        if is_moe:
+            extra["moe_lb_loss"], extra["moe_router_z_loss"] = means[2], means[3]
+            if loads is not None:
+                for i, layer in enumerate(all_reduce_sum(loads)):
+                    extra.update({f"moe/layer_{i}/{k}": v for k, v in load_stats(layer).items()})
+        return means[0], extra
 
     def _val_batches(self) -> list[dict[str, torch.Tensor]]:
         """Fixed validation batches: the first windows of every dataset's held-out split."""

@@ -1,0 +1,168 @@
+"""MoE: dispatch vs a per-token float64 reference, gradients, auxiliary losses, sizes, training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CONFIGS, small_run
+from sdd_train.config import ModelConfig, MoEConfig, load_config
+from sdd_train.model import Transformer
+from sdd_train.model.moe import MoE, load_stats
+from sdd_train.train import checkpoint
+from sdd_train.train.__main__ import main
+from sdd_train.train.metrics import read_metrics
+
+MOE_PAPER = str(CONFIGS / "moe_paper.yaml")
+
+
+def moe_layer(n_experts: int, top_k: int, sdd: bool, renormalize: bool = False, grouped_mm: str = "auto",
+              d: int = 16, hidden: int = 8) -> MoE:
+    cfg = ModelConfig(d_model=d, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                      moe=MoEConfig(n_experts=n_experts, top_k=top_k, expert_hidden=hidden, renormalize=renormalize,
+                                    grouped_mm=grouped_mm))
+    layer = MoE(cfg, sdd=sdd).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def rms(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert, straight from SPEC section 6 (float64)."""
+    w_router = layer.router.weight
+    w_proj, w_out = layer.ff_proj.weight, layer.ff_out.weight
+    sdd = layer.ff_proj.alpha is not None
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(w_router @ x[t], dim=-1)
+        weights, experts = probs.topk(layer.top_k)
+        if layer.renormalize:
+            weights = weights / weights.sum()
+        for weight, e in zip(weights, experts.tolist()):
+            h = w_proj[e] @ x[t]
+            up, gate = h.chunk(2)
+            if sdd:
+                up = layer.ff_proj.alpha[e].chunk(2)[0] * rms(up)
+                gate = layer.ff_proj.alpha[e].chunk(2)[1] * rms(gate)
+            y = w_out[e] @ (F.silu(gate) * up)
+            if sdd:
+                y = layer.ff_out.alpha[e] * rms(y)
+            out[t] += weight * y
+    return out
+
+
+@pytest.mark.parametrize("n_experts,top_k,sdd,renormalize", [
+    (8, 2, False, False), (8, 2, True, False), (6, 6, True, False), (8, 3, False, True), (64, 8, True, False),
+])
+def test_dispatch_matches_per_token_reference(n_experts, top_k, sdd, renormalize):
+    torch.manual_seed(0)
+    layer = moe_layer(n_experts, top_k, sdd, renormalize)
+    u = F.normalize(torch.randn(16, dtype=torch.float64), dim=0)
+    x = torch.randn(2, 7, 16, dtype=torch.float64) + 3 * u
+    with torch.no_grad():
+        layer.router.weight[-1] = -10 * u  # the last expert's logit is far below the others: it gets no token
+    ours = layer(x)
+    assert layer.load[-1] == 0 or top_k == n_experts  # the empty-expert path runs too
+    assert int(layer.load.sum()) == 14 * top_k  # dropless: every (token, choice) computed
+    torch.testing.assert_close(ours.reshape(-1, 16), reference(layer, x.reshape(-1, 16)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grouped_mm", ["auto", "loop"])
+def test_gradients_match_reference(grouped_mm):
+    torch.manual_seed(1)
+    layer = moe_layer(8, 2, sdd=True, grouped_mm=grouped_mm)
+    x = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(12, 16, dtype=torch.float64)
+    (layer(x) * g).sum().backward()
+    ours = {n: p.grad.clone() for n, p in layer.named_parameters()} | {"x": x.grad.clone()}
+    layer.zero_grad()
+    x.grad = None
+    (reference(layer, x) * g).sum().backward()
+    theirs = {n: p.grad.clone() for n, p in layer.named_parameters()} | {"x": x.grad.clone()}
+    assert set(ours) >= {"router.weight", "ff_proj.weight", "ff_proj.alpha", "ff_out.weight", "ff_out.alpha", "x"}
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_grouped_mm_and_loop_agree_in_float32():
+    torch.manual_seed(2)
+    a, b = moe_layer(8, 2, sdd=True, grouped_mm="auto", d=32, hidden=16).float(), None
+    b = moe_layer(8, 2, sdd=True, grouped_mm="loop", d=32, hidden=16).float()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(40, 32)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+def test_aux_losses_match_hand_computation():
+    """Fixed routing: 4 tokens, 4 experts, top-2, logits chosen by hand."""
+    layer = moe_layer(4, 2, sdd=False, d=4)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+    x = torch.tensor([[3.0, 2, 0, 0], [3, 0, 2, 0], [0, 3, 2, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    layer(x)
+    probs = torch.softmax(x, dim=-1)
+    # top-2 picks: token0 {0,1}, token1 {0,2}, token2 {1,2}, token3 ties -> topk picks two of them
+    counts = torch.zeros(4, dtype=torch.float64)
+    for row in probs.topk(2, dim=-1).indices:
+        counts[row] += 1
+    assert layer.load.tolist() == counts.long().tolist()
+    expected_lb = 4 / (2 * 4) * (counts * probs.mean(0)).sum()
+    expected_z = torch.logsumexp(x, -1).pow(2).mean()
+    assert layer.aux["lb_loss"].item() == pytest.approx(expected_lb.item(), rel=1e-12)
+    assert layer.aux["router_z_loss"].item() == pytest.approx(expected_z.item(), rel=1e-12)
+    # perfectly balanced routing gives lb = 1 (its minimum for uniform router probabilities)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    layer(torch.randn(8, 4, dtype=torch.float64))
+    assert layer.aux["lb_loss"].item() == pytest.approx(1.0)
+    assert load_stats(torch.tensor([4, 4, 4, 4]))["load_entropy"] == pytest.approx(1.0)
+    assert load_stats(torch.tensor([16, 0, 0, 0])) == {"load_min": 0, "load_max": 16, "load_entropy": 0.0}
+
+
+def test_paper_moe_hand_count():
+    cfg = load_config(MOE_PAPER).model
+    d, L, V, E, k, h, hd = 1024, 32, 50304, 64, 8, 512, 64
+    attn = 3 * d * d + d * d + 2 * hd + d + d  # q/k/v + out, per-head q/k norms, context norm, attn_out alpha
+    experts = E * (d * 2 * h + h * d) + E * (2 * h + d)  # matrices + per-expert SDD gains
+    router = d * E
+    norms = 2 * d
+    total = 2 * V * d + L * (attn + experts + router + norms) + d  # untied embedding and head, final norm
+    with torch.device("meta"):
+        counts = Transformer(cfg).param_counts()
+    assert counts.total == total
+    assert 3.4e9 < counts.total < 3.5e9
+    active = counts.total - V * d - L * E * (3 * d * h + 2 * h + d) * (E - k) // E
+    assert counts.active == active
+    assert 0.58e9 < counts.active < 0.60e9  # the paper's "588M active"
+
+
+def test_top_k_above_experts_is_a_config_error(capsys):
+    assert main([MOE_PAPER, "model.moe.top_k=65", "--dry-run"]) == 2
+    assert "model.moe.top_k: 65 is more than model.moe.n_experts=64" in capsys.readouterr().err
+
+
+def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path):
+    args = small_run(tmp_path, data_cache, "model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2",
+                     "model.moe.expert_hidden=32", "model.block=sdd", "train.max_steps=30", "train.log_interval=10",
+                     "train.eval_interval=30")
+    assert main(args) == 0
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    last = records[-1]
+    assert last["moe_lb_loss"] >= 0.99 and last["moe_router_z_loss"] > 0  # lb >= 1 up to sampling
+    for layer in (0, 1):
+        assert last[f"moe/layer_{layer}/load_min"] <= last[f"moe/layer_{layer}/load_max"]
+        assert 0 < last[f"moe/layer_{layer}/load_entropy"] <= 1
+        # dropless: the loads of one layer add up to every routed token of the step
+        per_step = 8 * 64 * 2
+        assert last[f"moe/layer_{layer}/load_min"] * 8 <= per_step <= last[f"moe/layer_{layer}/load_max"] * 8
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30
