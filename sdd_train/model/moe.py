@@ -36,10 +36,6 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype in (torch.float32, torch.bfloat16)
 
 
-def _sizes(counts: torch.Tensor) -> list[int]:
-    return counts.tolist()
-
-
 # The expert GEMMs are custom ops: opaque to torch.compile (their per-expert row counts are data),
 # so a block with an MoE still compiles as one graph, and the kernel choice stays ours.
 
@@ -49,7 +45,7 @@ def expert_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, use_groupe
     """Rows of ``x`` [N, in], sorted by expert with ``counts`` [E] rows each, times ``w[e]`` [in, out]."""
     if use_grouped and _grouped_mm_ok(x, w):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
-    pieces = [p @ w[e] for e, p in enumerate(x.split(_sizes(counts)))]
+    pieces = [p @ w[e] for e, p in enumerate(x.split(counts.tolist()))]
     return torch.cat(pieces) if pieces else x.new_zeros(0, w.shape[-1])
 
 
@@ -63,7 +59,7 @@ def expert_mm_wgrad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor, u
     """Per expert ``x_e^T @ grad_e``: the [E, in, out] weight gradient of :func:`expert_mm`."""
     if use_grouped and x.is_cuda and _grouped_mm_ok(x, grad):
         return torch._grouped_mm(x.t(), grad, offs=counts.cumsum(0).to(torch.int32))
-    sizes = _sizes(counts)
+    sizes = counts.tolist()
     return torch.stack([a.t() @ g for a, g in zip(x.split(sizes), grad.split(sizes))])
 
 
