@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -95,7 +93,7 @@ def test_gradients_match_reference(grouped_mm):
 
 def test_grouped_mm_and_loop_agree_in_float32():
     torch.manual_seed(2)
-    a, b = moe_layer(8, 2, sdd=True, grouped_mm="auto", d=32, hidden=16).float(), None
+    a = moe_layer(8, 2, sdd=True, grouped_mm="auto", d=32, hidden=16).float()
     b = moe_layer(8, 2, sdd=True, grouped_mm="loop", d=32, hidden=16).float()
     b.load_state_dict(a.state_dict())
     x = torch.randn(40, 32)

@@ -11,7 +11,6 @@ dataset directory, or a hub name (with a network). Exit codes: 0 ok, 2 bad input
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 FORMATS = ("auto", "text", "lines", "jsonl", "json", "parquet", "hf")
@@ -37,19 +37,12 @@ class Unit:
     def key(self) -> str:
         return f"{self.path}|{self.format}|{self.start}|{self.end}|{self.parts}"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def _format_of(path: Path, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     name = path.name.lower()
-    if path.is_dir():
-        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-            return "hf"
-        raise DataError(f"{path}: a directory that is not a saved Hugging Face dataset (pass files or a glob)")
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+    if name.endswith((".jsonl", ".ndjson")):
         return "jsonl"
     if name.endswith(".json"):
         return "json"

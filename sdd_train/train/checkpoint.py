@@ -158,9 +158,8 @@ class Checkpointer:
         barrier()
 
     def _prune(self, protect: Path) -> None:
-        for p in self.root.glob(f"step_*{PARTIAL}"):
-            if self._pending is None or p.name != self._pending[1].name + PARTIAL:
-                shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob(f"step_*{PARTIAL}"):  # no save is pending while a checkpoint is finalised
+            shutil.rmtree(p, ignore_errors=True)
         rolling = [p for p in _complete(self.root)
                    if not (self.permanent_every and step_of(p) % self.permanent_every == 0)]
         for p in rolling[:-self.keep]:

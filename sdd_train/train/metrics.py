@@ -39,6 +39,16 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def import_wandb(mode: str):
+    """The wandb module, or a ConfigError naming the fix when logging.wandb asks for it and it is missing."""
+    try:
+        import wandb  # type: ignore[import-not-found]
+    except ImportError:
+        raise ConfigError(f"logging.wandb: '{mode}' needs the wandb package (pip install wandb),"
+                          " or set logging.wandb=disabled") from None
+    return wandb
+
+
 class WandbLog:
     """Weights & Biases sink; ``offline`` needs no network (``wandb sync RUN/wandb/offline-run-*`` later).
 
@@ -46,11 +56,7 @@ class WandbLog:
     """
 
     def __init__(self, cfg: LoggingConfig, run_dir: Path, name: str, config: dict[str, Any]):
-        try:
-            import wandb  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError(f"logging.wandb: '{cfg.wandb}' needs the wandb package (pip install wandb),"
-                              " or set logging.wandb=disabled") from None
+        wandb = import_wandb(cfg.wandb)
         id_file = Path(run_dir) / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)

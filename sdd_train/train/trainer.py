@@ -30,7 +30,7 @@ from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
 from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
                                         data_parallel_shape, init_world)
 from sdd_train.train.loss import lm_loss
-from sdd_train.train.metrics import MetricsLog, WandbLog, format_line
+from sdd_train.train.metrics import MetricsLog, WandbLog, format_line, import_wandb
 from sdd_train.train.optim import build_optimizer, lr_at
 from sdd_train.train.parallelize import parallelize
 
@@ -142,11 +142,7 @@ def _check_world(cfg: RunConfig, world: World) -> None:
             f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
         )
     if cfg.logging.wandb != "disabled" and world.is_main:
-        try:
-            import wandb  # noqa: F401  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError(f"logging.wandb: '{cfg.logging.wandb}' needs the wandb package (pip install wandb),"
-                              " or set logging.wandb=disabled") from None
+        import_wandb(cfg.logging.wandb)
 
 
 def _open_data(cfg: RunConfig, world: World, log) -> tuple[list[PreparedDataset], list[str]]:
@@ -299,7 +295,7 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
 
-                    if finite and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
+                    if finite and log_step:
                         now = time.perf_counter()
                         steps = done - last_step
                         tok_s = steps * tokens_per_step / (now - last_time)
