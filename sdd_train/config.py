@@ -170,6 +170,31 @@ class LoggingConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detection against rolling statistics of the recent finite steps."""
+
+    action: str = "log"  # none | log (record the event) | skip (drop the update) | rollback (reload, skip the data)
+    window: int = 100  # steps in the rolling mean / std
+    min_history: int = 20  # no verdicts before this many steps are in the window
+    loss_sigmas: float = 6.0  # spike: loss > mean + loss_sigmas * std; 0 disables
+    grad_norm_sigmas: float = 6.0  # spike: grad norm > mean + grad_norm_sigmas * std; 0 disables
+    min_increase: float = 0.1  # ... and at least this fraction above the rolling mean (ignores noise on plateaus)
+    skip_batches: int = 1  # rollback: global batches skipped from the offending one on
+    max_rollbacks: int = 5  # rollback: after this many the action falls back to skip
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Stability diagnostics written next to metrics.jsonl (see docs/diagnostics.md)."""
+
+    # Per-layer gradient / parameter / update norms of every parameter family, every N steps; 0 disables.
+    layer_stats_interval: int = 100
+    # Residual-stream RMS and the layer-by-layer cosine similarity on a fixed held-out batch; 0 disables.
+    activation_interval: int = 1000
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str | None = None  # null: runs/<name>
@@ -179,6 +204,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -390,6 +416,17 @@ def validate(cfg: RunConfig) -> None:
     _choice("parallel.activation_checkpointing", par.activation_checkpointing, ["none", "full", "every_n"])
     _positive("parallel.ac_every", par.ac_every)
     _choice("logging.wandb", cfg.logging.wandb, ["disabled", "online", "offline"])
+    diag, spike = cfg.diagnostics, cfg.diagnostics.spike
+    _positive("diagnostics.layer_stats_interval", diag.layer_stats_interval, allow_zero=True)
+    _positive("diagnostics.activation_interval", diag.activation_interval, allow_zero=True)
+    _choice("diagnostics.spike.action", spike.action, ["none", "log", "skip", "rollback"])
+    for key in ("window", "min_history", "skip_batches"):
+        _positive(f"diagnostics.spike.{key}", getattr(spike, key))
+    for key in ("loss_sigmas", "grad_norm_sigmas", "min_increase", "max_rollbacks"):
+        _positive(f"diagnostics.spike.{key}", getattr(spike, key), allow_zero=True)
+    if spike.min_history > spike.window:
+        raise ConfigError(f"diagnostics.spike.min_history: {spike.min_history} exceeds diagnostics.spike.window="
+                          f"{spike.window}; the window never holds that many steps")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
 

@@ -19,7 +19,8 @@ from sdd_train.train.__main__ import main
 from sdd_train.train.metrics import read_metrics
 
 EXTRA = ["model.n_layers=3", "train.micro_batch_size=2", "optim.warmup_steps=3", "model.block=sdd",
-         "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5"]
+         "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5",
+         "diagnostics.layer_stats_interval=2"]
 
 
 def args_for(run_dir: Path, cache: Path, *extra: str) -> list[str]:
@@ -64,6 +65,19 @@ def fsdp2(cache, tmp_path_factory) -> Path:
     return run_dir
 
 
+def layer_stats(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir / "layer_stats.jsonl")}
+
+
+def assert_same_layer_stats(a: dict, b: dict, steps) -> None:
+    """Per-layer gradient / parameter / update norms agree (exact global norms, not shard averages)."""
+    for step in steps:
+        assert a[step].keys() == b[step].keys()
+        assert any(k.startswith("grad/layer_1/") for k in a[step])
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-7), (step, key)
+
+
 def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps, rel: float) -> None:
     for step in steps:
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel, abs=rel), step
@@ -75,6 +89,7 @@ def test_fsdp2_two_ranks_match_one_process(single, fsdp2):
     assert set(one) == set(two) == set(range(1, 11))
     assert_same_run(one, two, range(1, 11), rel=1e-5)
     assert two[10]["loss"] < two[1]["loss"] - 0.5  # and it trained
+    assert_same_layer_stats(layer_stats(single), layer_stats(fsdp2), range(2, 11, 2))
     # the consolidated weights agree too
     w1 = checkpoint.read_model_state(checkpoint.latest(single))
     w2 = checkpoint.read_model_state(checkpoint.latest(fsdp2))
@@ -90,6 +105,8 @@ def test_hsdp_replicate_x_shard_matches_one_process(single, cache, tmp_path):
     ref = records(single)
     # the schedule depends on max_steps: compare the warmup steps, where lr does not
     assert_same_run(ref, records(tmp_path), range(1, 4), rel=1e-5)
+    # replicated shards are counted once: HSDP norms equal the single-process ones
+    assert_same_layer_stats(layer_stats(single), layer_stats(tmp_path), [2])
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(single, fsdp2, cache, tmp_path):

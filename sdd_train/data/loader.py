@@ -120,6 +120,12 @@ class Prefetcher:
         self.schedule(*key)
         return self.pending.pop(key).result()
 
+    def clear(self) -> None:
+        """Forget scheduled batches (after a rollback the loop asks for other positions)."""
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.pending.clear()

@@ -19,12 +19,14 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
         if resume_step > 0 and self.path.is_file():
-            self._truncate_after(resume_step)
+            self.truncate_after(resume_step)
         elif self.path.exists():
             self.path.unlink()
 
-    def _truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int) -> None:
         """Drop records written after the checkpoint we resume from: they will be produced again."""
+        if not self.path.is_file():
+            return
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -37,6 +39,40 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class RunLog:
+    """Rank 0's record streams in the run directory, mirrored to W&B.
+
+    ``metrics`` (train / val records, also printed), ``layer_stats`` (per-layer norms),
+    ``activations`` (residual RMS and layer similarity) and ``events`` (loss spikes, rollbacks).
+    A resumed run drops every record after its checkpoint; a rollback does the same except for
+    ``events``, which keeps the history of what happened.
+    """
+
+    STREAMS = ("metrics", "layer_stats", "activations", "events")
+
+    def __init__(self, run_dir: Path, resume_step: int, wandb: WandbLog | None, say: Callable[[str], None]):
+        self.logs = {name: MetricsLog(Path(run_dir) / f"{name}.jsonl", resume_step) for name in self.STREAMS}
+        self.wandb, self.say = wandb, say
+
+    def write(self, stream: str, record: dict[str, Any], line: str | None = None,
+              wandb_record: dict[str, Any] | None = None) -> None:
+        """Append ``record`` to ``stream``; print ``line`` if given; W&B gets ``wandb_record`` or the record."""
+        self.logs[stream].write(record)
+        if self.wandb is not None:
+            self.wandb.write(record if wandb_record is None else wandb_record)
+        if line is not None:
+            self.say(line)
+
+    def rollback(self, step: int) -> None:
+        for name, log in self.logs.items():
+            if name != "events":
+                log.truncate_after(step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def import_wandb(mode: str):

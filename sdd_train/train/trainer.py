@@ -24,13 +24,16 @@ from sdd_train.data.corpus import load_stdlib_corpus
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import MixtureLoader, Prefetcher, open_datasets, val_batches
 from sdd_train.data.sources import DataError
+from sdd_train.diagnostics.activations import activation_stats
+from sdd_train.diagnostics.layer_stats import LayerStats
+from sdd_train.diagnostics.spikes import Spike, SpikeDetector
 from sdd_train.model import Transformer
 from sdd_train.model.moe import load_stats
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
 from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
                                         data_parallel_shape, init_world)
 from sdd_train.train.loss import lm_loss
-from sdd_train.train.metrics import MetricsLog, WandbLog, format_line, import_wandb
+from sdd_train.train.metrics import RunLog, WandbLog, format_line, import_wandb
 from sdd_train.train.optim import build_optimizer, lr_at
 from sdd_train.train.parallelize import parallelize
 
@@ -145,7 +148,7 @@ def _check_world(cfg: RunConfig, world: World) -> None:
         import_wandb(cfg.logging.wandb)
 
 
-def _open_data(cfg: RunConfig, world: World, log) -> tuple[list[PreparedDataset], list[str]]:
+def open_run_data(cfg: RunConfig, world: World, log) -> tuple[list[PreparedDataset], list[str]]:
     """The training datasets and their names. For the stdlib corpus rank 0 builds the cache first."""
     if cfg.data.source == "stdlib":
         corpus = load_stdlib_corpus(cfg.data, log=log) if world.is_main else None
@@ -192,7 +195,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.datasets, names = _open_data(cfg, world, log)
+        self.datasets, names = open_run_data(cfg, world, log)
         tokenizer = self.datasets[0].tokenizer
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
@@ -216,14 +219,17 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.optim)
         self.checkpointer = Checkpointer(self.run_dir, world, keep=t.keep_checkpoints,
                                          permanent_every=t.permanent_checkpoint_interval, async_save=t.async_checkpoint)
+        self.layer_stats = LayerStats(model, world.world_size) if cfg.diagnostics.layer_stats_interval else None
+        self.spikes = SpikeDetector(cfg.diagnostics.spike)
+        self.rollbacks, self.spike_skips = 0, 0
         self.step, self.skipped, self.consumed = 0, 0, 0
+        self.data_skips: set[int] = set()  # stream positions of batches a rollback excluded
         resume = broadcast_object(latest(self.run_dir))
         if resume is not None:
             meta = self.checkpointer.load(resume, model, self.optimizer)
-            self.step, self.skipped = meta["step"], meta.get("skipped_steps", 0)
-            data = meta.get("data", {})
-            self.consumed = data.get("instances_consumed", self.step * t.global_batch_size)
-            if data.get("fingerprints", self.data_fingerprint) != self.data_fingerprint:
+            self._restore(meta)
+            self.rollbacks = meta.get("rollbacks", 0)
+            if meta.get("data", {}).get("fingerprints", self.data_fingerprint) != self.data_fingerprint:
                 log("warning: the training data changed since this checkpoint; continuing at the same stream position")
             log(f"resume: from {resume} (step {self.step}, {self.consumed:,} instances consumed,"
                 f" written by {meta['world_size']} rank(s))")
@@ -231,10 +237,26 @@ class Trainer:
         self.peak = peak_tflops(t.peak_tflops, world.device)
         self.flops_per_token = model.flops_per_token(t.seq_len)
 
+    def _restore(self, meta: dict) -> None:
+        """Trainer state from a checkpoint's meta.json (model and optimizer are loaded by the Checkpointer)."""
+        data = meta.get("data", {})
+        self.step, self.skipped = meta["step"], meta.get("skipped_steps", 0)
+        self.consumed = data.get("instances_consumed", self.step * self.cfg.train.global_batch_size)
+        self.data_skips = set(data.get("skipped_positions", []))
+        self.spike_skips = meta.get("spike_skips", 0)
+        self.spikes.load_state_dict(meta.get("spike_detector", {}))
+
+    def _next_position(self, position: int) -> int:
+        """The first stream position at or after ``position`` whose batch was not excluded by a rollback."""
+        while position in self.data_skips:
+            position += self.cfg.train.global_batch_size
+        return position
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> Path:
         cfg, t, world, log = self.cfg, self.cfg.train, self.world, self.log
+        diag = cfg.diagnostics
         per_rank = t.global_batch_size // world.world_size
         accum = per_rank // t.micro_batch_size
         tokens_per_step = t.global_batch_size * t.seq_len
@@ -245,100 +267,184 @@ class Trainer:
         if self.step >= t.max_steps:
             log(f"train: already complete at step {self.step}")
             return self.run_dir
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step) if world.is_main else None
+        bar = _progress_bar(cfg, world, self.step)
+        say = bar.write if bar is not None else log
         wandb = (WandbLog(cfg.logging, self.run_dir, cfg.name, as_dict(cfg))
                  if world.is_main and cfg.logging.wandb != "disabled" else None)
-        bar = _progress_bar(cfg, world, self.step)
-
-        def emit(record: dict) -> None:
-            if metrics is not None:
-                metrics.write(record)
-            if wandb is not None:
-                wandb.write(record)
-            (bar.write if bar is not None else log)(format_line(record, t.max_steps))
+        self.out = RunLog(self.run_dir, self.step, wandb, say) if world.is_main else None
 
         eval_data = self._val_batches()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         consecutive_skips = 0
-        prefetch = Prefetcher(self.loader.batch, pin_memory=world.device.type == "cuda") if cfg.data.prefetch else None
+        self.prefetch = (Prefetcher(self.loader.batch, pin_memory=world.device.type == "cuda") if cfg.data.prefetch
+                         else None)
         start_step = self.step
         last_time, last_step, run_start = time.perf_counter(), self.step, time.perf_counter()
         try:
             with StopSignal() as stop:
                 while self.step < t.max_steps:
+                    step = self.step + 1  # the step this update makes
                     lr = lr_at(self.step, cfg.optim, t.max_steps)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    log_step = (self.step + 1) % t.log_interval == 0 or self.step + 1 in (t.max_steps, start_step + 1)
-                    loss, extra = self._forward_backward(accum, per_rank, prefetch, log_step)
+                    log_step = step % t.log_interval == 0 or step in (t.max_steps, start_step + 1)
+                    stats_step = self.layer_stats is not None and (step % diag.layer_stats_interval == 0
+                                                                    or step == t.max_steps)
+                    self.consumed = self._next_position(self.consumed)
+                    loss, extra = self._forward_backward(accum, per_rank, log_step)
+                    stats = self.layer_stats.gradients() if stats_step else {}  # before clipping
                     grad_norm = grad_norm_and_clip(params, max_norm)
                     finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
-                    self.step += 1
+                    spikes = self.spikes.check(loss, grad_norm.item()) if finite and self.spikes.enabled else []
+                    action = self._spike_action(step, loss, grad_norm.item(), spikes) if spikes else "apply"
+                    if action == "rollback":
+                        self.optimizer.zero_grad(set_to_none=True)
+                        if bar is not None:
+                            bar.n = self.step
+                            bar.refresh()
+                        last_time, last_step = time.perf_counter(), self.step
+                        continue
+                    self.step = step
                     self.consumed += t.global_batch_size
-                    if finite:
+                    if finite and action == "apply":
+                        before = self.layer_stats.snapshot() if stats_step else None
                         self.optimizer.step()
+                        self.spikes.accept(loss, grad_norm.item())
                         consecutive_skips = 0
+                        if before is not None:
+                            stats.update(self.layer_stats.updates(before))
+                            self._write("layer_stats", {"step": step, **stats})
+                    elif finite:  # a spike whose update is dropped
+                        self.spike_skips += 1
                     else:
                         self._nonfinite(loss, grad_norm.item())
                         self.skipped += 1
                         consecutive_skips += 1
-                        emit({"step": self.step, "loss": loss, "grad_norm": grad_norm.item(), "skipped": True,
-                              "skipped_steps": self.skipped})
+                        self._write("metrics", {"step": step, "loss": loss, "grad_norm": grad_norm.item(),
+                                                "skipped": True, "skipped_steps": self.skipped}, console=True)
                         if consecutive_skips >= t.max_nonfinite_skips:
                             raise TrainingDiverged(
-                                f"step {self.step}: {consecutive_skips} consecutive non-finite steps; the run diverged."
+                                f"step {step}: {consecutive_skips} consecutive non-finite steps; the run diverged."
                                 f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
                     self.optimizer.zero_grad(set_to_none=True)
-                    done = self.step
                     if bar is not None:
                         bar.update(1)
 
                     if finite and log_step:
                         now = time.perf_counter()
-                        steps = done - last_step
+                        steps = step - last_step
                         tok_s = steps * tokens_per_step / (now - last_time)
-                        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
+                        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                                   "tokens_per_sec": tok_s, "step_time": (now - last_time) / steps,
                                   "peak_mem_gib": peak_memory_gib(world.device),
-                                  "eta_s": (t.max_steps - done) * (now - run_start) / (done - start_step)}
+                                  "eta_s": (t.max_steps - step) * (now - run_start) / max(step - start_step, 1)}
                         if self.peak is not None:
                             record["mfu"] = self.flops_per_token * tok_s / world.world_size / (self.peak * 1e12)
                         record.update(extra)
-                        if self.skipped:
-                            record["skipped_steps"] = self.skipped
-                        emit(record)
-                        last_time, last_step = time.perf_counter(), done
-                    if eval_data and t.eval_interval and (done % t.eval_interval == 0 or done == t.max_steps):
+                        for key in ("skipped", "spike_skips", "rollbacks"):
+                            value = getattr(self, key)
+                            if value:
+                                record["skipped_steps" if key == "skipped" else key] = value
+                        self._write("metrics", record, console=True)
+                        last_time, last_step = time.perf_counter(), step
+                    if eval_data and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
+                                                                            or step == t.max_steps):
                         val_loss = evaluate(self.model, eval_data, world.device, self.use_autocast)
-                        emit({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+                        self._write("metrics", {"step": step, "val_loss": val_loss,
+                                                "val_ppl": math.exp(min(val_loss, 50.0))}, console=True)
                         last_time = time.perf_counter()  # keep eval time out of tokens/s
+                    if eval_data and diag.activation_interval and (step % diag.activation_interval == 0
+                                                                   or step == t.max_steps):
+                        self._activations(eval_data[0])
+                        last_time = time.perf_counter()
                     stopping = self._stop_requested(stop)
-                    interval = t.checkpoint_interval and done % t.checkpoint_interval == 0
-                    permanent = t.permanent_checkpoint_interval and done % t.permanent_checkpoint_interval == 0
-                    if interval or permanent or done == t.max_steps or stopping:
+                    interval = t.checkpoint_interval and step % t.checkpoint_interval == 0
+                    permanent = t.permanent_checkpoint_interval and step % t.permanent_checkpoint_interval == 0
+                    if interval or permanent or step == t.max_steps or stopping:
                         path = self._save()
-                        if done == t.max_steps:
+                        if step == t.max_steps:
                             log(f"checkpoint: {path}")
                         last_time = time.perf_counter()
                     if stopping:
                         name = signal.Signals(stopping).name
-                        log(f"stopped by {name} at step {done}; checkpoint {checkpoint_dir(self.run_dir)}."
+                        log(f"stopped by {name} at step {step}; checkpoint {checkpoint_dir(self.run_dir)}."
                             " Re-run the same command to resume.")
                         break
             self.checkpointer.wait()
         finally:
-            if prefetch is not None:
-                prefetch.close()
+            if self.prefetch is not None:
+                self.prefetch.close()
             if bar is not None:
                 bar.close()
-            if wandb is not None:
-                wandb.close()
+            if self.out is not None:
+                self.out.close()
         return self.run_dir
 
-    def _forward_backward(self, accum: int, per_rank: int, prefetch: Prefetcher | None, log_step: bool
-                          ) -> tuple[float, dict[str, float]]:
+    def _write(self, stream: str, record: dict, console: bool = False, wandb_record: dict | None = None) -> None:
+        if self.out is not None:
+            line = format_line(record, self.cfg.train.max_steps) if console else None
+            self.out.write(stream, record, line, wandb_record)
+
+    def _activations(self, batch: dict[str, torch.Tensor]) -> None:
+        """Residual RMS per layer and the layer similarity matrix on the fixed held-out batch."""
+        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        ctx = autocast(self.world.device, "bf16" if self.use_autocast else "fp32")
+        stats = activation_stats(self.model, batch["inputs"], batch.get("doc_ids"), ctx)
+        record = {"step": self.step, **stats}
+        rms = {f"act/layer_{i}/rms": v for i, v in enumerate(stats["rms"])}
+        self._write("activations", record, wandb_record={"step": self.step, **rms})
+
+    # ------------------------------------------------------------------ loss spikes
+
+    def _spike_action(self, step: int, loss: float, grad_norm: float, spikes: list[Spike]) -> str:
+        """Apply ``diagnostics.spike.action`` to a spike; returns apply | skip | rollback (already done)."""
+        cfg = self.cfg.diagnostics.spike
+        action = cfg.action
+        if action == "rollback" and self.rollbacks >= cfg.max_rollbacks:
+            action = "skip"
+            note = f"; {self.rollbacks} rollbacks already (diagnostics.spike.max_rollbacks), skipping instead"
+        else:
+            note = ""
+        event = {"step": step, "event": "loss_spike", "action": action, "loss": loss, "grad_norm": grad_norm,
+                 "position": self.consumed,
+                 "triggers": [{"metric": s.metric, "value": s.value, "mean": s.mean, "std": s.std,
+                               "threshold": s.threshold} for s in spikes]}
+        if action == "rollback":
+            target = self._rollback()
+            if target is None:
+                action, note = "skip", "; no checkpoint to roll back to, skipping instead"
+                event["action"] = action
+            else:
+                event["rolled_back_to"] = target
+                event["skipped_positions"] = sorted(p for p in self.data_skips if p >= event["position"])
+                note = f"; rolled back to step {target}, skipping {cfg.skip_batches} batch(es) from position" \
+                       f" {event['position']}"
+        message = f"loss spike at step {step}: " + "; ".join(s.describe() for s in spikes)
+        self._write("events", event)
+        self.log(f"warning: {message} -> {action}{note}")
+        return "apply" if action == "log" else action
+
+    def _rollback(self) -> int | None:
+        """Reload the latest checkpoint and exclude the offending batches from the stream; the new step."""
+        self.checkpointer.wait()
+        path = broadcast_object(latest(self.run_dir))
+        if path is None:
+            return None
+        gbs = self.cfg.train.global_batch_size
+        excluded = self.data_skips | {self.consumed + k * gbs for k in range(self.cfg.diagnostics.spike.skip_batches)}
+        meta = self.checkpointer.load(path, self.model, self.optimizer)
+        self._restore(meta)
+        self.data_skips |= excluded
+        self.rollbacks += 1
+        if self.prefetch is not None:
+            self.prefetch.clear()
+        if self.out is not None:
+            self.out.rollback(self.step)
+        return self.step
+
+    def _forward_backward(self, accum: int, per_rank: int, log_step: bool) -> tuple[float, dict[str, float]]:
         """Accumulate gradients over this rank's micro-batches.
 
         Returns the global mean cross-entropy and the other global metrics of the step (z-loss,
@@ -353,11 +459,12 @@ class Trainer:
         for micro, start in enumerate(starts):
             if self.sharded and self.cfg.parallel.defer_grad_sync:
                 self.model.set_requires_gradient_sync(micro == accum - 1)
-            if prefetch is not None:
-                batch = prefetch.get(self.consumed, start, t.micro_batch_size)
+            if self.prefetch is not None:
+                batch = self.prefetch.get(self.consumed, start, t.micro_batch_size)
                 if micro == 0:  # read the next step's micro-batches while this one computes
+                    following = self._next_position(self.consumed + t.global_batch_size)
                     for s in starts:
-                        prefetch.schedule(self.consumed + t.global_batch_size, s, t.micro_batch_size)
+                        self.prefetch.schedule(following, s, t.micro_batch_size)
             else:
                 batch = self.loader.batch(self.consumed, start, t.micro_batch_size)
             batch = {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
@@ -389,20 +496,25 @@ class Trainer:
         return means[0], extra
 
     def _val_batches(self) -> list[dict[str, torch.Tensor]]:
-        """Fixed validation batches: the first windows of every dataset's held-out split."""
+        """Fixed validation batches: the first windows of every dataset's held-out split.
+
+        The first one is also the fixed batch of the activation statistics.
+        """
         t = self.cfg.train
-        if not (t.eval_batches and t.eval_interval):
+        if not ((t.eval_batches and t.eval_interval) or self.cfg.diagnostics.activation_interval):
             return []
         batches = []
         for ds in self.datasets:
-            batches += val_batches(ds.val, t.seq_len, t.micro_batch_size, t.eval_batches, ds.tokenizer.eos_id,
-                                   self.cfg.data.doc_mask)
+            batches += val_batches(ds.val, t.seq_len, t.micro_batch_size, max(t.eval_batches, 1),
+                                   ds.tokenizer.eos_id, self.cfg.data.doc_mask)
         if not batches:
             self.log(f"warning: no validation split holds {t.seq_len + 1} tokens; in-loop validation is off")
         return batches
 
     def _nonfinite(self, loss: float, grad_norm: float) -> None:
         message = f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite"
+        self._write("events", {"step": self.step, "event": "nonfinite", "action": self.cfg.train.nonfinite,
+                               "loss": loss, "grad_norm": grad_norm})
         if self.cfg.train.nonfinite == "stop":
             raise TrainingDiverged(
                 f"{message}; the run diverged. Lower optim.lr, raise optim.warmup_steps, try model.block=sdd,"
@@ -421,9 +533,10 @@ class Trainer:
                                    f" The last good checkpoint (if any) is in {checkpoint_dir(self.run_dir)}")
         t = self.cfg.train
         data = {"instances_consumed": self.consumed, "epoch": self.loader.epoch_of(self.consumed),
-                "seed": t.seed, "fingerprints": self.data_fingerprint}
+                "seed": t.seed, "fingerprints": self.data_fingerprint, "skipped_positions": sorted(self.data_skips)}
         meta = {"skipped_steps": self.skipped, "tokens_seen": self.consumed * t.seq_len, "data": data,
-                "config": as_dict(self.cfg)}
+                "spike_detector": self.spikes.state_dict(), "spike_skips": self.spike_skips,
+                "rollbacks": self.rollbacks, "config": as_dict(self.cfg)}
         return self.checkpointer.save(self.step, self.model, self.optimizer, meta)
 
 

@@ -1,0 +1,1 @@
+"""Stability diagnostics: per-layer norms, activation statistics, loss-spike handling, sweeps and reports."""

@@ -1,0 +1,160 @@
+"""Matplotlib figures of runs and sweeps (PNG): the paper's Figs. 3/5, 7, 9, 10 and Table 2 at any scale.
+
+Every function takes already-read records (lists of dicts from the run's ``*.jsonl`` files), so
+the figures can be tested and reused without a run directory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed (CI, clusters)
+import matplotlib.pyplot as plt  # noqa: E402
+
+LINEAR = ("att_proj", "attn_out", "ff_proj", "ff_out", "expert_proj", "expert_out", "router")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.2):
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> Path:
+    """One panel per group; per run its train loss (line) and validation loss (dots)."""
+    fig, axes = _grid(len(groups))
+    for ax, (title, runs) in zip(axes, groups.items()):
+        for i, (name, records) in enumerate(runs.items()):
+            color = f"C{i % 10}"
+            train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+            val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+            if train:
+                ax.plot(*zip(*train), color=color, lw=1.2, label=name)
+            if val:
+                ax.plot(*zip(*val), "o", color=color, ms=3)
+        ax.set(title=title, xlabel="step", ylabel="loss (line: train, dots: val)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _families(records: list[dict[str, Any]]) -> tuple[list[str], int]:
+    keys = {k for r in records for k in r if k.startswith("grad/layer_")}
+    families = [f for f in LINEAR if any(k.endswith("/" + f) for k in keys)]
+    layers = 1 + max((int(k.split("/")[1].removeprefix("layer_")) for k in keys), default=-1)
+    return families, layers
+
+
+def grad_norm_heatmaps(records: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+    """Fig. 7: log10 gradient norm per layer (rows) and step (columns), one panel per linear family."""
+    families, layers = _families(records)
+    if not families or not layers:
+        return None
+    fig, axes = _grid(len(families))
+    steps = [r["step"] for r in records]
+    for ax, fam in zip(axes, families):
+        grid = [[math.log10(max(r.get(f"grad/layer_{i}/{fam}", math.nan), 1e-30)) for r in records]
+                for i in range(layers)]
+        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma",
+                       extent=(steps[0], steps[-1], -0.5, layers - 0.5))
+        ax.set(title=f"{title} {fam}".strip(), xlabel="step", ylabel="layer")
+        ax.set_yticks(range(0, layers, max(1, layers // 8)))
+        fig.colorbar(im, ax=ax, label="log10 grad norm")
+    return _save(fig, path)
+
+
+def grad_norm_by_layer(runs: dict[str, list[dict[str, Any]]], path: Path, last: int = 3) -> Path | None:
+    """Gradient norm vs layer (mean of the last ``last`` records), one line per run, one panel per family."""
+    families = sorted({f for recs in runs.values() for f in _families(recs)[0]}, key=LINEAR.index)
+    if not families:
+        return None
+    fig, axes = _grid(len(families))
+    for ax, fam in zip(axes, families):
+        for i, (name, records) in enumerate(runs.items()):
+            _, layers = _families(records)
+            tail = records[-last:]
+            ys = [sum(r.get(f"grad/layer_{j}/{fam}", math.nan) for r in tail) / max(len(tail), 1)
+                  for j in range(layers)]
+            if layers:
+                ax.plot(range(layers), ys, marker="o", ms=3, color=f"C{i % 10}", label=name)
+        ax.set(title=fam, xlabel="layer", ylabel="grad norm", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def similarity_matrices(matrices: dict[str, Sequence[Sequence[float]]], path: Path) -> Path | None:
+    """Fig. 9: cosine similarity between the hidden states of every pair of layers (0 = embedding)."""
+    if not matrices:
+        return None
+    fig, axes = _grid(len(matrices), width=3.6, height=3.2)
+    low = min(0.0, min(min(row) for m in matrices.values() for row in m))
+    for ax, (name, matrix) in zip(axes, matrices.items()):
+        im = ax.imshow(matrix, vmin=low, vmax=1.0, cmap="viridis", origin="lower")
+        ax.set(title=name, xlabel="layer", ylabel="layer")
+        fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def residual_rms(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Residual-stream RMS per layer at every recorded step."""
+    if not records:
+        return None
+    fig, (ax,) = _grid(1, width=5.5)
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(records):
+        ax.plot(range(len(r["rms"])), r["rms"], color=cmap(i / max(len(records) - 1, 1)), label=f"step {r['step']}")
+    ax.set(xlabel="layer (0 = embedding)", ylabel="RMS of the residual stream", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Path:
+    """Fig. 10: final loss against depth, one line per ``line_axis`` value; diverged runs as crosses."""
+    fig, (ax,) = _grid(1, width=5.5)
+    lines = list(dict.fromkeys(r[line_axis] for r in rows))
+    for i, line in enumerate(lines):
+        points = sorted((r["depth"], r) for r in rows if r[line_axis] == line)
+        ok = [(d, r["loss"]) for d, r in points if not r["diverged"]]
+        bad = [(d, r["loss"]) for d, r in points if r["diverged"] and math.isfinite(r["loss"])]
+        if ok:
+            ax.plot(*zip(*ok), marker="o", color=f"C{i}", label=line)
+        if bad:
+            ax.plot(*zip(*bad), "x", ms=9, color=f"C{i}")
+    ax.set(xlabel="layers", ylabel="final loss (validation if measured)", xscale="log")
+    depths = sorted({r["depth"] for r in rows})
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def table_image(cells: list[list[str]], row_labels: list[str], col_labels: list[str], bad: set[tuple[int, int]],
+                path: Path, title: str = "") -> Path:
+    """A rendered table (the paper's robustness table); cells in ``bad`` are shaded red."""
+    fig, ax = plt.subplots(figsize=(1.8 + 1.9 * len(col_labels), 0.6 + 0.45 * len(row_labels)), layout="constrained")
+    ax.axis("off")
+    colors = [["#f4b6b6" if (i, j) in bad else "#d9f2d9" for j in range(len(col_labels))]
+              for i in range(len(row_labels))]
+    table = ax.table(cellText=cells, rowLabels=row_labels, colLabels=col_labels, cellColours=colors, loc="center",
+                     cellLoc="center")
+    table.scale(1, 1.4)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,220 @@
+"""``sdd-report DIR``: turn a run directory or a sweep directory into ``DIR/report/`` (Markdown + PNGs).
+
+A run report has the loss curves, per-layer gradient-norm heatmaps, the residual RMS per layer and
+the layer similarity matrix; ``--activations`` computes the activation statistics of a checkpoint
+on demand (the latest, or ``--checkpoint``). A sweep report (a directory with ``sweep.json``) has
+the results table, loss curves per group, gradient norm vs layer, every run's similarity matrix,
+loss vs depth when an axis sweeps ``model.n_layers`` and, for two axes, the rendered pivot table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from sdd_train.config import ConfigError, load_config
+from sdd_train.diagnostics import plots
+from sdd_train.diagnostics.activations import activation_stats
+from sdd_train.diagnostics.sweep import results, summarise, write_table
+from sdd_train.train.metrics import read_metrics
+
+DEPTH_KEY = "model.n_layers"
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return read_metrics(path) if path.is_file() else []
+
+
+def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
+    if path is not None:
+        lines += [f"### {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
+
+
+# --------------------------------------------------------------------------- on-demand activations
+
+
+@torch.no_grad()
+def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Activation statistics of a checkpoint on the run's fixed held-out batch (the in-loop one)."""
+    from sdd_train.data.loader import val_batches
+    from sdd_train.model import Transformer
+    from sdd_train.train.checkpoint import latest, read_meta, read_model_state
+    from sdd_train.train.distributed import World
+    from sdd_train.train.trainer import autocast, open_run_data
+
+    cfg = load_config(run_dir / "config.yaml")
+    checkpoint = checkpoint or latest(run_dir)
+    if checkpoint is None:
+        raise ConfigError(f"{run_dir}: no complete checkpoint to compute activation statistics for")
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    datasets, _ = open_run_data(cfg, world, log=lambda *a: None)
+    t, ds = cfg.train, datasets[0]
+    batches = val_batches(ds.val, t.seq_len, t.micro_batch_size, 1, ds.tokenizer.eos_id, cfg.data.doc_mask)
+    if not batches:
+        raise ConfigError(f"{ds.root}: the validation split is shorter than one sequence of {t.seq_len + 1} tokens")
+    model = Transformer(cfg.model)
+    model.load_state_dict(read_model_state(checkpoint))
+    ctx = autocast(world.device, t.precision)
+    stats = activation_stats(model, batches[0]["inputs"], batches[0].get("doc_ids"), ctx)
+    return {"step": read_meta(checkpoint)["step"], "checkpoint": str(checkpoint), **stats}
+
+
+# --------------------------------------------------------------------------- run report
+
+
+def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None) -> Path:
+    metrics = _read(run_dir / "metrics.jsonl")
+    layer = _read(run_dir / "layer_stats.jsonl")
+    acts = _read(run_dir / "activations.jsonl")
+    events = _read(run_dir / "events.jsonl")
+    if on_demand is not None:
+        (out / f"activations_step_{on_demand['step']}.json").write_text(json.dumps(on_demand))
+        acts = [a for a in acts if a["step"] != on_demand["step"]] + [on_demand]
+    summary = summarise(run_dir)
+    lines = [f"# Run report: {run_dir.name}", "", f"Run directory: `{run_dir}`", "",
+             "| " + " | ".join(summary) + " |", "|" + "---|" * len(summary),
+             "| " + " | ".join(_fmt(v) for v in summary.values()) + " |", ""]
+    _image(lines, "Loss", plots.loss_curves({run_dir.name: {run_dir.name: metrics}}, out / "loss.png"), out)
+    _image(lines, "Gradient norm per layer (Fig. 7)", plots.grad_norm_heatmaps(layer, out / "grad_norms.png"), out)
+    if acts:
+        last = acts[-1]
+        _image(lines, f"Layer similarity at step {last['step']} (Fig. 9)",
+               plots.similarity_matrices({f"step {last['step']}": last["similarity"]}, out / "similarity.png"), out)
+        _image(lines, "Residual-stream RMS per layer", plots.residual_rms(acts, out / "residual_rms.png"), out)
+    if events:
+        lines += ["### Events", "", "| step | event | action | loss | grad norm |", "|---|---|---|---|---|"]
+        lines += [f"| {e['step']} | {e['event']} | {e.get('action', '')} | {_fmt(e.get('loss'))} |"
+                  f" {_fmt(e.get('grad_norm'))} |" for e in events]
+        lines.append("")
+    return _write(out, lines)
+
+
+# --------------------------------------------------------------------------- sweep report
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else (f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}")
+    return str(value)
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    if row["diverged"]:
+        return f"diverged @ {row['diverged_at']}"
+    return f"{row['final_loss']:.3f}" if math.isfinite(row["final_loss"]) else "-"
+
+
+def sweep_report(sweep_dir: Path, out: Path) -> Path:
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    axes = [a if isinstance(a, dict) else {"name": a, "key": None} for a in manifest["axes"]]
+    names = [a["name"] for a in axes]
+    md_table, _ = write_table(sweep_dir)
+    rows = results(sweep_dir)
+    runs = {r["name"]: Path(r["run_dir"]) for r in manifest["runs"]}
+    labels = {r["name"]: r["labels"] for r in manifest["runs"]}
+    lines = [f"# Sweep report: {manifest['name']}", "", f"Sweep directory: `{sweep_dir}`; base config"
+             f" `{manifest['base']}`. Final loss = mean train loss of the last 5 logged steps.", "",
+             "## Results", "", md_table.read_text(), ""]
+
+    if len(axes) == 2:  # the robustness table: rows = first axis, columns = second axis
+        row_labels = list(dict.fromkeys(r[names[0]] for r in rows))
+        col_labels = list(dict.fromkeys(r[names[1]] for r in rows))
+        by = {(r[names[0]], r[names[1]]): r for r in rows}
+        cells = [[_verdict(by[(a, b)]) if (a, b) in by else "" for b in col_labels] for a in row_labels]
+        bad = {(i, j) for i, a in enumerate(row_labels) for j, b in enumerate(col_labels)
+               if (a, b) in by and by[(a, b)]["diverged"]}
+        lines += [f"## {names[0]} x {names[1]} (final loss, or where it diverged)", "",
+                  f"| {names[0]} | " + " | ".join(col_labels) + " |", "|---|" + "---|" * len(col_labels)]
+        lines += [f"| {a} | " + " | ".join(c) + " |" for a, c in zip(row_labels, cells)]
+        lines.append("")
+        _image(lines, "Table", plots.table_image(cells, row_labels, col_labels, bad, out / "table.png",
+                                                 manifest["name"]), out)
+
+    # panels: one per combination of the axes after the first; lines: the first axis
+    groups: dict[str, dict[str, str]] = {}
+    for name, lab in labels.items():
+        panel = " ".join(f"{k}={v}" for k, v in list(lab.items())[1:]) or manifest["name"]
+        groups.setdefault(panel, {})[lab[names[0]]] = name
+    curves = {panel: {line: _read(runs[run] / "metrics.jsonl") for line, run in members.items()}
+              for panel, members in groups.items()}
+    _image(lines, "Loss curves", plots.loss_curves(curves, out / "loss.png"), out)
+    for i, (panel, members) in enumerate(groups.items()):
+        figure = plots.grad_norm_by_layer({line: _read(runs[run] / "layer_stats.jsonl")
+                                           for line, run in members.items()}, out / f"grad_by_layer_{i}.png")
+        _image(lines, f"Gradient norm vs layer, {panel} (Fig. 7)", figure, out)
+    matrices = {}
+    for name, run_dir in runs.items():
+        acts = _read(run_dir / "activations.jsonl")
+        if acts:
+            matrices[f"{name} (step {acts[-1]['step']})"] = acts[-1]["similarity"]
+    _image(lines, "Layer similarity (Fig. 9)", plots.similarity_matrices(matrices, out / "similarity.png"), out)
+
+    depth_axis = next((a["name"] for a in axes if a["key"] == DEPTH_KEY), None)
+    if depth_axis is not None:
+        line_axis = next((n for n in names if n != depth_axis), depth_axis)
+        points = []
+        for r in rows:
+            config = runs[r["run"]] / "config.yaml"
+            if not config.is_file():
+                continue
+            loss = r["val_loss"] if math.isfinite(r["val_loss"]) else r["final_loss"]
+            points.append({**r, "depth": int(OmegaConf.load(config).model.n_layers), "loss": loss})
+        if points:
+            _image(lines, "Final validation loss vs depth (Fig. 10)",
+                   plots.loss_vs_depth(points, line_axis, out / "loss_vs_depth.png"), out)
+    return _write(out, lines)
+
+
+def _write(out: Path, lines: list[str]) -> Path:
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdd-report", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("directory", help="a run directory (metrics.jsonl) or a sweep directory (sweep.json)")
+    parser.add_argument("--out", help="where to write the report (default DIR/report)")
+    parser.add_argument("--activations", action="store_true",
+                        help="compute activation statistics of a checkpoint now (run directories only)")
+    parser.add_argument("--checkpoint", help="with --activations: this checkpoint instead of the latest")
+    args = parser.parse_args(argv)
+    directory = Path(args.directory)
+    out = Path(args.out) if args.out else directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if (directory / "sweep.json").is_file():
+            path = sweep_report(directory, out)
+        elif (directory / "metrics.jsonl").is_file():
+            on_demand = None
+            if args.activations:
+                on_demand = checkpoint_activations(directory, Path(args.checkpoint) if args.checkpoint else None)
+                print(f"activations at step {on_demand['step']}: residual RMS per layer "
+                      + " ".join(f"{v:.3g}" for v in on_demand["rms"]))
+            path = run_report(directory, out, on_demand)
+        else:
+            raise ConfigError(f"{directory}: neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
+    except ConfigError as e:
+        print(f"report error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def main_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_cli()

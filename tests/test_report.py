@@ -1,0 +1,61 @@
+"""sdd-report: on-demand activation statistics, run and sweep reports with their figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SMALL_RUN, TINY, small_run
+from sdd_train.diagnostics import report
+from sdd_train.diagnostics.sweep import main as sweep_main
+from sdd_train.train.__main__ import main
+from sdd_train.train.metrics import read_metrics
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000, path
+
+
+def test_run_report_and_on_demand_activations_match_the_training_loop(tmp_path, data_cache):
+    run = tmp_path / "run"
+    assert main(small_run(run, data_cache, "train.max_steps=8", "train.precision=fp32", "train.eval_interval=4",
+                          "diagnostics.layer_stats_interval=2", "diagnostics.activation_interval=4")) == 0
+    in_loop = read_metrics(run / "activations.jsonl")
+    assert [a["step"] for a in in_loop] == [4, 8]
+    assert report.main([str(run), "--activations"]) == 0
+    out = run / "report"
+    (on_demand_file,) = out.glob("activations_step_*.json")
+    on_demand = json.loads(on_demand_file.read_text())
+    assert on_demand["step"] == 8
+    assert on_demand["rms"] == pytest.approx(in_loop[-1]["rms"], rel=1e-5)
+    assert on_demand["similarity"] == [pytest.approx(row, abs=1e-5) for row in in_loop[-1]["similarity"]]
+    for name in ("loss.png", "grad_norms.png", "similarity.png", "residual_rms.png"):
+        assert_png(out / name)
+    text = (out / "report.md").read_text()
+    assert "![Gradient norm per layer (Fig. 7)](grad_norms.png)" in text
+
+
+def test_sweep_report_renders_table_depth_and_similarity(tmp_path, data_cache):
+    spec = {"name": "mini", "base": TINY, "out": str(tmp_path / "sweep"),
+            "overrides": [*SMALL_RUN, f"data.cache_dir={data_cache}", "train.max_steps=4", "train.eval_interval=4",
+                          "diagnostics.layer_stats_interval=2", "diagnostics.activation_interval=4"],
+            "axes": [{"name": "block", "key": "model.block", "values": ["pre", "sdd"]},
+                     {"name": "depth", "key": "model.n_layers", "values": [1, 2]}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert sweep_main(["run", str(path)]) == 0
+    assert report.main([str(tmp_path / "sweep")]) == 0
+    out = tmp_path / "sweep" / "report"
+    for name in ("table.png", "loss.png", "grad_by_layer_0.png", "similarity.png", "loss_vs_depth.png"):
+        assert_png(out / name)
+    text = (out / "report.md").read_text()
+    assert "| block | depth1 | depth2 |" in text  # the pivot: rows block, columns depth
+    assert "| pre-depth1 | pre | depth1 | 0 | 4 |" in text  # the results table
+
+
+def test_report_of_something_else_is_a_usage_error(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "neither a run directory" in capsys.readouterr().err

@@ -1,0 +1,92 @@
+"""Sweeps: grid expansion, '*=' overrides, a diverging run, the results table, the Slurm array script."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import SMALL_RUN, TINY
+from sdd_train.config import ConfigError
+from sdd_train.diagnostics.sweep import load_sweep, main
+
+
+def write_sweep(tmp_path: Path, cache: Path, axes: list, **extra) -> Path:
+    spec = {"name": "t", "base": TINY, "out": str(tmp_path / "out"),
+            "overrides": [*SMALL_RUN, f"data.cache_dir={cache}", "train.max_steps=6", "train.eval_interval=0",
+                          "diagnostics.activation_interval=0"],
+            "axes": axes, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_grid_and_multiplicative_overrides(tmp_path, data_cache):
+    path = write_sweep(tmp_path, data_cache, [
+        {"name": "block", "key": "model.block", "values": ["pre", "sdd"]},
+        {"name": "p", "values": {"base": [], "lr_x5": ["optim.lr*=5"], "deep": ["model.n_layers*=2"]}},
+    ])
+    sweep = load_sweep(path)
+    assert [r.name for r in sweep.runs] == ["pre-base", "pre-lr_x5", "pre-deep", "sdd-base", "sdd-lr_x5", "sdd-deep"]
+    run = sweep.runs[1]
+    assert run.labels == {"block": "pre", "p": "lr_x5"}
+    assert "optim.lr=0.015" in run.overrides  # 5 x the 3e-3 of SMALL_RUN, not of the base file
+    assert "model.n_layers=4" in sweep.runs[2].overrides  # ints stay ints
+    assert run.run_dir == str(tmp_path / "out" / "pre-lr_x5")
+
+
+@pytest.mark.parametrize("axes, message", [
+    ([{"name": "b", "values": ["pre"]}], "axes.0.key"),
+    ([{"name": "b", "key": "model.block", "values": ["nope"]}], "model.block"),
+    ([{"name": "p", "values": {"x": ["model.init.std*=2"]}}], "model.init.std"),  # null cannot be multiplied
+    ([{"name": "p", "values": {"x": ["optim.lr*=two"]}}], "factor"),
+])
+def test_bad_sweeps_are_rejected_before_anything_runs(tmp_path, data_cache, axes, message, capsys):
+    path = write_sweep(tmp_path, data_cache, axes)
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path)
+    assert main(["run", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_with_a_diverging_run_completes_and_marks_it(tmp_path, data_cache):
+    path = write_sweep(tmp_path, data_cache, [{"name": "setting", "values": {
+        "ok": [],
+        "explode": ["model.block=post", "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=0"],
+    }}])
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "out"
+    rows = {r["run"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["ok"]["diverged"] == "False" and rows["ok"]["exit"] == "0" and rows["ok"]["steps"] == "6"
+    assert float(rows["ok"]["final_loss"]) < 6.3
+    assert rows["explode"]["diverged"] == "True" and rows["explode"]["exit"] == "3"
+    assert 1 <= int(rows["explode"]["diverged_at"]) <= 6
+    table = (out / "results.md").read_text()
+    assert "| explode | explode | 3 |" in table
+    # a re-run skips both finished runs (the diverged one is not retried)
+    before = (out / "ok" / "metrics.jsonl").read_text()
+    assert main(["run", str(path)]) == 0
+    assert (out / "ok" / "metrics.jsonl").read_text() == before
+
+
+def test_diverge_loss_threshold_marks_a_run_that_never_learned(tmp_path, data_cache):
+    path = write_sweep(tmp_path, data_cache, [{"name": "lr", "key": "optim.lr", "values": [1e-9]}], diverge_loss=5.0)
+    assert main(["run", str(path)]) == 0
+    (row,) = csv.DictReader((tmp_path / "out" / "results.csv").open())
+    assert row["exit"] == "0" and row["diverged"] == "True" and row["diverged_at"] == "1"
+
+
+def test_slurm_array_script(tmp_path, data_cache):
+    path = write_sweep(tmp_path, data_cache, [{"name": "block", "key": "model.block", "values": ["pre", "sdd", "post"]}])
+    assert main(["slurm", str(path), "--nproc", "4", "--sbatch=--partition=gpu"]) == 0
+    script = (tmp_path / "out" / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus-per-task=4" in script
+    assert '--index "$SLURM_ARRAY_TASK_ID" --nproc 4' in script
+    manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["name"] for r in manifest["runs"]] == ["pre", "sdd", "post"]
+    assert main(["run", str(path), "--index", "3"]) == 2  # out of range
