@@ -22,14 +22,9 @@ from omegaconf import OmegaConf
 from sdd_train.config import ConfigError, load_config
 from sdd_train.diagnostics import plots
 from sdd_train.diagnostics.activations import activation_stats
-from sdd_train.diagnostics.sweep import results, summarise, write_table
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.sweep import format_cell, read_records, results, summarise, write_table
 
 DEPTH_KEY = "model.n_layers"
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return read_metrics(path) if path.is_file() else []
 
 
 def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
@@ -70,17 +65,17 @@ def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dic
 
 
 def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None) -> Path:
-    metrics = _read(run_dir / "metrics.jsonl")
-    layer = _read(run_dir / "layer_stats.jsonl")
-    acts = _read(run_dir / "activations.jsonl")
-    events = _read(run_dir / "events.jsonl")
+    metrics = read_records(run_dir / "metrics.jsonl")
+    layer = read_records(run_dir / "layer_stats.jsonl")
+    acts = read_records(run_dir / "activations.jsonl")
+    events = read_records(run_dir / "events.jsonl")
     if on_demand is not None:
         (out / f"activations_step_{on_demand['step']}.json").write_text(json.dumps(on_demand))
         acts = [a for a in acts if a["step"] != on_demand["step"]] + [on_demand]
     summary = summarise(run_dir)
     lines = [f"# Run report: {run_dir.name}", "", f"Run directory: `{run_dir}`", "",
              "| " + " | ".join(summary) + " |", "|" + "---|" * len(summary),
-             "| " + " | ".join(_fmt(v) for v in summary.values()) + " |", ""]
+             "| " + " | ".join(format_cell(v) for v in summary.values()) + " |", ""]
     _image(lines, "Loss", plots.loss_curves({run_dir.name: {run_dir.name: metrics}}, out / "loss.png"), out)
     _image(lines, "Gradient norm per layer (Fig. 7)", plots.grad_norm_heatmaps(layer, out / "grad_norms.png"), out)
     if acts:
@@ -90,23 +85,13 @@ def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None
         _image(lines, "Residual-stream RMS per layer", plots.residual_rms(acts, out / "residual_rms.png"), out)
     if events:
         lines += ["### Events", "", "| step | event | action | loss | grad norm |", "|---|---|---|---|---|"]
-        lines += [f"| {e['step']} | {e['event']} | {e.get('action', '')} | {_fmt(e.get('loss'))} |"
-                  f" {_fmt(e.get('grad_norm'))} |" for e in events]
+        lines += [f"| {e['step']} | {e['event']} | {e.get('action', '')} | {format_cell(e.get('loss'))} |"
+                  f" {format_cell(e.get('grad_norm'))} |" for e in events]
         lines.append("")
     return _write(out, lines)
 
 
 # --------------------------------------------------------------------------- sweep report
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else (f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}")
-    return str(value)
 
 
 def _verdict(row: dict[str, Any]) -> str:
@@ -146,16 +131,16 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
     for name, lab in labels.items():
         panel = " ".join(f"{k}={v}" for k, v in list(lab.items())[1:]) or manifest["name"]
         groups.setdefault(panel, {})[lab[names[0]]] = name
-    curves = {panel: {line: _read(runs[run] / "metrics.jsonl") for line, run in members.items()}
+    curves = {panel: {line: read_records(runs[run] / "metrics.jsonl") for line, run in members.items()}
               for panel, members in groups.items()}
     _image(lines, "Loss curves", plots.loss_curves(curves, out / "loss.png"), out)
     for i, (panel, members) in enumerate(groups.items()):
-        figure = plots.grad_norm_by_layer({line: _read(runs[run] / "layer_stats.jsonl")
+        figure = plots.grad_norm_by_layer({line: read_records(runs[run] / "layer_stats.jsonl")
                                            for line, run in members.items()}, out / f"grad_by_layer_{i}.png")
         _image(lines, f"Gradient norm vs layer, {panel} (Fig. 7)", figure, out)
     matrices = {}
     for name, run_dir in runs.items():
-        acts = _read(run_dir / "activations.jsonl")
+        acts = read_records(run_dir / "activations.jsonl")
         if acts:
             matrices[f"{name} (step {acts[-1]['step']})"] = acts[-1]["similarity"]
     _image(lines, "Layer similarity (Fig. 9)", plots.similarity_matrices(matrices, out / "similarity.png"), out)

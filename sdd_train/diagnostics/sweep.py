@@ -231,7 +231,8 @@ def write_slurm(sweep: Sweep, nproc: int, sbatch_args: list[str], sweep_file: Pa
 # --------------------------------------------------------------------------- results
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's jsonl file; [] when the run has not written it (yet)."""
     return read_metrics(path) if path.is_file() else []
 
 
@@ -242,8 +243,8 @@ def _finite(x: Any) -> bool:
 def summarise(run_dir: str | Path, diverge_loss: float | None = None) -> dict[str, Any]:
     """Final losses, divergence (and its step), max grad norm, tokens/s and spike count of one run."""
     run_dir = Path(run_dir)
-    records = _read(run_dir / "metrics.jsonl")
-    events = _read(run_dir / "events.jsonl")
+    records = read_records(run_dir / "metrics.jsonl")
+    events = read_records(run_dir / "events.jsonl")
     exit_file = run_dir / EXIT_FILE
     code = int(exit_file.read_text()) if exit_file.is_file() else None
     train = [r for r in records if "loss" in r]
@@ -282,7 +283,8 @@ def results(manifest_dir: str | Path) -> list[dict[str, Any]]:
             for r in manifest["runs"]]
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: yes/no, - for missing, thousands separators for big numbers, 4 digits otherwise."""
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -300,7 +302,7 @@ def write_table(manifest_dir: str | Path) -> tuple[Path, Path]:
     rows = results(out)
     columns = list(rows[0])
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(_cell(r[c]) for c in columns) + " |" for r in rows]
+    md += ["| " + " | ".join(format_cell(r[c]) for c in columns) + " |" for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
