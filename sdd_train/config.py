@@ -97,11 +97,20 @@ class DatasetConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    name: str = "???"  # logged as val/<name>/loss
+    path: str = "???"  # a directory written by 'sdd-data prepare' (same tokenizer as the training data)
+    split: str = "val"  # val (its held-out documents) | train (its main split)
+
+
+@dataclass
 class DataConfig:
     # 'stdlib': the embedded default corpus built from this Python's standard library sources.
     # 'prepared': the datasets listed under data.datasets.
     source: str = "stdlib"
     datasets: list[DatasetConfig] = field(default_factory=list)
+    # Named validation sets; empty: the held-out split of every training dataset, named after it.
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
     doc_mask: bool = False  # attention stays within documents (EOS-separated) instead of spanning them
     prefetch: bool = True  # read the next step's batches in a background thread
     # stdlib corpus only:
@@ -371,6 +380,13 @@ def validate(cfg: RunConfig) -> None:
         if not ds.path:
             raise ConfigError(f"data.datasets.{i}.path: missing; the directory of a prepared dataset")
         _positive(f"data.datasets.{i}.weight", ds.weight)
+    for i, es in enumerate(d.eval_sets):
+        if not es.name or "/" in es.name or not es.path:
+            raise ConfigError(f"data.eval_sets.{i}: needs a name (without '/') and the path of a prepared dataset")
+        _choice(f"data.eval_sets.{i}.split", es.split, ["val", "train"])
+    eval_names = [es.name for es in d.eval_sets]
+    if len(set(eval_names)) != len(eval_names):
+        raise ConfigError(f"data.eval_sets: names must be unique, got {', '.join(eval_names)}")
     if d.tokenizer_vocab_size < 300:
         raise ConfigError(f"data.tokenizer_vocab_size: must be >= 300 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
     if d.source == "stdlib" and m.vocab_size < d.tokenizer_vocab_size:

@@ -195,3 +195,19 @@ def test_moe_under_fsdp2_matches_one_process(cache, tmp_path):
     for step in (1, 4):
         assert two[step]["moe_lb_loss"] == pytest.approx(one[step]["moe_lb_loss"], rel=1e-5)
         assert two[step]["moe/layer_0/load_max"] == one[step]["moe/layer_0/load_max"]  # global, not per rank
+
+
+def test_validation_is_split_over_ranks_and_matches_one_process(cache, tmp_path):
+    """3 batches over 2 ranks (one rank runs a padding forward): the same named losses as one process."""
+    extra = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.checkpoint_interval=0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args_for(one, cache, *extra)) == 0
+    result = torchrun(2, args_for(two, cache, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    v1, v2 = ({r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r} for d in (one, two))
+    assert v1.keys() == v2.keys() == {2, 4}
+    for step in v1:
+        keys = [k for k in v1[step] if k.startswith("val")]
+        assert "val/stdlib/loss" in keys and set(keys) == {k for k in v2[step] if k.startswith("val")}
+        for key in keys:
+            assert v2[step][key] == pytest.approx(v1[step][key], rel=1e-5), (step, key)

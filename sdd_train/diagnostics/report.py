@@ -38,7 +38,7 @@ def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
 @torch.no_grad()
 def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     """Activation statistics of a checkpoint on the run's fixed held-out batch (the in-loop one)."""
-    from sdd_train.data.loader import val_batches
+    from sdd_train.eval.validation import build_eval_sets
     from sdd_train.model import Transformer
     from sdd_train.train.checkpoint import latest, read_meta, read_model_state
     from sdd_train.train.distributed import World
@@ -49,15 +49,15 @@ def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dic
     if checkpoint is None:
         raise ConfigError(f"{run_dir}: no complete checkpoint to compute activation statistics for")
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    datasets, _ = open_run_data(cfg, world, log=lambda *a: None)
-    t, ds = cfg.train, datasets[0]
-    batches = val_batches(ds.val, t.seq_len, t.micro_batch_size, 1, ds.tokenizer.eos_id, cfg.data.doc_mask)
-    if not batches:
-        raise ConfigError(f"{ds.root}: the validation split is shorter than one sequence of {t.seq_len + 1} tokens")
+    datasets, names = open_run_data(cfg, world, log=lambda *a: None)
+    sets = build_eval_sets(cfg, datasets, names, 1)
+    if not sets:
+        raise ConfigError(f"{run_dir}: no validation split holds one sequence of {cfg.train.seq_len + 1} tokens")
+    batch = sets[0].batches[0]
     model = Transformer(cfg.model)
     model.load_state_dict(read_model_state(checkpoint))
-    ctx = autocast(world.device, t.precision)
-    stats = activation_stats(model, batches[0]["inputs"], batches[0].get("doc_ids"), ctx)
+    ctx = autocast(world.device, cfg.train.precision)
+    stats = activation_stats(model, batch["inputs"], batch.get("doc_ids"), ctx)
     return {"step": read_meta(checkpoint)["step"], "checkpoint": str(checkpoint), **stats}
 
 

@@ -146,6 +146,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding (all layers, one batch).
+
+    Rows may be left-padded to a common length (``valid`` marks real tokens): RoPE depends only on
+    relative positions, so a row's shift does not change its result, and padded keys are masked out.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, device: torch.device):
+        self.n_layers, self.max_len, self.pos = n_layers, max_len, 0
+        self.k: torch.Tensor | None = None  # [n_layers, B, max_len, Hkv, D], allocated at the first update
+        self.v: torch.Tensor | None = None
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's [B, s, Hkv, D] keys/values of ``layer``; return all of them so far."""
+        end = self.pos + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        if self.k is None:  # in the compute dtype (bf16 under autocast)
+            shape = (self.n_layers, k.shape[0], self.max_len, *k.shape[2:])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[layer, :, self.pos:end] = k
+        self.v[layer, :, self.pos:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def mask(self, s: int) -> torch.Tensor:
+        """[B, 1, s, pos+s]: causal over absolute positions, real keys only (a query always sees itself)."""
+        end = self.pos + s
+        query = torch.arange(self.pos, end, device=self.valid.device)[:, None]
+        key = torch.arange(end, device=self.valid.device)[None, :]
+        allowed = (key <= query)[None] & self.valid[:, None, :end]
+        return (allowed | (key == query)[None]).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional QK-norm and RoPE.
 
@@ -170,6 +204,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
         self.attn_out = linear(d, d, sdd, cfg.norm_eps)
+        # (cache, layer index) while the model decodes with a KV cache; set by Transformer.forward
+        self.kv_cache: tuple[KVCache, int] | None = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
@@ -182,6 +218,10 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None:
+            cache, layer = self.kv_cache
+            k, v = cache.update(layer, k, v)
+            mask = cache.mask(s)
         ctx = causal_attention(q, k, v, self.backend, mask).reshape(b, s, d)
         if self.context_norm is not None:
             ctx = self.context_norm(ctx)

@@ -16,8 +16,8 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import (RMSNorm, attention_flops_per_token, document_mask, init_full_, rope_cache, trunc_normal_,
-                                   xavier_normal_)
+from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, document_mask, init_full_, rope_cache,
+                                   trunc_normal_, xavier_normal_)
 
 
 @dataclass(frozen=True)
@@ -54,19 +54,41 @@ class Transformer(nn.Module):
         scheme = self.cfg.init.scheme
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, vocab_size]; ``doc_ids`` [B, S] confines attention to documents."""
-        return self.head(self.hidden_states(tokens, doc_ids)[-1])
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, vocab_size].
 
-    def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        ``doc_ids`` [B, S] confines attention to documents. With a ``cache`` (:meth:`new_cache`)
+        the tokens continue the cached positions and their keys / values are added to it.
+        """
+        return self.head(self.hidden_states(tokens, doc_ids, cache)[-1])
+
+    def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> list[torch.Tensor]:
         """The residual stream after the embedding and after every block."""
         mask = document_mask(doc_ids) if doc_ids is not None else None
+        rope = self.rope if cache is None else self.rope[:, cache.pos:cache.pos + tokens.shape[1]]
         x = self.embed(tokens)
         states = [x]
-        for block in self.blocks:
-            x = block(x, self.rope, mask)
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x = block(x, rope, mask)
+            else:
+                block.attention.kv_cache = (cache, i)
+                try:
+                    x = block(x, rope, mask)
+                finally:
+                    block.attention.kv_cache = None
             states.append(x)
+        if cache is not None:
+            cache.pos += tokens.shape[1]
         return states
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (<= max_seq_len)."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds model.max_seq_len={self.cfg.max_seq_len} (the RoPE table)")
+        return KVCache(self.cfg.n_layers, batch, max_len, self.embed.weight.device)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:

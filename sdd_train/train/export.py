@@ -1,8 +1,8 @@
 """``sdd-export RUN_DIR [--step N] [--out DIR]``: one consolidated safetensors file from a (sharded) checkpoint.
 
 The output folder holds ``model.safetensors`` (full fp32 tensors, names as in
-``Transformer.state_dict()``) and ``config.yaml`` (the run's resolved config), enough to rebuild
-the model in any process with ``load_exported``. Works for checkpoints written by any number of ranks.
+``Transformer.state_dict()``), ``config.yaml`` (the run's resolved config) and ``tokenizer.model``,
+enough to rebuild the model in any process with ``load_exported`` (or ``sdd_train.eval.inference.load_model``). Works for checkpoints written by any number of ranks.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> P
     meta = read_meta(ckpt)
     save_file(state, str(out / "model.safetensors"), metadata={"step": str(meta["step"]), "format": "pt"})
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
+
+    shutil.copyfile(run_tokenizer(load_config(run_dir / "config.yaml")).model_file, out / TOKENIZER_FILE)
     return out
 
 

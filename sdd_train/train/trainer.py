@@ -22,11 +22,12 @@ import torch
 from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
 from sdd_train.data.corpus import load_stdlib_corpus
 from sdd_train.data.dataset import PreparedDataset
-from sdd_train.data.loader import MixtureLoader, Prefetcher, open_datasets, val_batches
+from sdd_train.data.loader import MixtureLoader, Prefetcher, open_datasets
 from sdd_train.data.sources import DataError
 from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.layer_stats import LayerStats
 from sdd_train.diagnostics.spikes import Spike, SpikeDetector
+from sdd_train.eval.validation import EvalSet, build_eval_sets, evaluate_sets
 from sdd_train.model import Transformer
 from sdd_train.model.moe import load_stats
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
@@ -91,25 +92,6 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     if max_norm < math.inf and torch.isfinite(total):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, batches: list[dict[str, torch.Tensor]], device: torch.device,
-             use_autocast: bool) -> float:
-    """Token-mean validation cross-entropy over fixed batches (every rank sees all of them)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        targets = batch["targets"]
-        with autocast(device, "bf16" if use_autocast else "fp32"):
-            logits = model(batch["inputs"], batch.get("doc_ids"))
-        _, ce, _ = lm_loss(logits, targets)
-        total += ce.item() * targets.numel()
-        count += targets.numel()
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 class StopSignal:
@@ -195,14 +177,14 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        self.datasets, names = open_run_data(cfg, world, log)
+        self.datasets, self.dataset_names = open_run_data(cfg, world, log)
         tokenizer = self.datasets[0].tokenizer
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
                               f" {tokenizer.vocab_size} pieces ({tokenizer.model_file})")
         weights = [d.weight for d in cfg.data.datasets] if cfg.data.source == "prepared" else [1.0]
         self.loader = MixtureLoader([d.train for d in self.datasets], weights, t.seq_len, t.seed, tokenizer.eos_id,
-                                    names, cfg.data.doc_mask)
+                                    self.dataset_names, cfg.data.doc_mask)
         self.data_fingerprint = [d.fingerprint for d in self.datasets]
 
         # Build on the meta device, parallelise, then materialise and initialise: with FSDP2 no rank
@@ -273,7 +255,7 @@ class Trainer:
                  if world.is_main and cfg.logging.wandb != "disabled" else None)
         self.out = RunLog(self.run_dir, self.step, wandb, say) if world.is_main else None
 
-        eval_data = self._val_batches()
+        eval_sets = self._eval_sets()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -349,15 +331,15 @@ class Trainer:
                                 record["skipped_steps" if key == "skipped" else key] = value
                         self._write("metrics", record, console=True)
                         last_time, last_step = time.perf_counter(), step
-                    if eval_data and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
+                    if eval_sets and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
                                                                             or step == t.max_steps):
-                        val_loss = evaluate(self.model, eval_data, world.device, self.use_autocast)
-                        self._write("metrics", {"step": step, "val_loss": val_loss,
-                                                "val_ppl": math.exp(min(val_loss, 50.0))}, console=True)
+                        ctx = autocast(world.device, "bf16" if self.use_autocast else "fp32")
+                        self._write("metrics", {"step": step, **evaluate_sets(self.model, eval_sets, world, ctx)},
+                                    console=True)
                         last_time = time.perf_counter()  # keep eval time out of tokens/s
-                    if eval_data and diag.activation_interval and (step % diag.activation_interval == 0
+                    if eval_sets and diag.activation_interval and (step % diag.activation_interval == 0
                                                                    or step == t.max_steps):
-                        self._activations(eval_data[0])
+                        self._activations(eval_sets[0].batches[0])
                         last_time = time.perf_counter()
                     stopping = self._stop_requested(stop)
                     interval = t.checkpoint_interval and step % t.checkpoint_interval == 0
@@ -495,21 +477,15 @@ class Trainer:
                     extra.update({f"moe/layer_{i}/{k}": v for k, v in load_stats(layer).items()})
         return means[0], extra
 
-    def _val_batches(self) -> list[dict[str, torch.Tensor]]:
-        """Fixed validation batches: the first windows of every dataset's held-out split.
-
-        The first one is also the fixed batch of the activation statistics.
-        """
+    def _eval_sets(self) -> list[EvalSet]:
+        """The validation sets (their first batch is also the fixed batch of the activation statistics)."""
         t = self.cfg.train
         if not ((t.eval_batches and t.eval_interval) or self.cfg.diagnostics.activation_interval):
             return []
-        batches = []
-        for ds in self.datasets:
-            batches += val_batches(ds.val, t.seq_len, t.micro_batch_size, max(t.eval_batches, 1),
-                                   ds.tokenizer.eos_id, self.cfg.data.doc_mask)
-        if not batches:
+        sets = build_eval_sets(self.cfg, self.datasets, self.dataset_names, max(t.eval_batches, 1))
+        if not sets:
             self.log(f"warning: no validation split holds {t.seq_len + 1} tokens; in-loop validation is off")
-        return batches
+        return sets
 
     def _nonfinite(self, loss: float, grad_norm: float) -> None:
         message = f"step {self.step}: loss={loss} grad_norm={grad_norm} is not finite"

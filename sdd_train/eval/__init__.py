@@ -1,0 +1,1 @@
+"""Evaluation and interoperability: loading trained models, generation, lm-eval-harness, Hugging Face export."""

@@ -1,0 +1,59 @@
+"""Load a trained model and its tokenizer for inference from a run directory, a checkpoint or an export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdd_train.config import ConfigError, RunConfig, load_config
+from sdd_train.data.tokenizer import Tokenizer
+from sdd_train.model import Transformer
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    cfg: RunConfig
+    source: Path  # the checkpoint or export folder the weights came from
+
+
+def run_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """The tokenizer a run trained with (its first dataset's; the stdlib corpus is rebuilt if not cached)."""
+    from sdd_train.train.distributed import World
+    from sdd_train.train.trainer import open_run_data
+
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    datasets, _ = open_run_data(cfg, world, log=lambda *a, **k: None)
+    return datasets[0].tokenizer
+
+
+def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> LoadedModel:
+    """``path``: a run directory (latest checkpoint, or ``step``), one checkpoint directory, or an
+    ``sdd-export`` folder. The model is returned in eval mode, fp32, on ``device``."""
+    from sdd_train.train.checkpoint import read_model_state
+    from sdd_train.train.export import load_exported, resolve_checkpoint
+
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        cfg = load_config(path / "config.yaml")
+        model = load_exported(path)
+        tokenizer = Tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).is_file() else run_tokenizer(cfg)
+        source = path
+    else:
+        if (path / "meta.json").is_file():  # RUN/checkpoints/step_N
+            source, run_dir = path, path.parent.parent
+        elif (path / "config.yaml").is_file():
+            run_dir = path
+            source = resolve_checkpoint(run_dir, step)
+        else:
+            raise ConfigError(f"{path}: not a run directory, a checkpoint or an sdd-export folder")
+        cfg = load_config(run_dir / "config.yaml")
+        model = Transformer(cfg.model)
+        model.load_state_dict(read_model_state(source))
+        tokenizer = run_tokenizer(cfg)
+    return LoadedModel(model.to(device).eval(), tokenizer, cfg, source)

@@ -1,0 +1,131 @@
+"""Named validation sets: built from prepared token shards, evaluated in the loop and offline alike.
+
+By default every training dataset contributes its held-out split, named after the dataset
+(``stdlib`` for the embedded corpus). ``data.eval_sets`` names other prepared datasets instead
+(``{name, path, split}``). Each set is ``train.eval_batches`` fixed batches of
+``micro_batch_size x seq_len`` windows from the start of its split (only full batches, so a
+compiled model sees one shape). With N ranks, rank r evaluates batches r, r+N, ...; the sums of
+losses and token counts are all-reduced, so every world size gives the same numbers.
+
+``sdd-eval PATH [--step N]`` evaluates a checkpoint on the run's sets with the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdd_train.config import ConfigError, RunConfig
+from sdd_train.data.dataset import PreparedDataset
+from sdd_train.data.loader import open_datasets, val_batches
+from sdd_train.train.distributed import World, all_reduce_sum
+from sdd_train.train.loss import lm_loss
+
+
+@dataclass
+class EvalSet:
+    name: str
+    batches: list[dict[str, torch.Tensor]]
+
+
+def build_eval_sets(cfg: RunConfig, datasets: list[PreparedDataset], names: list[str], n_batches: int
+                    ) -> list[EvalSet]:
+    """The run's validation sets (see the module docstring); sets too short for one batch are left out."""
+    t = cfg.train
+    if cfg.data.eval_sets:
+        sources = []
+        for es, ds in zip(cfg.data.eval_sets, open_datasets([e.path for e in cfg.data.eval_sets])):
+            if ds.meta["tokenizer"]["fingerprint"] != datasets[0].meta["tokenizer"]["fingerprint"]:
+                raise ConfigError(f"data.eval_sets: '{es.name}' ({es.path}) was prepared with another tokenizer than"
+                                  " the training data")
+            sources.append((es.name, ds, ds.val if es.split == "val" else ds.train))
+    else:
+        sources = [(name, ds, ds.val) for name, ds in zip(names, datasets)]
+    sets = []
+    for name, ds, split in sources:
+        batches = val_batches(split, t.seq_len, t.micro_batch_size, n_batches, ds.tokenizer.eos_id,
+                              cfg.data.doc_mask)
+        full = [b for b in batches if b["inputs"].shape[0] == t.micro_batch_size]
+        if full or batches:
+            sets.append(EvalSet(name, full or batches))
+    return sets
+
+
+@torch.no_grad()
+def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
+                  autocast_ctx=None) -> dict[str, float]:
+    """``val/<name>/loss`` and ``val/<name>/ppl`` per set, and ``val_loss``: the token mean over all sets."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(sets), 2, dtype=torch.float64, device=world.device)  # [loss sum, tokens]
+    for i, s in enumerate(sets):
+        rounds = math.ceil(len(s.batches) / world.world_size)
+        for r in range(rounds):
+            index = r * world.world_size + world.rank
+            # every rank runs the same number of forwards (FSDP2 gathers parameters collectively)
+            batch = s.batches[index] if index < len(s.batches) else s.batches[0]
+            batch = {k: v.to(world.device) for k, v in batch.items()}
+            with autocast_ctx or contextlib.nullcontext():
+                logits = model(batch["inputs"], batch.get("doc_ids"))
+            _, ce, _ = lm_loss(logits, batch["targets"])
+            if index < len(s.batches):
+                n = batch["targets"].numel()
+                sums[i, 0] += ce.double() * n
+                sums[i, 1] += n
+    model.train(was_training)
+    sums = all_reduce_sum(sums).tolist()
+    out: dict[str, float] = {}
+    for s, (loss_sum, count) in zip(sets, sums):
+        loss = loss_sum / max(count, 1)
+        out[f"val/{s.name}/loss"] = loss
+        out[f"val/{s.name}/ppl"] = math.exp(min(loss, 50.0))
+    total = sum(c for _, c in sums)
+    out["val_loss"] = sum(ls for ls, _ in sums) / max(total, 1)
+    out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    return out
+
+
+def evaluate_checkpoint(path: str | Path, step: int | None = None) -> dict[str, float]:
+    """Offline: the validation losses of a checkpoint, with the batches the training loop used."""
+    from sdd_train.eval.inference import load_model
+    from sdd_train.train.trainer import autocast, open_run_data
+
+    loaded = load_model(path, step)
+    cfg = loaded.cfg
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    datasets, names = open_run_data(cfg, world, log=lambda *a, **k: None)
+    sets = build_eval_sets(cfg, datasets, names, cfg.train.eval_batches)
+    if not sets:
+        raise ConfigError(f"{path}: no validation set holds a full sequence of {cfg.train.seq_len + 1} tokens")
+    return evaluate_sets(loaded.model, sets, world, autocast(world.device, cfg.train.precision))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdd-eval", description="Validation loss of a checkpoint on its run's"
+                                     " validation sets (the in-loop ones).")
+    parser.add_argument("path", help="run directory, checkpoint directory or sdd-export folder")
+    parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_checkpoint(args.path, args.step)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def main_cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_cli()

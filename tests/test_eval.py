@@ -1,0 +1,243 @@
+"""Generation with a KV cache, the lm-eval-harness adapter, Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ALL_BLOCKS, small_model_cfg, small_run
+from sdd_train.config import load_config
+from sdd_train.eval.generate import Sampling, generate_ids, next_token
+from sdd_train.eval.inference import LoadedModel, load_model
+from sdd_train.model import Transformer
+from sdd_train.train.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def run(data_cache, tmp_path_factory):
+    """A small trained SDD run (fp32) to evaluate."""
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    assert main(small_run(run_dir, data_cache, "train.max_steps=20", "train.precision=fp32", "train.eval_interval=0",
+                          "model.block=sdd")) == 0
+    return run_dir
+
+
+def model_for(block: str, ffn: str = "dense") -> Transformer:
+    torch.manual_seed(0)
+    cfg = small_model_cfg(block, ffn=ffn, max_seq_len=48)
+    cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.expert_hidden = 4, 2, 16
+    return Transformer(cfg).eval()
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_kv_cache_generation_equals_full_recompute(block, ffn):
+    model = model_for(block, ffn)
+    prompts = [[5, 17, 3, 9, 22, 40, 1], [8, 2], [60, 61, 62, 63]]  # different lengths: left padding
+    s = Sampling(max_new_tokens=12)
+    cached = generate_ids(model, prompts, s, use_cache=True)
+    full = generate_ids(model, prompts, s, use_cache=False)
+    assert cached == full and all(len(c) == 12 for c in cached)
+    # each row decodes as if alone: padding changes nothing
+    assert generate_ids(model, prompts[1:2], s) == cached[1:2]
+
+
+@torch.no_grad()
+def test_incremental_logits_equal_the_full_forward():
+    model = model_for("sdd")
+    tokens = torch.randint(0, 97, (2, 20))
+    cache = model.new_cache(2, 24)
+    steps = [model(tokens[:, :7], cache=cache), model(tokens[:, 7:8], cache=cache), model(tokens[:, 8:], cache=cache)]
+    assert torch.cat(steps, dim=1) == pytest.approx(model(tokens), abs=1e-5)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert next_token(logits, Sampling(), None).item() == 3
+    gen = torch.Generator().manual_seed(0)
+    top2 = {next_token(logits, Sampling(temperature=1.0, top_k=2), gen).item() for _ in range(200)}
+    assert top2 == {2, 3}
+    # top-p 0.5: token 3 alone has p = 0.64 >= 0.5, so nothing else is ever drawn
+    assert {next_token(logits, Sampling(temperature=1.0, top_p=0.5), gen).item() for _ in range(100)} == {3}
+
+
+def test_sdd_generate_cli_with_stop_string(run, tmp_path, capsys):
+    from sdd_train.eval.generate import main as generate_main
+
+    assert generate_main([str(run), "--prompt", "def ", "--max-new-tokens", "20"]) == 0
+    greedy = capsys.readouterr().out
+    assert generate_main([str(run), "--prompt", "def ", "--max-new-tokens", "20", "--no-cache"]) == 0
+    assert capsys.readouterr().out == greedy
+    from sdd_train.train.export import export
+
+    folder = export(run, tmp_path / "export")  # a consolidated export carries its tokenizer
+    assert generate_main([str(folder), "--prompt", "def ", "--max-new-tokens", "20"]) == 0
+    assert capsys.readouterr().out == greedy
+    first_char = greedy[4:5] or "x"
+    assert generate_main([str(run), "--prompt", "def ", "--max-new-tokens", "20", "--stop", first_char]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "def "
+
+
+# --------------------------------------------------------------------------- lm-eval-harness
+
+
+def direct_logprob(model: Transformer, context: list[int], continuation: list[int]) -> float:
+    tokens = torch.tensor([context + continuation])
+    logprobs = torch.log_softmax(model(tokens[:, :-1]).float(), -1)[0]
+    n = len(continuation)
+    return sum(logprobs[len(context) - 1 + j, continuation[j]].item() for j in range(n))
+
+
+def test_lm_eval_loglikelihoods_equal_a_direct_computation(run):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from sdd_train.eval.lm_eval_adapter import SDDTrainLM
+
+    lm = SDDTrainLM(checkpoint=str(run), batch_size=3)
+    pairs = [("def main():\n    return", " 0"), ("import", " os\nimport sys"), ("class A", ":"),
+             ("x = [1, 2,", " 3]"), ("for i in range(10):", " print(i)")]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    got = lm.loglikelihood(requests)
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        c, k = lm._encode_pair(ctx, cont)
+        assert lp == pytest.approx(direct_logprob(lm.model, c, k), abs=1e-4)
+        assert lp < 0 and isinstance(greedy, bool)
+    # rolling: the whole text after an EOS, in one window when it fits
+    text = "import os\nprint(os.getcwd())\n"
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = lm.tok_encode(text)
+    assert rolling == pytest.approx(direct_logprob(lm.model, [lm.eot_token_id], ids), abs=1e-4)
+    # longer than the context: disjoint windows, each scored with up to max_length tokens
+    long_text = "x = 1\n" * 40
+    assert len(lm.tok_encode(long_text)) > lm.max_length
+    (long_lp,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (long_text,), 0)])
+    assert math.isfinite(long_lp) and long_lp < rolling
+    # generation stops at the task's stop strings
+    (text_out,) = lm.generate_until([Instance("generate_until", {}, ("def ", {"until": ["("], "max_gen_toks": 16}), 0)])
+    assert "(" not in text_out
+
+
+def test_local_multiple_choice_task_through_lm_eval(run, tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("datasets")
+    from lm_eval.tasks import TaskManager
+
+    import sdd_train.eval.lm_eval_adapter  # noqa: F401  (registers the model type)
+
+    docs = [{"question": "import", "choices": [" os", " zzzz qqq"], "answer": 0},
+            {"question": "def f(x):\n    return", "choices": [" x", " ]]]] ))))"], "answer": 0},
+            {"question": "class", "choices": [" Foo:", " ((((("], "answer": 0}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local_mc.yaml").write_text(f"""task: sdd_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    results = lm_eval.simple_evaluate(model="sdd_train", model_args=f"checkpoint={run},batch_size=4",
+                                      tasks=["sdd_local_mc"], task_manager=TaskManager(include_path=str(tasks)),
+                                      log_samples=True)
+    acc = results["results"]["sdd_local_mc"]["acc,none"]
+    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
+    samples = results["samples"]["sdd_local_mc"]
+    assert len(samples) == 3 and all(len(s["resps"]) == 2 for s in samples)  # one loglikelihood per choice
+    # the command line: lm_eval's CLI with the model type registered (its --device default is cuda)
+    cli = subprocess.run([sys.executable, "-m", "sdd_train.eval.lm_eval_adapter", "run", "--model", "sdd_train",
+                          "--model_args", f"checkpoint={run}", "--batch_size", "2", "--tasks", "sdd_local_mc",
+                          "--include_path", str(tasks)], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert "sdd_local_mc" in cli.stdout and "acc" in cli.stdout
+
+
+# --------------------------------------------------------------------------- Hugging Face export
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS + ["moe"])
+def test_hf_remote_code_export_matches_logits(block, run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from sdd_train.eval.hf_export import export_remote_code
+
+    tokenizer = load_model(run).tokenizer
+    ffn = "moe" if block == "moe" else "dense"
+    overrides = [f"model.block={'sdd' if block == 'moe' else block}", f"model.ffn={ffn}", "model.moe.n_experts=4",
+                 "model.moe.top_k=2", "model.moe.expert_hidden=32"]
+    cfg = load_config(run / "config.yaml", overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    out = export_remote_code(LoadedModel(model, tokenizer, cfg, run), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert hf(tokens).logits == pytest.approx(model(tokens), abs=1e-4)
+
+
+def test_reordered_exports_to_native_olmo2(run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from sdd_train.config import ConfigError
+    from sdd_train.eval.hf_export import export_olmo2
+
+    tokenizer = load_model(run).tokenizer
+    cfg = load_config(run / "config.yaml", ["model.block=reordered"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model).eval()
+    out = export_olmo2(LoadedModel(model, tokenizer, cfg, run), tmp_path / "olmo2")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "Olmo2ForCausalLM"
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert hf(tokens).logits == pytest.approx(model(tokens), abs=1e-4)
+    sdd = load_config(run / "config.yaml")
+    with pytest.raises(ConfigError, match="model.block is 'sdd'"):
+        export_olmo2(LoadedModel(Transformer(sdd.model), tokenizer, sdd, run), tmp_path / "no")
+    from sdd_train.eval.hf_export import main as export_main
+
+    assert export_main([str(run), str(tmp_path / "cli"), "--format", "olmo2"]) == 2  # the run is sdd
+    assert export_main([str(run), str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "modeling_sdd_train.py").is_file() and (tmp_path / "cli" / "tokenizer.model").is_file()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
+    from sdd_train.eval.validation import main as eval_main
+    from sdd_train.train.metrics import read_metrics
+
+    from sdd_train.data.corpus import load_stdlib_corpus
+
+    base = small_run(tmp_path, data_cache)
+    corpus = load_stdlib_corpus(load_config(base[0], base[1:]).data, log=lambda *a: None).root
+    sets = f"data.eval_sets=[{{name: heldout, path: {corpus}}}, {{name: seen, path: {corpus}, split: train}}]"
+    run_dir = tmp_path / "run"
+    assert main(small_run(run_dir, data_cache, "train.max_steps=6", "train.precision=fp32", "train.eval_interval=3",
+                          "train.eval_batches=3", sets)) == 0
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in records] == [3, 6]
+    final = records[-1]
+    assert final["val/seen/loss"] < final["val/heldout/loss"]  # training text is easier than held-out text
+    assert final["val/heldout/ppl"] == pytest.approx(math.exp(final["val/heldout/loss"]))
+    from sdd_train.eval.validation import evaluate_checkpoint
+
+    offline = evaluate_checkpoint(run_dir)
+    for key in ("val/heldout/loss", "val/seen/loss", "val_loss"):
+        assert offline[key] == pytest.approx(final[key], rel=1e-6), key
+    assert eval_main([str(run_dir), "--step", "6"]) == 0
