@@ -212,7 +212,12 @@ def test_reordered_exports_to_native_olmo2(run, tmp_path):
 
     assert export_main([str(run), str(tmp_path / "cli"), "--format", "olmo2"]) == 2  # the run is sdd
     assert export_main([str(run), str(tmp_path / "cli")]) == 0
-    assert (tmp_path / "cli" / "modeling_sdd_train.py").is_file() and (tmp_path / "cli" / "tokenizer.model").is_file()
+    assert (tmp_path / "cli" / "modeling_sdd_train.py").is_file()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "cli"), trust_remote_code=True)
+    for text in ["def main():\n    return 0", " leading space", "a  b\t\tc\n\n", "ünïcode ✓"]:
+        ids = tokenizer.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == ids and hf_tok.decode(ids) == text
+    assert hf_tok.eos_token_id == tokenizer.eos_id
 
 
 # --------------------------------------------------------------------------- validation
@@ -241,3 +246,15 @@ def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     for key in ("val/heldout/loss", "val/seen/loss", "val_loss"):
         assert offline[key] == pytest.approx(final[key], rel=1e-6), key
     assert eval_main([str(run_dir), "--step", "6"]) == 0
+
+
+def test_compiled_training_with_evaluation_compiles_two_graphs(data_cache, tmp_path):
+    """Train and eval (no_grad, eval mode, same shape) are one graph each: no recompilation per evaluation."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert main(small_run(tmp_path, data_cache, "train.compile=true", "train.max_steps=6", "train.eval_interval=2",
+                          "train.eval_batches=3", "diagnostics.activation_interval=3")) == 0
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -128,7 +128,7 @@ def _write_tokenizer(loaded: LoadedModel, out: Path) -> None:
     eos = loaded.tokenizer.eos_id
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "vocab_file": TOKENIZER_FILE, "add_bos_token": False,
-        "add_eos_token": False, "legacy": True, "eos_token": loaded.tokenizer.sp.id_to_piece(eos),
+        "add_eos_token": False, "legacy": True, "add_prefix_space": False, "eos_token": loaded.tokenizer.sp.id_to_piece(eos),
         "model_max_length": loaded.cfg.model.max_seq_len}, indent=1))
 
 
