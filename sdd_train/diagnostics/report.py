@@ -95,9 +95,12 @@ def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None
 
 
 def _verdict(row: dict[str, Any]) -> str:
-    if row["diverged"]:
+    loss = f"{row['final_loss']:.3f}" if math.isfinite(row["final_loss"]) else "-"
+    if not row["diverged"]:
+        return loss
+    if not math.isfinite(row["final_loss"]) or row["exit"] == 3:
         return f"diverged @ {row['diverged_at']}"
-    return f"{row['final_loss']:.3f}" if math.isfinite(row["final_loss"]) else "-"
+    return f"no convergence ({loss})" if row["diverged_at"] <= 1 else f"{loss}, diverged @ {row['diverged_at']}"
 
 
 def sweep_report(sweep_dir: Path, out: Path) -> Path:
@@ -119,7 +122,7 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
         cells = [[_verdict(by[(a, b)]) if (a, b) in by else "" for b in col_labels] for a in row_labels]
         bad = {(i, j) for i, a in enumerate(row_labels) for j, b in enumerate(col_labels)
                if (a, b) in by and by[(a, b)]["diverged"]}
-        lines += [f"## {names[0]} x {names[1]} (final loss, or where it diverged)", "",
+        lines += [f"## {names[0]} x {names[1]} (final train loss; 'no convergence': never below diverge_loss)", "",
                   f"| {names[0]} | " + " | ".join(col_labels) + " |", "|---|" + "---|" * len(col_labels)]
         lines += [f"| {a} | " + " | ".join(c) + " |" for a, c in zip(row_labels, cells)]
         lines.append("")

@@ -270,7 +270,8 @@ def summarise(run_dir: str | Path, diverge_loss: float | None = None) -> dict[st
         "val_loss": val[-1]["val_loss"] if val else math.nan,
         "diverged": diverged_at is not None,
         "diverged_at": diverged_at,
-        "max_grad_norm": max((r["grad_norm"] for r in train if _finite(r.get("grad_norm"))), default=math.nan),
+        "max_grad_norm": max((g for r in train + events for g in (r.get("grad_norm"), r.get("grad_norm_max"))
+                              if _finite(g)), default=math.nan),
         "tokens_per_sec": sorted(rates)[len(rates) // 2] if rates else math.nan,
         "spikes": sum(1 for e in events if e.get("event") == "loss_spike"),
     }

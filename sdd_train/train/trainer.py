@@ -260,6 +260,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         consecutive_skips = 0
+        max_grad_norm = 0.0  # since the last logged record (spikes between log steps stay visible)
         self.prefetch = (Prefetcher(self.loader.batch, pin_memory=world.device.type == "cuda") if cfg.data.prefetch
                          else None)
         start_step = self.step
@@ -279,6 +280,8 @@ class Trainer:
                     stats = self.layer_stats.gradients() if stats_step else {}  # before clipping
                     grad_norm = grad_norm_and_clip(params, max_norm)
                     finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+                    if finite:
+                        max_grad_norm = max(max_grad_norm, grad_norm.item())
                     spikes = self.spikes.check(loss, grad_norm.item()) if finite and self.spikes.enabled else []
                     action = self._spike_action(step, loss, grad_norm.item(), spikes) if spikes else "apply"
                     if action == "rollback":
@@ -319,7 +322,7 @@ class Trainer:
                         steps = step - last_step
                         tok_s = steps * tokens_per_step / (now - last_time)
                         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                  "tokens_per_sec": tok_s, "step_time": (now - last_time) / steps,
+                                  "grad_norm_max": max_grad_norm, "tokens_per_sec": tok_s, "step_time": (now - last_time) / steps,
                                   "peak_mem_gib": peak_memory_gib(world.device),
                                   "eta_s": (t.max_steps - step) * (now - run_start) / max(step - start_step, 1)}
                         if self.peak is not None:
@@ -330,7 +333,7 @@ class Trainer:
                             if value:
                                 record["skipped_steps" if key == "skipped" else key] = value
                         self._write("metrics", record, console=True)
-                        last_time, last_step = time.perf_counter(), step
+                        last_time, last_step, max_grad_norm = time.perf_counter(), step, 0.0
                     if eval_sets and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
                                                                             or step == t.max_steps):
                         ctx = autocast(world.device, "bf16" if self.use_autocast else "fp32")
