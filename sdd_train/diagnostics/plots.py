@@ -140,6 +140,7 @@ def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Pat
     ax.set(xlabel="layers", ylabel="final loss (validation if measured)", xscale="log")
     depths = sorted({r["depth"] for r in rows})
     ax.set_xticks(depths, [str(d) for d in depths])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
