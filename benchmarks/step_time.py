@@ -1,9 +1,13 @@
-"""Training-step time of the tiny config per block scheme, eager and compiled (CPU or GPU).
+"""Training-step time of the tiny config per block scheme, eager and compiled (CPU or GPU),
+side by side with Hugging Face transformers' ``Olmo2ForCausalLM`` of the same shape.
 
     python benchmarks/step_time.py [--blocks pre sdd] [--precision bf16] [--steps 5] [--json out.json]
 
 One step = a full optimizer step of the config's global batch (forward, backward over all
-micro-batches, clip, AdamW). Reports the median of ``--steps`` timed steps after warm-up.
+micro-batches, clip, AdamW). Reports the median of ``--steps`` timed steps after warm-up. The
+``hf-olmo2`` rows (skipped when transformers is not installed) build Olmo2ForCausalLM with the
+config's width, depth, heads, FFN width, vocabulary and tied embeddings (OLMo2 is our
+``reordered`` scheme) and train it with the same loss, optimizer and batches; ``--no-hf`` skips them.
 """
 
 from __future__ import annotations
@@ -30,15 +34,41 @@ from sdd_train.train.parallelize import apply_compile  # noqa: E402
 from sdd_train.train.trainer import autocast  # noqa: E402
 
 
+HF_OLMO2 = "hf-olmo2"
+
+
+def olmo2_like(m) -> torch.nn.Module:
+    """transformers' Olmo2ForCausalLM with the shape of model config ``m`` (logits via ``.logits``)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    hf = Olmo2ForCausalLM(Olmo2Config(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads, max_position_embeddings=m.max_seq_len,
+        rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, pad_token_id=None, eos_token_id=None,
+        use_cache=False))
+    forward = hf.forward
+    hf.forward = lambda tokens: forward(input_ids=tokens, use_cache=False).logits
+    return hf
+
+
 def time_steps(config: str, block: str, compiled: bool, precision: str, steps: int, warmup: int) -> dict:
-    cfg = load_config(config, [f"model.block={block}", f"train.precision={precision}"])
+    cfg = load_config(config, [f"model.block={'reordered' if block == HF_OLMO2 else block}",
+                               f"train.precision={precision}"])
     t = cfg.train
     device = init_world(t.device).device
     torch.manual_seed(0)
-    model = Transformer(cfg.model).to(device)
-    if compiled:
-        apply_compile(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    if block == HF_OLMO2:
+        model = olmo2_like(cfg.model).to(device)
+        if compiled:  # transformers' own compile target: the decoder layers
+            for layer in model.model.layers:
+                layer.forward = torch.compile(layer.forward)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
+    else:
+        model = Transformer(cfg.model).to(device)
+        if compiled:
+            apply_compile(model)
+        optimizer = build_optimizer(model, cfg.optim)
     accum = t.global_batch_size // t.micro_batch_size
     batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)
                for _ in range(accum)]
@@ -80,16 +110,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", default="runs/bench_step_time.json")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers' Olmo2ForCausalLM")
     args = parser.parse_args()
 
+    blocks = list(args.blocks)
+    if not args.no_hf:
+        try:
+            import transformers  # noqa: F401
+            blocks.append(HF_OLMO2)
+        except ImportError:
+            print("transformers is not installed: no hf-olmo2 rows (pip install transformers)")
     rows = [time_steps(args.config, block, mode == "compiled", args.precision, args.steps, args.warmup)
-            for mode in args.modes for block in args.blocks]
+            for mode in args.modes for block in blocks]
     base = {r["compiled"]: r["step_s"] for r in rows if r["block"] == args.blocks[0]}
-    print(f"\n{'block':<10} {'mode':<9} {'step (s)':>9} {'tokens/s':>10} {'vs ' + args.blocks[0]:>8}")
+    hf = {r["compiled"]: r["step_s"] for r in rows if r["block"] == HF_OLMO2}
+    print(f"\n{'block':<10} {'mode':<9} {'step (s)':>9} {'tokens/s':>10} {'vs ' + args.blocks[0]:>8}"
+          + (f" {'hf-olmo2 / this':>16}" if hf else ""))
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
+        speedup = f" {hf[r['compiled']] / r['step_s']:>15.2f}x" if hf else ""
         print(f"{r['block']:<10} {mode:<9} {r['step_s']:>9.3f} {r['tokens_per_sec']:>10,.0f}"
-              f" {r['step_s'] / base[r['compiled']]:>8.2f}x")
+              f" {r['step_s'] / base[r['compiled']]:>8.2f}x{speedup}")
     out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "config": args.config, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
