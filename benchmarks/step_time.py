@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import statistics
@@ -115,10 +116,9 @@ def main() -> None:
 
     blocks = list(args.blocks)
     if not args.no_hf:
-        try:
-            import transformers  # noqa: F401
+        if importlib.util.find_spec("transformers") is not None:
             blocks.append(HF_OLMO2)
-        except ImportError:
+        else:
             print("transformers is not installed: no hf-olmo2 rows (pip install transformers)")
     rows = [time_steps(args.config, block, mode == "compiled", args.precision, args.steps, args.warmup)
             for mode in args.modes for block in blocks]
