@@ -143,6 +143,9 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile each block
+    # > 0: LM head + cross-entropy fused, this many tokens at a time (full logits never exist; for
+    # large vocabularies); 0: logits, then the loss
+    loss_chunk_size: int = 0
     seed: int = 0
     log_interval: int = 10
     eval_interval: int = 100  # 0 disables in-loop validation
@@ -409,7 +412,7 @@ def validate(cfg: RunConfig) -> None:
 
     for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("eval_interval", "eval_batches", "checkpoint_interval"):
+    for key in ("eval_interval", "eval_batches", "checkpoint_interval", "loss_chunk_size"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -127,3 +127,31 @@ def test_weight_decay_groups(decay_gains, decay_embeddings):
     assert alphas and alphas <= {id(p) for p in groups["gains"]["params"]}
     n = sum(p.numel() for g in groups.values() for p in g["params"])
     assert n == model.param_counts().total
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss(z_loss):
+    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 37))
+    plain, ce, z = lm_loss(hidden @ weight.t(), targets, z_loss)
+    grads = torch.autograd.grad(2.0 * plain, (hidden, weight))
+    chunked, ce_c, z_c = linear_cross_entropy(hidden, weight, targets, z_loss, chunk_size=10)  # 111 = 11 x 10 + 1
+    grads_c = torch.autograd.grad(2.0 * chunked, (hidden, weight))
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6) and ce_c.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert (z_c is None) == (z is None) and (z is None or z_c.item() == pytest.approx(z.item(), rel=1e-6))
+    for g, g_c in zip(grads, grads_c):
+        assert g_c == pytest.approx(g, rel=1e-5, abs=1e-7)
+
+
+def test_training_with_the_chunked_loss_matches_the_plain_loss(tmp_path, data_cache):
+    common = ["train.max_steps=5", "train.precision=fp32", "train.eval_interval=0", "optim.z_loss=1e-4"]
+    assert main(small_run(tmp_path / "plain", data_cache, *common)) == 0
+    assert main(small_run(tmp_path / "chunked", data_cache, *common, "train.loss_chunk_size=100")) == 0
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "chunked")
+    assert a.keys() == b.keys() == set(range(1, 6))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)

@@ -27,7 +27,8 @@ from sdd_train.eval.inference import TOKENIZER_FILE, LoadedModel, load_model
 
 MODELING_FILE = "modeling_sdd_train.py"
 # In dependency order; their sdd_train imports are dropped because everything lands in one file.
-MODEL_MODULES = ("layers", "moe", "feed_forward", "blocks", "transformer")
+MODEL_MODULES = ("sdd_train.train.loss", "sdd_train.model.layers", "sdd_train.model.moe",
+                 "sdd_train.model.feed_forward", "sdd_train.model.blocks", "sdd_train.model.transformer")
 CONFIG_CLASSES = ("InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")
 
 _HF_WRAPPER = '''
@@ -115,7 +116,7 @@ def modeling_source() -> str:
     for name in CONFIG_CLASSES:
         parts.append(inspect.getsource(getattr(config_module, name)))
     for module in MODEL_MODULES:
-        source = inspect.getsource(importlib.import_module(f"sdd_train.model.{module}"))
+        source = inspect.getsource(importlib.import_module(module))
         source = source.replace('custom_op("sdd_train::', 'custom_op(f"{_OPS_NS}::')
         parts.append(f"# ---------------------------------------------------------------------------- {module}\n"
                      + _strip_imports(source))

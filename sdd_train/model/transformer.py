@@ -18,6 +18,7 @@ from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, document_mask, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
+from sdd_train.train.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,26 @@ class Transformer(nn.Module):
         scheme = self.cfg.init.scheme
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096):
         """tokens [B, S] -> logits [B, S, vocab_size].
 
         ``doc_ids`` [B, S] confines attention to documents. With a ``cache`` (:meth:`new_cache`)
-        the tokens continue the cached positions and their keys / values are added to it.
+        the tokens continue the cached positions and their keys / values are added to it. With
+        ``targets`` [B, S] it returns ``(loss, cross-entropy, z-loss or None)`` instead, computed
+        ``loss_chunk`` tokens at a time so the full logits never exist (inside the root forward, so
+        FSDP2 has the head weight gathered).
         """
-        return self.head(self.hidden_states(tokens, doc_ids, cache)[-1])
+        x = self.hidden_states(tokens, doc_ids, cache)[-1]
+        if targets is None:
+            return self.head(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> list[torch.Tensor]:
@@ -93,8 +106,7 @@ class Transformer(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(x, weight)
+        return nn.functional.linear(x, self.head_weight)
 
     # ------------------------------------------------------------------ initialisation
 

@@ -454,11 +454,14 @@ class Trainer:
                 batch = self.loader.batch(self.consumed, start, t.micro_batch_size)
             batch = {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
             targets = batch["targets"]
-            with autocast(world.device, "bf16" if self.use_autocast else "fp32"):
-                logits = self.model(batch["inputs"], batch.get("doc_ids"))
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
-            loss, ce, z = lm_loss(logits, targets, o.z_loss)
+            with autocast(world.device, "bf16" if self.use_autocast else "fp32"):
+                if t.loss_chunk_size:  # head + loss fused inside the model: the logits never exist in full
+                    loss, ce, z = self.model(batch["inputs"], batch.get("doc_ids"), targets=targets, z_loss=o.z_loss,
+                                             loss_chunk=t.loss_chunk_size)
+                else:
+                    loss, ce, z = lm_loss(self.model(batch["inputs"], batch.get("doc_ids")), targets, o.z_loss)
             parts = [ce.detach(), z.detach() if z is not None else ce.new_zeros(())]
             if is_moe:
                 aux = self.model.moe_aux()
