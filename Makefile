@@ -1,7 +1,7 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
-#   make bench   set up, then run the benchmarks (step time, 1 vs 2 ranks, data, MoE layer)
+#   make bench   set up, then run the benchmarks (step time vs transformers, 1 vs 2 ranks, data, MoE layer, loss memory)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +30,7 @@ bench: setup
 	$(PY) benchmarks/distributed_step.py
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/loss_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
