@@ -142,7 +142,7 @@ class TrainConfig:
     micro_batch_size: int = 16  # sequences per forward/backward
     precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False  # torch.compile each block
+    compile: bool | None = None  # torch.compile each block (fullgraph); null: on with CUDA, off on CPU
     # > 0: LM head + cross-entropy fused, this many tokens at a time (full logits never exist; for
     # large vocabularies); 0: logits, then the loss
     loss_chunk_size: int = 0

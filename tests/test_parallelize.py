@@ -61,3 +61,12 @@ def test_activation_checkpointing_recomputes_forward():
     parallelize(model, ParallelConfig(activation_checkpointing="every_n", ac_every=2), ONE, "fp32", False)
     model(torch.randint(0, cfg.vocab_size, (2, 8))).sum().backward()
     assert sorted(calls) == [0, 0, 1, 2, 2, 3]
+
+
+def test_compile_defaults_to_on_for_gpus_only():
+    from sdd_train.config import TrainConfig
+    from sdd_train.train.parallelize import compile_enabled
+
+    assert TrainConfig().compile is None
+    assert compile_enabled(None, torch.device("cuda")) and not compile_enabled(None, torch.device("cpu"))
+    assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda"))

@@ -68,10 +68,16 @@ def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision:
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
 
 
-def parallelize(model: Transformer, par: ParallelConfig, world: World, precision: str, compile: bool) -> list[int]:
+def compile_enabled(setting: bool | None, device: torch.device) -> bool:
+    """``train.compile``: an explicit true / false, or null for the default: compile on GPUs only."""
+    return setting if setting is not None else device.type == "cuda"
+
+
+def parallelize(model: Transformer, par: ParallelConfig, world: World, precision: str, compile: bool | None
+                ) -> list[int]:
     """AC, then compile, then FSDP2 (only in a world of more than one). Returns the checkpointed blocks."""
     chosen = apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
-    if compile:
+    if compile_enabled(compile, world.device):
         apply_compile(model)
     if world.distributed:
         apply_fsdp(model, par, world, precision)
