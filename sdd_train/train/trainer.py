@@ -206,6 +206,8 @@ class Trainer:
         self.rollbacks, self.spike_skips = 0, 0
         self.step, self.skipped, self.consumed = 0, 0, 0
         self.data_skips: set[int] = set()  # stream positions of batches a rollback excluded
+        self.out: RunLog | None = None  # rank 0's record streams, opened by run()
+        self.prefetch: Prefetcher | None = None
         resume = broadcast_object(latest(self.run_dir))
         if resume is not None:
             meta = self.checkpointer.load(resume, model, self.optimizer)
