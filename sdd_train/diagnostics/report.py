@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from sdd_train.config import ConfigError, load_config
+from sdd_train.config import ConfigError
 from sdd_train.diagnostics import plots
 from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.sweep import format_cell, read_records, results, summarise, write_table
@@ -38,27 +38,20 @@ def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
 @torch.no_grad()
 def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     """Activation statistics of a checkpoint on the run's fixed held-out batch (the in-loop one)."""
+    from sdd_train.eval.inference import LOCAL_WORLD, load_model, local_run_data
     from sdd_train.eval.validation import build_eval_sets
-    from sdd_train.model import Transformer
-    from sdd_train.train.checkpoint import latest, read_meta, read_model_state
-    from sdd_train.train.distributed import World
-    from sdd_train.train.trainer import autocast, open_run_data
+    from sdd_train.train.checkpoint import read_meta
+    from sdd_train.train.trainer import autocast
 
-    cfg = load_config(run_dir / "config.yaml")
-    checkpoint = checkpoint or latest(run_dir)
-    if checkpoint is None:
-        raise ConfigError(f"{run_dir}: no complete checkpoint to compute activation statistics for")
-    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    datasets, names = open_run_data(cfg, world, log=lambda *a: None)
-    sets = build_eval_sets(cfg, datasets, names, 1)
+    loaded = load_model(checkpoint or run_dir)
+    cfg = loaded.cfg
+    sets = build_eval_sets(cfg, *local_run_data(cfg), 1)
     if not sets:
         raise ConfigError(f"{run_dir}: no validation split holds one sequence of {cfg.train.seq_len + 1} tokens")
     batch = sets[0].batches[0]
-    model = Transformer(cfg.model)
-    model.load_state_dict(read_model_state(checkpoint))
-    ctx = autocast(world.device, cfg.train.precision)
-    stats = activation_stats(model, batch["inputs"], batch.get("doc_ids"), ctx)
-    return {"step": read_meta(checkpoint)["step"], "checkpoint": str(checkpoint), **stats}
+    ctx = autocast(LOCAL_WORLD.device, cfg.train.precision)
+    stats = activation_stats(loaded.model, batch["inputs"], batch.get("doc_ids"), ctx)
+    return {"step": read_meta(loaded.source)["step"], "checkpoint": str(loaded.source), **stats}
 
 
 # --------------------------------------------------------------------------- run report

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from sdd_train.config import ConfigError, RunConfig, load_config
+from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.tokenizer import Tokenizer
 from sdd_train.model import Transformer
+from sdd_train.train.distributed import World
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -22,14 +24,20 @@ class LoadedModel:
     source: Path  # the checkpoint or export folder the weights came from
 
 
-def run_tokenizer(cfg: RunConfig) -> Tokenizer:
-    """The tokenizer a run trained with (its first dataset's; the stdlib corpus is rebuilt if not cached)."""
-    from sdd_train.train.distributed import World
+# Offline tools (evaluation, generation, reports) run in one process on the CPU side.
+LOCAL_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def local_run_data(cfg: RunConfig) -> tuple[list[PreparedDataset], list[str]]:
+    """A run's training datasets and their names, opened quietly in this one process."""
     from sdd_train.train.trainer import open_run_data
 
-    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    datasets, _ = open_run_data(cfg, world, log=lambda *a, **k: None)
-    return datasets[0].tokenizer
+    return open_run_data(cfg, LOCAL_WORLD, log=lambda *a, **k: None)
+
+
+def run_tokenizer(cfg: RunConfig) -> Tokenizer:
+    """The tokenizer a run trained with (its first dataset's; the stdlib corpus is rebuilt if not cached)."""
+    return local_run_data(cfg)[0][0].tokenizer
 
 
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> LoadedModel:

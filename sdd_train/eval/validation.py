@@ -95,17 +95,15 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
 
 def evaluate_checkpoint(path: str | Path, step: int | None = None) -> dict[str, float]:
     """Offline: the validation losses of a checkpoint, with the batches the training loop used."""
-    from sdd_train.eval.inference import load_model
-    from sdd_train.train.trainer import autocast, open_run_data
+    from sdd_train.eval.inference import LOCAL_WORLD, load_model, local_run_data
+    from sdd_train.train.trainer import autocast
 
     loaded = load_model(path, step)
     cfg = loaded.cfg
-    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    datasets, names = open_run_data(cfg, world, log=lambda *a, **k: None)
-    sets = build_eval_sets(cfg, datasets, names, cfg.train.eval_batches)
+    sets = build_eval_sets(cfg, *local_run_data(cfg), cfg.train.eval_batches)
     if not sets:
         raise ConfigError(f"{path}: no validation set holds a full sequence of {cfg.train.seq_len + 1} tokens")
-    return evaluate_sets(loaded.model, sets, world, autocast(world.device, cfg.train.precision))
+    return evaluate_sets(loaded.model, sets, LOCAL_WORLD, autocast(LOCAL_WORLD.device, cfg.train.precision))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -338,9 +338,8 @@ class Trainer:
                         last_time, last_step, max_grad_norm = time.perf_counter(), step, 0.0
                     if eval_sets and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
                                                                             or step == t.max_steps):
-                        ctx = autocast(world.device, "bf16" if self.use_autocast else "fp32")
-                        self._write("metrics", {"step": step, **evaluate_sets(self.model, eval_sets, world, ctx)},
-                                    console=True)
+                        self._write("metrics", {"step": step, **evaluate_sets(self.model, eval_sets, world,
+                                                                              self._autocast())}, console=True)
                         last_time = time.perf_counter()  # keep eval time out of tokens/s
                     if eval_sets and diag.activation_interval and (step % diag.activation_interval == 0
                                                                    or step == t.max_steps):
@@ -369,6 +368,10 @@ class Trainer:
                 self.out.close()
         return self.run_dir
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast in a single process; under FSDP2 the mixed-precision policy casts instead."""
+        return autocast(self.world.device, "bf16" if self.use_autocast else "fp32")
+
     def _write(self, stream: str, record: dict, console: bool = False, wandb_record: dict | None = None) -> None:
         if self.out is not None:
             line = format_line(record, self.cfg.train.max_steps) if console else None
@@ -377,8 +380,7 @@ class Trainer:
     def _activations(self, batch: dict[str, torch.Tensor]) -> None:
         """Residual RMS per layer and the layer similarity matrix on the fixed held-out batch."""
         batch = {k: v.to(self.world.device) for k, v in batch.items()}
-        ctx = autocast(self.world.device, "bf16" if self.use_autocast else "fp32")
-        stats = activation_stats(self.model, batch["inputs"], batch.get("doc_ids"), ctx)
+        stats = activation_stats(self.model, batch["inputs"], batch.get("doc_ids"), self._autocast())
         record = {"step": self.step, **stats}
         rms = {f"act/layer_{i}/rms": v for i, v in enumerate(stats["rms"])}
         self._write("activations", record, wandb_record={"step": self.step, **rms})
@@ -458,7 +460,7 @@ class Trainer:
             targets = batch["targets"]
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
-            with autocast(world.device, "bf16" if self.use_autocast else "fp32"):
+            with self._autocast():
                 if t.loss_chunk_size:  # head + loss fused inside the model: the logits never exist in full
                     loss, ce, z = self.model(batch["inputs"], batch.get("doc_ids"), targets=targets, z_loss=o.z_loss,
                                              loss_chunk=t.loss_chunk_size)
