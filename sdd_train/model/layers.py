@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
+from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
 
 try:  # optional: pip install flash-attn (GPU only)
     from flash_attn import flash_attn_func  # type: ignore[import-not-found]
@@ -26,7 +27,13 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks."""
+    """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks.
+
+    On CUDA in eager mode this is one fused Triton kernel (:mod:`sdd_train.kernels.rms_norm`);
+    elsewhere, and inside torch.compile (where inductor fuses it), the PyTorch ops below.
+    """
+    if use_fused_norm(x):
+        return fused_rms_norm(x, weight, eps, groups)
     xf = upcast(x)
     if groups == 1:
         return F.rms_norm(xf, (xf.shape[-1],), weight.to(xf.dtype), eps).to(x.dtype)

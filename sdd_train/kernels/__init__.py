@@ -1,0 +1,1 @@
+"""Hand-written GPU kernels, each with a PyTorch fallback chosen at call time."""
