@@ -1,5 +1,7 @@
 """torch.compile of a block (full graph, no breaks) and attention backends."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,6 +45,70 @@ def test_flash_backend_without_flash_attn_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="flash-attn"):
         layers.causal_attention(q, q, q, "flash")
     torch.testing.assert_close(layers.causal_attention(q, q, q, "auto"), layers.causal_attention(q, q, q, "sdpa"))
+
+
+def _reference_flash_attn_func(q, k, v, causal):
+    """flash-attn's ``flash_attn_func`` by its documented contract ([B, S, H, D], fewer k/v heads
+    allowed), in plain PyTorch: stands in for the CUDA library, which cannot be installed here."""
+    assert causal and q.shape[2] % k.shape[2] == 0
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    """``flash_attn_varlen_func``: [total, H, D] inputs, sequences delimited by int32 ``cu_seqlens``."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert cu_seqlens_q[0] == 0 and cu_seqlens_q[-1] == q.shape[0]
+    bounds = cu_seqlens_q.tolist()
+    assert max(b - a for a, b in zip(bounds, bounds[1:])) <= min(max_seqlen_q, max_seqlen_k)
+    parts = [_reference_flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b], causal)[0]
+             for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts)
+
+
+@pytest.fixture
+def flash_attn_reference(monkeypatch):
+    """The flash-attn path of :func:`causal_attention`, wired to the reference implementation above."""
+    monkeypatch.setattr(layers, "flash_attn_func", _reference_flash_attn_func)
+    monkeypatch.setattr(layers, "flash_attn_varlen_func", _reference_flash_attn_varlen_func)
+    monkeypatch.setattr(layers, "flash_attn_usable", lambda t: True)
+
+
+def test_document_spans():
+    doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3], [3, 4, 4, 4, 5, 5]])
+    spans = layers.document_spans(doc_ids)
+    # a new span at every id change and at every row start (row 2 starts with the id row 1 ended on)
+    assert spans.cu_seqlens.tolist() == [0, 2, 5, 6, 12, 13, 16, 18] and spans.cu_seqlens.dtype == torch.int32
+
+
+@pytest.mark.parametrize("block", ["sdd", "pre"])
+def test_flash_attn_path_with_gqa_and_documents_equals_sdpa(flash_attn_reference, block):
+    """Through the flash-attn entry points (GQA; documents via the varlen kernel's spans) the model
+    gives SDPA's logits, with and without a document mask."""
+    torch.manual_seed(0)
+    cfg = small_model_cfg(block)
+    flash, sdpa = Transformer(dataclasses.replace(cfg, attention_backend="flash")), Transformer(cfg)
+    sdpa.load_state_dict(flash.state_dict())
+    tokens = torch.randint(0, 97, (3, 16))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 16, [3] * 7 + [4] * 2 + [5] * 7])
+    assert isinstance(layers.attention_mask(doc_ids, "flash"), layers.DocumentSpans)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for ids in (None, doc_ids):
+            torch.testing.assert_close(flash(tokens, ids), sdpa(tokens, ids), rtol=0, atol=3e-2)  # a misplaced boundary: ~1
+        assert not torch.equal(flash(tokens, doc_ids), flash(tokens))
+
+
+def test_document_spans_fall_back_to_a_dense_mask_in_fp32(flash_attn_reference):
+    """fp32 cannot run flash-attn: spans become the dense document mask for SDPA ('auto')."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]])
+    spans = layers.attention_mask(doc_ids, "auto")
+    want = layers.causal_attention(q, k, v, "sdpa", layers.document_mask(doc_ids))
+    torch.testing.assert_close(layers.causal_attention(q, k, v, "auto", spans), want)
+    with pytest.raises(RuntimeError, match="half-precision"):
+        layers.causal_attention(q, k, v, "flash", spans)
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.feed_forward import build_feed_forward
-from sdd_train.model.layers import Attention, RMSNorm
+from sdd_train.model.layers import Attention, AttentionMask, RMSNorm
 
 BLOCKS: dict[str, type[Block]] = {}
 
@@ -47,7 +47,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -58,7 +58,7 @@ class PreNormBlock(Block):
     qk_norm = "full"
     final_norm = True
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         h = x + self.attention(self.attn_norm(x), rope, mask)
         return h + self.feed_forward(self.ff_norm(h))
 
@@ -69,7 +69,7 @@ class PostNormBlock(Block):
 
     residual_scale = 1.0
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         a = self.residual_scale
         h = self.attn_norm(a * x + self.attention(x, rope, mask))
         return self.ff_norm(a * h + self.feed_forward(h))
@@ -101,7 +101,7 @@ class ReorderedNormBlock(Block):
     qk_norm = "full"
     final_norm = True
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         h = x + self.attn_norm(self.attention(x, rope, mask))
         return h + self.ff_norm(self.feed_forward(h))
 
@@ -119,7 +119,7 @@ class SDDBlock(Block):
     final_norm = True
     init_scheme = "sdd"
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         a = self.attn_norm(x)
         h = a + self.attention(a, rope, mask)
         f = self.ff_norm(h)
@@ -148,7 +148,7 @@ class SpanNormBlock(Block):
         self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.residual_scale = cfg.spannorm.residual_scale
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
         h = self.residual_scale * x + self.attention(self.attn_norm(x), rope, mask)
         u = h + self.feed_forward(self.ff_norm(h))
         return self.out_norm(u)

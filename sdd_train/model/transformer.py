@@ -16,7 +16,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, document_mask, init_full_, rope_cache,
+from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, attention_mask, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
 from sdd_train.train.loss import linear_cross_entropy
 
@@ -79,7 +79,7 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> list[torch.Tensor]:
         """The residual stream after the embedding and after every block."""
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        mask = attention_mask(doc_ids, self.cfg.attention_backend)
         rope = self.rope if cache is None else self.rope[:, cache.pos:cache.pos + tokens.shape[1]]
         x = self.embed(tokens)
         states = [x]
