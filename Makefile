@@ -1,7 +1,8 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
-#   make bench   set up, then run the benchmarks (step time vs transformers, 1 vs 2 ranks, data, MoE layer, loss memory)
+#   make bench   set up, then run the benchmarks (step time vs transformers, 1 vs 2 ranks, data, MoE layer, loss
+#                memory; with CUDA also dense 1B step time / MFU / memory and the fused-norm kernels)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,6 +32,9 @@ bench: setup
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/step_time.py --gpu-only --config configs/dense_1b.yaml --blocks pre reordered sdd \
+		--modes compiled --no-hf --steps 10 --set train.global_batch_size=8 --json runs/bench_dense_1b.json
+	$(PY) benchmarks/kernels.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,13 +1,18 @@
-"""Training-step time of the tiny config per block scheme, eager and compiled (CPU or GPU),
-side by side with Hugging Face transformers' ``Olmo2ForCausalLM`` of the same shape.
+"""Training-step time per block scheme, eager and compiled (CPU or GPU), side by side with
+Hugging Face transformers' ``Olmo2ForCausalLM`` of the same shape.
 
     python benchmarks/step_time.py [--blocks pre sdd] [--precision bf16] [--steps 5] [--json out.json]
+    python benchmarks/step_time.py --config configs/dense_1b.yaml --blocks pre reordered sdd \
+        --modes compiled --no-hf --set train.global_batch_size=8        # the GPU benchmark
 
 One step = a full optimizer step of the config's global batch (forward, backward over all
-micro-batches, clip, AdamW). Reports the median of ``--steps`` timed steps after warm-up. The
-``hf-olmo2`` rows (skipped when transformers is not installed) build Olmo2ForCausalLM with the
-config's width, depth, heads, FFN width, vocabulary and tied embeddings (OLMo2 is our
-``reordered`` scheme) and train it with the same loss, optimizer and batches; ``--no-hf`` skips them.
+micro-batches, clip, AdamW), with the loss computed as the trainer does (fused chunked head + loss
+when ``train.loss_chunk_size`` is set). Reports the median of ``--steps`` timed steps after warm-up;
+on CUDA also MFU (SPEC section 9: training FLOPs per token x tokens/s over the GPU's bf16 peak) and
+peak memory. The ``hf-olmo2`` rows (skipped when transformers is not installed) build
+Olmo2ForCausalLM with the config's width, depth, heads, FFN width, vocabulary and tied embeddings
+(OLMo2 is our ``reordered`` scheme) and train it with the plain loss, the same optimizer and
+batches; ``--no-hf`` skips them.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from sdd_train.train.loss import lm_loss  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
 from sdd_train.train.distributed import init_world  # noqa: E402
 from sdd_train.train.parallelize import apply_compile  # noqa: E402
-from sdd_train.train.trainer import autocast  # noqa: E402
+from sdd_train.train.trainer import autocast, peak_tflops  # noqa: E402
 
 
 HF_OLMO2 = "hf-olmo2"
@@ -52,12 +57,14 @@ def olmo2_like(m) -> torch.nn.Module:
     return hf
 
 
-def time_steps(config: str, block: str, compiled: bool, precision: str, steps: int, warmup: int) -> dict:
-    cfg = load_config(config, [f"model.block={'reordered' if block == HF_OLMO2 else block}",
+def time_steps(config: str, block: str, compiled: bool, precision: str, steps: int, warmup: int,
+               overrides: tuple[str, ...] = ()) -> dict:
+    cfg = load_config(config, [*overrides, f"model.block={'reordered' if block == HF_OLMO2 else block}",
                                f"train.precision={precision}"])
     t = cfg.train
     device = init_world(t.device).device
     torch.manual_seed(0)
+    fused_loss = block != HF_OLMO2 and t.loss_chunk_size > 0
     if block == HF_OLMO2:
         model = olmo2_like(cfg.model).to(device)
         if compiled:  # transformers' own compile target: the decoder layers
@@ -77,8 +84,11 @@ def time_steps(config: str, block: str, compiled: bool, precision: str, steps: i
     def step() -> None:
         for batch in batches:
             with autocast(device, precision):
-                logits = model(batch[:, :-1])
-            loss, _, _ = lm_loss(logits, batch[:, 1:])
+                if fused_loss:  # as the trainer does it
+                    loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=cfg.optim.z_loss,
+                                       loss_chunk=t.loss_chunk_size)
+                else:
+                    loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], cfg.optim.z_loss)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -90,6 +100,8 @@ def time_steps(config: str, block: str, compiled: bool, precision: str, steps: i
     for _ in range(warmup):
         step()
     warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -97,9 +109,17 @@ def time_steps(config: str, block: str, compiled: bool, precision: str, steps: i
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     tokens = t.global_batch_size * t.seq_len
-    return {"block": block, "compiled": compiled, "precision": precision, "step_s": median,
-            "tokens_per_sec": tokens / median, "warmup_s": warmup_s, "tokens_per_step": tokens,
-            "device": str(device)}
+    row = {"block": block, "compiled": compiled, "precision": precision, "step_s": median,
+           "tokens_per_sec": tokens / median, "warmup_s": warmup_s, "tokens_per_step": tokens,
+           "device": str(device), "loss": "fused-chunked" if fused_loss else "plain"}
+    if device.type == "cuda":
+        peak = peak_tflops(t.peak_tflops, device)  # the trainer's: train.peak_tflops or the known GPU's
+        flops = model.flops_per_token(t.seq_len) if block != HF_OLMO2 else None
+        row["mfu"] = flops * tokens / median / (peak * 1e12) if flops and peak else None
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["gpu"] = torch.cuda.get_device_name(device)
+    del model, optimizer
+    return row
 
 
 def main() -> None:
@@ -112,7 +132,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", default="runs/bench_step_time.json")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' Olmo2ForCausalLM")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--gpu-only", action="store_true", help="without CUDA print that it was skipped, exit 0")
     args = parser.parse_args()
+    if args.gpu_only and not torch.cuda.is_available():
+        print(f"step_time {args.config}: needs CUDA, skipped")
+        return
 
     blocks = list(args.blocks)
     if not args.no_hf:
@@ -120,19 +145,23 @@ def main() -> None:
             blocks.append(HF_OLMO2)
         else:
             print("transformers is not installed: no hf-olmo2 rows (pip install transformers)")
-    rows = [time_steps(args.config, block, mode == "compiled", args.precision, args.steps, args.warmup)
+    rows = [time_steps(args.config, block, mode == "compiled", args.precision, args.steps, args.warmup,
+                       tuple(args.set))
             for mode in args.modes for block in blocks]
     base = {r["compiled"]: r["step_s"] for r in rows if r["block"] == args.blocks[0]}
     hf = {r["compiled"]: r["step_s"] for r in rows if r["block"] == HF_OLMO2}
+    gpu = "peak_mem_gib" in rows[0]
     print(f"\n{'block':<10} {'mode':<9} {'step (s)':>9} {'tokens/s':>10} {'vs ' + args.blocks[0]:>8}"
-          + (f" {'hf-olmo2 / this':>16}" if hf else ""))
+          + (f" {'hf-olmo2 / this':>16}" if hf else "") + (f" {'MFU':>6} {'peak GiB':>9}" if gpu else ""))
     for r in rows:
         mode = "compiled" if r["compiled"] else "eager"
         speedup = f" {hf[r['compiled']] / r['step_s']:>15.2f}x" if hf else ""
+        mfu = f" {r['mfu']:>6.1%}" if r.get("mfu") else f" {'-':>6}"
+        memory = f"{mfu} {r['peak_mem_gib']:>9.1f}" if gpu else ""
         print(f"{r['block']:<10} {mode:<9} {r['step_s']:>9.3f} {r['tokens_per_sec']:>10,.0f}"
-              f" {r['step_s'] / base[r['compiled']]:>8.2f}x{speedup}")
+              f" {r['step_s'] / base[r['compiled']]:>8.2f}x{speedup}{memory}")
     out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "config": args.config, "rows": rows}
+           "threads": torch.get_num_threads(), "config": args.config, "overrides": args.set, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")

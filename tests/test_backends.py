@@ -118,6 +118,10 @@ def test_flash_attn_matches_sdpa_on_gpu():
     k, v = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16), torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(layers.causal_attention(q, k, v, "flash"), layers.causal_attention(q, k, v, "sdpa"),
                                rtol=2e-2, atol=2e-2)
+    doc_ids = torch.cat([torch.zeros(2, 50), torch.ones(2, 78)], dim=1).cuda()
+    spans, dense = layers.attention_mask(doc_ids, "flash"), layers.document_mask(doc_ids)
+    torch.testing.assert_close(layers.causal_attention(q, k, v, "flash", spans),
+                               layers.causal_attention(q, k, v, "sdpa", dense), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

@@ -10,9 +10,12 @@ The ``gpu`` tests launch them for real on CUDA.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,7 @@ from sdd_train.model import Transformer, layers
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton (pip install triton)")
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not INTERPRETER, reason="runs in the TRITON_INTERPRET=1 child process")
+ROOT = Path(__file__).resolve().parents[1]
 # One rounding of an fp32 result to bf16: 2^-8 relative when rounded to nearest (GPU); Triton's
 # interpreter truncates fp32 -> bf16, which can cost up to 2^-7.
 BF16_RTOL = 2**-7 if INTERPRETER else 2**-8
@@ -104,6 +108,17 @@ def test_interpreted_model_with_fused_norms_equals_pytorch_path(monkeypatch, blo
     torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item(), msg=name)
+
+
+@interpreted
+def test_interpreted_kernel_benchmark_smoke(tmp_path):
+    """benchmarks/kernels.py runs end to end (tiny shapes; its numbers mean nothing here)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--json", str(tmp_path / "k.json")]) == 0
+    rows = json.loads((tmp_path / "k.json").read_text())["rows"]
+    assert [r["groups"] for r in rows] == [1, 2] and all(r["triton_fwd_bwd_s"] > 0 for r in rows)
 
 
 def test_dispatch_uses_pytorch_off_cuda_and_when_forced(monkeypatch):

@@ -31,10 +31,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1)
     """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks.
 
     On CUDA in eager mode this is one fused Triton kernel (:mod:`sdd_train.kernels.rms_norm`);
-    elsewhere, and inside torch.compile (where inductor fuses it), the PyTorch ops below.
+    elsewhere, and inside torch.compile (where inductor fuses it), :func:`rms_norm_torch`.
     """
     if use_fused_norm(x):
         return fused_rms_norm(x, weight, eps, groups)
+    return rms_norm_torch(x, weight, eps, groups)
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    """:func:`rms_norm` in PyTorch ops (the fallback, and what torch.compile fuses)."""
     xf = upcast(x)
     if groups == 1:
         return F.rms_norm(xf, (xf.shape[-1],), weight.to(xf.dtype), eps).to(x.dtype)
