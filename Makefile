@@ -33,7 +33,7 @@ bench: setup
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/step_time.py --gpu-only --config configs/dense_1b.yaml --blocks pre reordered sdd \
-		--modes compiled --no-hf --steps 10 --set train.global_batch_size=8 --json runs/bench_dense_1b.json
+		--modes compiled --no-hf --steps 10 --sequential --set train.global_batch_size=8 --json runs/bench_dense_1b.json
 	$(PY) benchmarks/kernels.py
 
 clean:

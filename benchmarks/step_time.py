@@ -7,7 +7,8 @@ Hugging Face transformers' ``Olmo2ForCausalLM`` of the same shape.
 
 One step = a full optimizer step of the config's global batch (forward, backward over all
 micro-batches, clip, AdamW), with the loss computed as the trainer does (fused chunked head + loss
-when ``train.loss_chunk_size`` is set). Reports the median of ``--steps`` timed steps after warm-up;
+when ``train.loss_chunk_size`` is set). Reports the median of ``--steps`` timed steps after warm-up,
+the rows' steps interleaved round by round (``--sequential``: one model after another);
 on CUDA also MFU (SPEC section 9: training FLOPs per token x tokens/s over the GPU's bf16 peak) and
 peak memory. The ``hf-olmo2`` rows (skipped when transformers is not installed) build
 Olmo2ForCausalLM with the config's width, depth, heads, FFN width, vocabulary and tied embeddings
@@ -57,69 +58,108 @@ def olmo2_like(m) -> torch.nn.Module:
     return hf
 
 
-def time_steps(config: str, block: str, compiled: bool, precision: str, steps: int, warmup: int,
-               overrides: tuple[str, ...] = ()) -> dict:
-    cfg = load_config(config, [*overrides, f"model.block={'reordered' if block == HF_OLMO2 else block}",
-                               f"train.precision={precision}"])
-    t = cfg.train
-    device = init_world(t.device).device
-    torch.manual_seed(0)
-    fused_loss = block != HF_OLMO2 and t.loss_chunk_size > 0
-    if block == HF_OLMO2:
-        model = olmo2_like(cfg.model).to(device)
-        if compiled:  # transformers' own compile target: the decoder layers
-            for layer in model.model.layers:
-                layer.forward = torch.compile(layer.forward)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                      weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda")
-    else:
-        model = Transformer(cfg.model).to(device)
-        if compiled:
-            apply_compile(model)
-        optimizer = build_optimizer(model, cfg.optim)
-    accum = t.global_batch_size // t.micro_batch_size
-    batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)
-               for _ in range(accum)]
+class Candidate:
+    """One row of the table: a model of ``block`` with its optimizer, batches and training step."""
 
-    def step() -> None:
-        for batch in batches:
-            with autocast(device, precision):
-                if fused_loss:  # as the trainer does it
-                    loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=cfg.optim.z_loss,
+    def __init__(self, config: str, block: str, compiled: bool, precision: str, overrides: tuple[str, ...] = ()):
+        cfg = load_config(config, [*overrides, f"model.block={'reordered' if block == HF_OLMO2 else block}",
+                                   f"train.precision={precision}"])
+        self.cfg, self.block, self.compiled, self.precision = cfg, block, compiled, precision
+        t = cfg.train
+        self.device = device = init_world(t.device).device
+        torch.manual_seed(0)
+        self.fused_loss = block != HF_OLMO2 and t.loss_chunk_size > 0
+        if block == HF_OLMO2:
+            self.model = olmo2_like(cfg.model).to(device)
+            if compiled:  # transformers' own compile target: the decoder layers
+                for layer in self.model.model.layers:
+                    layer.forward = torch.compile(layer.forward)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
+                                               betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                                               fused=device.type == "cuda")
+        else:
+            self.model = Transformer(cfg.model).to(device)
+            if compiled:
+                apply_compile(self.model)
+            self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.accum = t.global_batch_size // t.micro_batch_size
+        self.batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)
+                        for _ in range(self.accum)]
+        self.times: list[float] = []
+        self.warmup_s = 0.0
+
+    def step(self) -> None:
+        t, model = self.cfg.train, self.model
+        for batch in self.batches:
+            with autocast(self.device, self.precision):
+                if self.fused_loss:  # as the trainer does it
+                    loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
                                        loss_chunk=t.loss_chunk_size)
                 else:
-                    loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], cfg.optim.z_loss)
-            (loss / accum).backward()
+                    loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], self.cfg.optim.z_loss)
+            (loss / self.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_s = time.perf_counter() - start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
+    def warm_up(self, steps: int) -> None:
         start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    tokens = t.global_batch_size * t.seq_len
-    row = {"block": block, "compiled": compiled, "precision": precision, "step_s": median,
-           "tokens_per_sec": tokens / median, "warmup_s": warmup_s, "tokens_per_step": tokens,
-           "device": str(device), "loss": "fused-chunked" if fused_loss else "plain"}
-    if device.type == "cuda":
-        peak = peak_tflops(t.peak_tflops, device)  # the trainer's: train.peak_tflops or the known GPU's
-        flops = model.flops_per_token(t.seq_len) if block != HF_OLMO2 else None
-        row["mfu"] = flops * tokens / median / (peak * 1e12) if flops and peak else None
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["gpu"] = torch.cuda.get_device_name(device)
-    del model, optimizer
-    return row
+        for _ in range(steps):
+            self.step()
+        self.warmup_s = time.perf_counter() - start
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def timed_step(self) -> None:
+        start = time.perf_counter()
+        self.step()
+        self.times.append(time.perf_counter() - start)
+
+    def row(self) -> dict:
+        t, device = self.cfg.train, self.device
+        median = statistics.median(self.times)
+        tokens = t.global_batch_size * t.seq_len
+        row = {"block": self.block, "compiled": self.compiled, "precision": self.precision, "step_s": median,
+               "step_times_s": self.times, "tokens_per_sec": tokens / median, "warmup_s": self.warmup_s,
+               "tokens_per_step": tokens, "device": str(device),
+               "loss": "fused-chunked" if self.fused_loss else "plain"}
+        if device.type == "cuda":
+            peak = peak_tflops(t.peak_tflops, device)  # the trainer's: train.peak_tflops or the known GPU's
+            flops = self.model.flops_per_token(t.seq_len) if self.block != HF_OLMO2 else None
+            row["mfu"] = flops * tokens / median / (peak * 1e12) if flops and peak else None
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["gpu"] = torch.cuda.get_device_name(device)
+        return row
+
+
+def measure(specs: list[tuple[str, bool]], args: argparse.Namespace) -> list[dict]:
+    """Time every (block, compiled) candidate. Interleaved (default): all are built and warmed up,
+    then each round times one step of each, so load from other processes on a shared machine
+    hits every row alike. ``--sequential`` holds one model at a time (large models on one GPU)."""
+    def build(block: str, compiled: bool) -> Candidate:
+        return Candidate(args.config, block, compiled, args.precision, tuple(args.set))
+
+    if args.sequential:
+        rows = []
+        for spec in specs:
+            candidate = build(*spec)
+            candidate.warm_up(args.warmup)
+            for _ in range(args.steps):
+                candidate.timed_step()
+            rows.append(candidate.row())
+            del candidate
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return rows
+    candidates = [build(*spec) for spec in specs]
+    for candidate in candidates:
+        candidate.warm_up(args.warmup)
+    for _ in range(args.steps):
+        for candidate in candidates:
+            candidate.timed_step()
+    return [c.row() for c in candidates]
 
 
 def main() -> None:
@@ -134,6 +174,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' Olmo2ForCausalLM")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--gpu-only", action="store_true", help="without CUDA print that it was skipped, exit 0")
+    parser.add_argument("--sequential", action="store_true", help="one model at a time instead of interleaved steps")
     args = parser.parse_args()
     if args.gpu_only and not torch.cuda.is_available():
         print(f"step_time {args.config}: needs CUDA, skipped")
@@ -145,9 +186,7 @@ def main() -> None:
             blocks.append(HF_OLMO2)
         else:
             print("transformers is not installed: no hf-olmo2 rows (pip install transformers)")
-    rows = [time_steps(args.config, block, mode == "compiled", args.precision, args.steps, args.warmup,
-                       tuple(args.set))
-            for mode in args.modes for block in blocks]
+    rows = measure([(block, mode == "compiled") for mode in args.modes for block in blocks], args)
     base = {r["compiled"]: r["step_s"] for r in rows if r["block"] == args.blocks[0]}
     hf = {r["compiled"]: r["step_s"] for r in rows if r["block"] == HF_OLMO2}
     gpu = "peak_mem_gib" in rows[0]
