@@ -6,10 +6,11 @@ per-branch variant (``groups`` equal chunks normalised separately). Statistics a
 the input dtype; the output has the input's dtype, as in the PyTorch path of
 :func:`sdd_train.model.layers.rms_norm`.
 
-Why a kernel: eager PyTorch upcasts the bf16 input to an fp32 copy, normalises it, multiplies by
-the gain and casts back (several passes over memory, and autograd keeps the fp32 copy). The kernel
-reads the input once and writes the output once; backward keeps only the bf16 input and one fp32
-inverse RMS per row. Compiled blocks do not call it: inductor fuses the PyTorch path itself.
+Why a kernel: eager PyTorch upcasts the bf16 input to fp32, squares, reduces, scales, multiplies
+by the gain and casts back, one pass over memory per op (the backward likewise). The kernel reads
+the input once and writes the output once, and its backward is one pass too; both keep only the
+input in its dtype and one fp32 inverse RMS per row and group. Compiled blocks do not call it:
+inductor fuses the PyTorch path itself.
 
 With ``TRITON_INTERPRET=1`` in the environment before triton is imported, the same kernels run on
 the CPU through Triton's interpreter (how the tests check them on machines without a GPU).
