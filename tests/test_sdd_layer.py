@@ -1,8 +1,10 @@
 """The SDD linear layer y = alpha * rms(V x) (SPEC section 1)."""
 
+import pytest
 import torch
 
 from reference import rms
+from sdd_train.model import layers
 from sdd_train.model.layers import SDDLinear
 
 
@@ -65,3 +67,27 @@ def test_bf16_input_normalises_in_fp32():
         y16 = layer(x.float())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pytorch_norm_in_cpu_row_blocks_matches_float64(monkeypatch, dtype, groups):
+    """The PyTorch-path norm (hand-written backward, CPU rows in cache-sized blocks): output, input
+    and gain gradients against float64 autograd, over several blocks with a ragged last one and a
+    strided input (a slice of a wider projection, as q and k are)."""
+    monkeypatch.setattr(layers, "_CPU_BLOCK_ELEMENTS", 3 * 40)  # 3 rows of width 40 per block
+    torch.manual_seed(0)
+    wide = (torch.randn(2, 7, 64) * 3).to(dtype)
+    x = wide[..., 8:48].detach().requires_grad_()  # 14 rows of 40 = 4 full blocks + 2 rows
+    weight = (torch.rand(40) + 0.5).requires_grad_()
+    y = layers.rms_norm_torch(x, weight, 1e-5, groups)
+    dy = torch.randn(y.shape).to(dtype)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    halves = x64.unflatten(-1, (groups, -1))
+    ref = rms(halves, w64.view(groups, -1), 1e-5).flatten(-2)
+    ref.backward(dy.double())
+    rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5  # one rounding of the fp32 result to bf16
+    assert y.dtype == dtype
+    for got, want in ((y, ref), (x.grad, x64.grad), (weight.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6 * want.abs().max().item())

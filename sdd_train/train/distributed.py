@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sdd_train.config import ConfigError, ParallelConfig
+from sdd_train.train.host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ def init_world(device_name: str) -> World:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        keep_freed_memory()  # eager CPU steps otherwise page-fault their activations in every step
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("SDD_TRAIN_DIST_TIMEOUT", "1800")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,

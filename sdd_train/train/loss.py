@@ -36,17 +36,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
-            t = targets[start:start + chunk_size]
+            t = targets[start:start + chunk_size, None]
             logits = (h @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            ce_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, t).squeeze(1)
+            # softmax and logsumexp from one exp, in place: each op is a pass over [chunk, V] in memory
+            row_max = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            total = probs.sum(dim=-1, keepdim=True)
+            lse = (row_max + total.log()).squeeze(1)
+            ce_sum += (lse - target_logit).sum()
             z_sum += lse.square().sum()
-            # d(ce + w z)/d logits, for the token mean: softmax * (1 + 2 w lse) - onehot, over n
-            grad = torch.softmax(logits, dim=-1).mul_((1.0 + 2.0 * z_weight * lse)[:, None])
-            grad.scatter_add_(1, t[:, None], grad.new_full((t.shape[0], 1), -1.0))
-            grad.div_(n)
-            grad_hidden[start:start + chunk_size] = (grad.to(compute_dtype) @ w)
-            grad_weight += grad.t() @ h.float()
+            # d(ce + w z)/d logits, for the token mean: (softmax * (1 + 2 w lse) - onehot) / n
+            grad = probs.mul_(((1.0 + 2.0 * z_weight * lse[:, None]) / n) / total)
+            grad.scatter_add_(1, t, grad.new_full(t.shape, -1.0 / n))
+            grad = grad.to(compute_dtype)
+            grad_hidden[start:start + chunk_size] = grad @ w
+            grad_weight += grad.t() @ h  # in the compute dtype, as F.linear's backward under autocast
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ce, z = ce_sum / n, z_sum / n
