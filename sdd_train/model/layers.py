@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
+from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
 from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
 
 try:  # optional: pip install flash-attn (GPU only)
@@ -233,7 +234,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     """Causal GQA attention on [B, S, H, D] inputs, returning [B, S, H, D].
 
     ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
-    scaled_dot_product_attention, 'auto' flash-attn where it can run, else SDPA. ``mask``: document
+    scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
+    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA. ``mask``: document
     spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a dense boolean mask
     (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA: flash-attn takes fewer
     k/v heads natively, SDPA with ``enable_gqa``.
@@ -253,6 +255,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
             "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
             " KV cache; use 'auto' or 'sdpa'"
         )
+    if backend == "auto" and mask is None and cpu_attention_usable(q, k):
+        return cpu_causal_attention(q, k, v)
     if isinstance(mask, DocumentSpans):
         mask = document_mask(mask.doc_ids)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))

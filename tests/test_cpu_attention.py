@@ -1,0 +1,84 @@
+"""The batched-matmul causal attention used on CPU for short sequences (sdd_train.kernels.cpu_attention)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import small_model_cfg
+from sdd_train.kernels import cpu_attention
+from sdd_train.model import Transformer, layers
+
+
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention in float64 through SDPA's math, k/v heads repeated for GQA."""
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_matches_float64_attention_and_gradients(dtype, heads, kv_heads):
+    """Output and q/k/v gradients against float64; k and v as strided slices of a fused projection
+    (as the model passes them). bf16: within the error of one bf16 rounding per product (SDPA's own
+    bf16 kernel is ~2e-3 here)."""
+    torch.manual_seed(0)
+    b, s, d = 3, 37, 16
+    q = (torch.randn(b, s, heads, d) * 2).to(dtype).requires_grad_()
+    kv = torch.randn(b, s, 2 * kv_heads * d).to(dtype).requires_grad_()
+    k, v = (t.unflatten(-1, (kv_heads, d)) for t in kv.split(kv_heads * d, dim=-1))
+    dout = torch.randn(b, s, heads, d).to(dtype)
+    out = cpu_attention.cpu_causal_attention(q, k, v)
+    dq, dkv = torch.autograd.grad(out, (q, kv), dout)
+    q64, kv64 = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
+    k64, v64 = (t.unflatten(-1, (kv_heads, d)) for t in kv64.split(kv_heads * d, dim=-1))
+    ref = sdpa_reference(q64, k64, v64)
+    dq64, dkv64 = torch.autograd.grad(ref, (q64, kv64), dout.double())
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    for name, got, want in (("out", out, ref), ("dq", dq, dq64), ("dkv", dkv, dkv64)):
+        assert relative_error(got, want) < tol, name
+
+
+def test_auto_backend_dispatch_on_cpu(monkeypatch):
+    """'auto' on CPU takes it for unmasked sequences within MAX_SCORES; 'sdpa', a mask, or more
+    scores than MAX_SCORES go to SDPA, with the same result."""
+    calls = []
+    real = layers.cpu_causal_attention
+    monkeypatch.setattr(layers, "cpu_causal_attention", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    auto = layers.causal_attention(q, k, v, "auto")
+    assert calls == [1]
+    sdpa = layers.causal_attention(q, k, v, "sdpa")
+    masked = layers.causal_attention(q, k, v, "auto", layers.document_mask(torch.zeros(2, 9, dtype=torch.long)))
+    monkeypatch.setattr(cpu_attention, "MAX_SCORES", 2 * 4 * 9 * 9 - 1)
+    long = layers.causal_attention(q, k, v, "auto")
+    assert calls == [1]
+    for other in (sdpa, masked, long):
+        torch.testing.assert_close(auto, other, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", ["sdd", "pre"])
+def test_model_with_cpu_attention_equals_sdpa(block):
+    torch.manual_seed(0)
+    cfg = small_model_cfg(block)
+    auto, sdpa = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention_backend="sdpa"))
+    sdpa.load_state_dict(auto.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    logits = auto(tokens)
+    logits.square().mean().backward()
+    ref = sdpa(tokens)
+    ref.square().mean().backward()
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+    for (name, p), p_ref in zip(auto.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6 * p_ref.grad.abs().max().item(), msg=name)
