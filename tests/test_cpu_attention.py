@@ -27,10 +27,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_matches_float64_attention_and_gradients(dtype, heads, kv_heads):
-    """Output and q/k/v gradients against float64; k and v as strided slices of a fused projection
-    (as the model passes them). bf16: within the error of one bf16 rounding per product (SDPA's own
-    bf16 kernel is ~2e-3 here)."""
+@pytest.mark.parametrize("span", [64, 8])
+def test_matches_float64_attention_and_gradients(monkeypatch, dtype, heads, kv_heads, span):
+    """Output and q/k/v gradients against float64, in one span or five (the last one ragged); k and
+    v as strided slices of a fused projection (as the model passes them). bf16: within the error of
+    one bf16 rounding per product (SDPA's own bf16 kernel is ~2e-3 here)."""
+    monkeypatch.setattr(cpu_attention, "SPAN", span)
     torch.manual_seed(0)
     b, s, d = 3, 37, 16
     q = (torch.randn(b, s, heads, d) * 2).to(dtype).requires_grad_()

@@ -3,11 +3,12 @@
 PyTorch's SDPA on CPU runs a flash-style kernel: it tiles the sequence and recomputes the scores in
 the backward, which saves memory at long sequences but leaves the small matmuls of a short one
 underused. At the tiny config's shape (16 x 256 tokens, 4 query and 2 kv heads of 64) its forward
-+ backward takes ~33 ms per layer on the 2-core dev machine; this takes ~22 ms, a third of a
-compiled training step (docs/benchmarks.md). It materialises the [G*S, S] scores per kv head
-instead: one ``baddbmm`` adds the causal mask while scaling ``q k^T``, one softmax, and the backward
-reuses the saved probabilities. GQA is free: the G query heads that share a kv head are stacked
-along the rows of one matmul.
++ backward takes ~35 ms per layer on the 2-core dev machine; this takes ~19 ms (docs/benchmarks.md).
+It materialises the scores instead, span by span of :data:`SPAN` query positions: a span attends
+only to the keys up to its end, so the masked upper triangle is mostly never computed (the work
+of 4 spans of 256 positions is 5/8 of the full square). Per span one ``baddbmm`` scales ``q k^T``
+and adds the causal mask, one softmax, one product with ``v``; the backward reuses the saved
+probabilities. GQA is free: the G query heads that share a kv head are rows of the same matmul.
 
 Precision: scores, softmax and the score gradient in fp32 (like SDPA's kernel); the products with
 ``v``, and the ``q``/``k`` gradient products, in the input dtype with fp32 accumulation. Memory:
@@ -22,6 +23,8 @@ import torch
 # Scores (batch x query heads x S x S) per call up to which the scores are materialised:
 # 2^24 = ~100 MB kept per layer for the backward in bf16 (the tiny config: 2^22).
 MAX_SCORES = 1 << 24
+# Query positions per span (64 and 32 measured alike at S=256, 128 ~7% slower, one span ~25%).
+SPAN = 64
 
 
 def cpu_attention_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -32,22 +35,22 @@ def cpu_attention_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of [B, S, H, D] queries over [B, S, Hkv, D] keys and values -> [B, S, H, D]."""
-    return _CPUAttention.apply(q, k, v)
+    return _CPUAttention.apply(q, k, v, SPAN)
 
 
 def _stack_groups(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, S, H, D] -> [B * Hkv, G * S, D]: the G query heads of a kv head stacked along the rows."""
+    """[B, S, H, D] -> [B * Hkv, S * G, D]: row s * G + g is query head g of the kv head at position s,
+    so the rows of a span of positions are contiguous."""
     b, s, h, d = t.shape
-    g = h // kv_heads
-    return t.view(b, s, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(b * kv_heads, g * s, d)
+    return t.view(b, s, kv_heads, h // kv_heads, d).transpose(1, 2).reshape(b * kv_heads, s * (h // kv_heads), d)
 
 
 def _unstack_groups(t: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """Inverse of :func:`_stack_groups`."""
-    bk, gs, d = t.shape
+    bk, sg, d = t.shape
     kv_heads = bk // batch
     g = heads // kv_heads
-    return t.view(batch, kv_heads, g, gs // g, d).permute(0, 3, 1, 2, 4).reshape(batch, gs // g, heads, d)
+    return t.view(batch, kv_heads, sg // g, g, d).transpose(1, 2).reshape(batch, sg // g, heads, d)
 
 
 def _kv_layout(t: torch.Tensor) -> torch.Tensor:
@@ -61,35 +64,54 @@ def _from_kv_layout(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.view(batch, bk // batch, s, d).transpose(1, 2)
 
 
+def _spans(s: int, span: int) -> list[tuple[int, int]]:
+    return [(a, min(a + span, s)) for a in range(0, s, span)]
+
+
 class _CPUAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor:
         b, s, h, d = q.shape
         kv_heads = k.shape[2]
+        g = h // kv_heads
         acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
         qs, ks, vs = _stack_groups(q, kv_heads), _kv_layout(k), _kv_layout(v)
-        # 0 on and below the diagonal, -inf above, for each of the G stacked heads
-        mask = torch.full((s, s), float("-inf"), dtype=acc, device=q.device).triu_(1).repeat(h // kv_heads, 1)
-        scores = torch.baddbmm(mask, qs.to(acc), ks.to(acc).transpose(1, 2), alpha=d**-0.5)
-        probs = torch.softmax(scores, dim=-1)
-        probs_low = probs.to(q.dtype)
-        out = torch.bmm(probs_low, vs)
-        ctx.save_for_backward(qs, ks, vs, probs, probs_low, out)
-        ctx.heads = h
+        qa, ka = qs.to(acc), ks.to(acc)
+        out = torch.empty_like(qs)
+        causal = torch.full((s, s), float("-inf"), dtype=acc, device=q.device).triu_(1).repeat_interleave(g, dim=0)
+        saved = []
+        for a, e in _spans(s, span):
+            rows = slice(a * g, e * g)
+            scores = torch.baddbmm(causal[rows, :e], qa[:, rows], ka[:, :e].transpose(1, 2), alpha=d**-0.5)
+            probs = torch.softmax(scores, dim=-1)
+            probs_low = probs.to(q.dtype)
+            out[:, rows] = torch.bmm(probs_low, vs[:, :e])
+            saved += [probs, probs_low]
+        ctx.save_for_backward(qs, ks, vs, out, *saved)
+        ctx.heads, ctx.span = h, span
         return _unstack_groups(out, b, h)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        qs, ks, vs, probs, probs_low, out = ctx.saved_tensors
+        qs, ks, vs, out, *saved = ctx.saved_tensors
         b = dout.shape[0]
+        s = ks.shape[1]
+        g = qs.shape[1] // s
         scale = qs.shape[-1] ** -0.5
-        acc = probs.dtype
+        acc = saved[0].dtype
         do = _stack_groups(dout.to(qs.dtype), ks.shape[0] // b)
-        dv = torch.bmm(probs_low.transpose(1, 2), do)  # sums the G stacked heads of each kv head
-        dprobs = torch.bmm(do.to(acc), vs.to(acc).transpose(1, 2))
         # softmax backward: dscores = P * (dP - rowsum(dO * O))
         delta = torch.linalg.vecdot(do.to(acc), out.to(acc)).unsqueeze_(-1)
-        dscores = dprobs.sub_(delta).mul_(probs).to(qs.dtype)
-        dq = torch.bmm(dscores, ks).mul_(scale)
-        dk = torch.bmm(dscores.transpose(1, 2), qs).mul_(scale)
-        return _unstack_groups(dq, b, ctx.heads), _from_kv_layout(dk, b), _from_kv_layout(dv, b)
+        dq = torch.empty_like(qs)
+        dk = torch.zeros(ks.shape, dtype=acc, device=ks.device)
+        dv = torch.zeros(vs.shape, dtype=acc, device=vs.device)
+        va = vs.to(acc)
+        for (a, e), probs, probs_low in zip(_spans(s, ctx.span), saved[0::2], saved[1::2]):
+            rows = slice(a * g, e * g)
+            dv[:, :e] += torch.bmm(probs_low.transpose(1, 2), do[:, rows])  # sums the G heads of a kv head
+            dprobs = torch.bmm(do[:, rows].to(acc), va[:, :e].transpose(1, 2))
+            dscores = dprobs.sub_(delta[:, rows]).mul_(probs).to(qs.dtype)
+            dq[:, rows] = torch.bmm(dscores, ks[:, :e]).mul_(scale)
+            dk[:, :e] += torch.bmm(dscores.transpose(1, 2), qs[:, rows])
+        dk = dk.mul_(scale).to(ks.dtype)
+        return _unstack_groups(dq, b, ctx.heads), _from_kv_layout(dk, b), _from_kv_layout(dv.to(vs.dtype), b), None
