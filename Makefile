@@ -1,7 +1,7 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
-#   make bench   set up, then run the benchmarks (step time vs transformers, 1 vs 2 ranks, data, MoE layer, loss
+#   make bench   set up, then run the benchmarks (step time vs transformers, CPU ops, 1 vs 2 ranks, data, MoE layer, loss
 #                memory; with CUDA also dense 1B step time / MFU / memory and the fused-norm kernels)
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,6 +28,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/step_time.py $(ARGS)
+	$(PY) benchmarks/cpu_ops.py
 	$(PY) benchmarks/distributed_step.py
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/moe_layer.py

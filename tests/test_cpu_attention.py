@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,8 @@ import torch.nn.functional as F
 from conftest import small_model_cfg
 from sdd_train.kernels import cpu_attention
 from sdd_train.model import Transformer, layers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -84,3 +89,13 @@ def test_model_with_cpu_attention_equals_sdpa(block):
     torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
     for (name, p), p_ref in zip(auto.named_parameters(), sdpa.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6 * p_ref.grad.abs().max().item(), msg=name)
+
+
+def test_cpu_ops_benchmark_smoke(tmp_path):
+    """benchmarks/cpu_ops.py runs end to end (tiny shapes; its numbers mean nothing here)."""
+    spec = importlib.util.spec_from_file_location("bench_cpu_ops", ROOT / "benchmarks" / "cpu_ops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--reps", "1", "--json", str(tmp_path / "ops.json")]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["fwd_bwd_ms"] > 0 for r in rows)

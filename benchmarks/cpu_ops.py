@@ -1,0 +1,125 @@
+"""CPU building blocks at the tiny config's micro-batch (16 x 256 tokens), forward + backward,
+each next to the plain PyTorch alternative it replaces, interleaved round by round:
+
+- attention (4 query / 2 kv heads of 64): ``sdd_train.kernels.cpu_attention`` vs SDPA's CPU kernel;
+- RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the PyTorch-path norm
+  (hand-written backward, rows in cache-sized blocks) vs the composite ops under autograd;
+- LM head + loss (vocabulary 8,192): the chunked fused path vs plain logits + cross-entropy.
+
+    python benchmarks/cpu_ops.py [--reps 15] [--json runs/bench_cpu_ops.json] [--smoke]
+
+Runs in a CPU world (``init_world('cpu')``), so glibc malloc keeps freed memory as in training;
+``SDD_TRAIN_CPU_MALLOC=system`` shows the default allocator. ``--smoke``: tiny shapes, to check
+the script, not to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
+from sdd_train.model.layers import rms_norm_torch  # noqa: E402
+from sdd_train.train.distributed import init_world  # noqa: E402
+from sdd_train.train.loss import linear_cross_entropy, lm_loss  # noqa: E402
+
+Step = Callable[[], None]
+
+
+def composite_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The textbook PyTorch RMSNorm (what autograd differentiates op by op)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight).to(x.dtype)
+
+
+def attention_cases(b: int, s: int) -> dict[str, Step]:
+    q = torch.randn(b, s, 4, 64, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(b, s, 2 * 2 * 64, dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(b, s, 4, 64, dtype=torch.bfloat16)
+
+    def views() -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = kv.split(128, dim=-1)  # strided slices of a fused projection, as in the model
+        return k.unflatten(-1, (2, 64)), v.unflatten(-1, (2, 64))
+
+    def sdpa() -> None:
+        k, v = views()
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=True)
+        out.transpose(1, 2).backward(dout)
+
+    return {"attention: cpu_attention": lambda: cpu_causal_attention(q, *views()).backward(dout),
+            "attention: SDPA": sdpa}
+
+
+def norm_cases(rows: int, width: int) -> dict[str, Step]:
+    x = (torch.randn(rows, width) * 3).to(torch.bfloat16).requires_grad_()
+    weight = (torch.rand(width) + 0.5).requires_grad_()
+    dy = torch.randn(rows, width, dtype=torch.bfloat16)
+    return {f"norm {width}: rms_norm_torch": lambda: rms_norm_torch(x, weight, 1e-5).backward(dy),
+            f"norm {width}: composite": lambda: composite_rms_norm(x, weight, 1e-5).backward(dy)}
+
+
+def loss_cases(tokens: int, vocab: int) -> dict[str, Step]:
+    hidden = torch.randn(tokens, 256, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(vocab, 256) * 0.02).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,))
+
+    def plain() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = lm_loss(F.linear(hidden, weight), targets)[0]
+        loss.backward()
+
+    def chunked() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets, 0.0, 1024)[0]
+        loss.backward()
+
+    return {"head + loss: chunked (1,024)": chunked, "head + loss: plain": plain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--json", default="runs/bench_cpu_ops.json")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
+    args = parser.parse_args(argv)
+    init_world("cpu")
+    torch.manual_seed(0)
+    b, s, vocab = (2, 16, 64) if args.smoke else (16, 256, 8192)
+    cases = {**attention_cases(b, s), **norm_cases(b * s, 256), **norm_cases(b * s, 1376),
+             **loss_cases(b * s, vocab)}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for step in cases.values():
+        step()  # warm-up
+    for _ in range(args.reps):
+        for name, step in cases.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    rows = [{"case": name, "fwd_bwd_ms": statistics.median(t) * 1e3, "fastest_ms": min(t) * 1e3}
+            for name, t in times.items()]
+    print(f"{'case':<32} {'fwd+bwd (ms)':>13} {'fastest':>8}")
+    for r in rows:
+        print(f"{r['case']:<32} {r['fwd_bwd_ms']:>13.2f} {r['fastest_ms']:>8.2f}")
+    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
