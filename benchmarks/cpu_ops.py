@@ -16,9 +16,6 @@ the script, not to measure.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +31,7 @@ from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
 from sdd_train.model.layers import rms_norm_torch  # noqa: E402
 from sdd_train.train.distributed import init_world  # noqa: E402
 from sdd_train.train.loss import linear_cross_entropy, lm_loss  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -113,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<32} {'fwd+bwd (ms)':>13} {'fastest':>8}")
     for r in rows:
         print(f"{r['case']:<32} {r['fwd_bwd_ms']:>13.2f} {r['fastest_ms']:>8.2f}")
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, rows=rows)
     return 0
 
 

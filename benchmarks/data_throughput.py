@@ -10,10 +10,7 @@ loader reads ``--batches`` global batches of the tiny config's shape from the re
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +24,7 @@ from sdd_train.data.loader import MixtureLoader  # noqa: E402
 from sdd_train.data.prepare import PrepareOptions, prepare  # noqa: E402
 from sdd_train.data.sources import iter_documents, list_units  # noqa: E402
 from sdd_train.data.tokenizer import train_tokenizer  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 
 def main() -> None:
@@ -63,7 +61,6 @@ def main() -> None:
         load_s = time.perf_counter() - start
     load_tok_s = args.batches * args.global_batch * args.seq_len / load_s
     result = {
-        "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
         "inputs": f"{len(inputs)} input(s), {in_bytes / 1e6:.1f} MB", "format": fmt, "workers": args.workers,
         "vocab_size": args.vocab_size, "tokens": tokens, "prepare_s": prep_s, "prepare_tokens_per_s": tokens / prep_s,
         "prepare_mb_per_s": in_bytes / 1e6 / prep_s, "loader_tokens_per_s": load_tok_s,
@@ -72,9 +69,7 @@ def main() -> None:
     print(f"prepare: {tokens:,} tokens from {result['inputs']} in {prep_s:.2f} s with {args.workers} workers:"
           f" {tokens / prep_s:,.0f} tokens/s ({result['prepare_mb_per_s']:.1f} MB/s)")
     print(f"loader: {load_tok_s:,.0f} tokens/s ({args.batches} batches of {result['loader_shape']})")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, **result)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,18 @@ directory; the result is the median ``step_time`` the trainer logged after the f
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.train.metrics import read_metrics  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 
 def run(ranks: int, config: str, steps: int, skip: int, overrides: list[str], root: Path) -> dict:
@@ -63,11 +60,7 @@ def main() -> None:
     print(f"\n{'ranks':>5} {'step (s)':>9} {'tokens/s':>10} {'final loss':>10}")
     for r in rows:
         print(f"{r['ranks']:>5} {r['step_s']:>9.3f} {r['tokens_per_sec']:>10,.0f} {r['final_loss']:>10.4f}")
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "cpus": os.cpu_count(), "config": args.config, "overrides": args.overrides, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, config=args.config, overrides=args.overrides, rows=rows)
 
 
 if __name__ == "__main__":

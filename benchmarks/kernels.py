@@ -13,9 +13,6 @@ CPU), to check the script itself, not to measure.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.kernels.rms_norm import fused_rms_norm, triton_available  # noqa: E402
 from sdd_train.model.layers import rms_norm_torch  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 ROWS = 4 * 4096  # one micro-batch of the dense 1B recipe
 # name, row shape, groups: every norm of the dense 1B SDD model
@@ -106,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         cells = " ".join(f"{r[p + '_fwd_s'] * 1e6:>10.1f}/{r[p + '_fwd_bwd_s'] * 1e6:>11.1f}" for p in paths)
         print(f"{r['case']:<36} {r['copy_s'] * 1e6:>8.1f} {cells} {r['fwd_vs_copy']:>9.2f} {r['fwd_gbps']:>7.0f}")
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)", rows=rows)
     return 0
 
 

@@ -9,9 +9,6 @@ one. Reports the median of ``--repeats`` timed calls after one warm-up call.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import ModelConfig, MoEConfig  # noqa: E402
 from sdd_train.model.moe import MoE  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 
 def naive(layer: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +80,7 @@ def main() -> None:
     for r in rows:
         r["speedup_vs_naive"] = naive_s / r["seconds"]
         print(f"{r['mode']:<18} {r['seconds'] * 1e3:>9.1f} ms  {r['speedup_vs_naive']:>6.1f}x")
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "args": vars(args), "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, args=vars(args), rows=rows)
 
 
 if __name__ == "__main__":

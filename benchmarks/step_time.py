@@ -19,10 +19,7 @@ batches; ``--no-hf`` skips them.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +36,7 @@ from sdd_train.train.optim import build_optimizer  # noqa: E402
 from sdd_train.train.distributed import init_world  # noqa: E402
 from sdd_train.train.parallelize import apply_compile  # noqa: E402
 from sdd_train.train.trainer import autocast, peak_tflops  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 
 HF_OLMO2 = "hf-olmo2"
@@ -199,11 +197,7 @@ def main() -> None:
         memory = f"{mfu} {r['peak_mem_gib']:>9.1f}" if gpu else ""
         print(f"{r['block']:<10} {mode:<9} {r['step_s']:>9.3f} {r['tokens_per_sec']:>10,.0f}"
               f" {r['step_s'] / base[r['compiled']]:>8.2f}x{speedup}{memory}")
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "config": args.config, "overrides": args.set, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, config=args.config, overrides=args.set, rows=rows)
 
 
 if __name__ == "__main__":
