@@ -51,7 +51,8 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: in
 
 # Rows per step of the PyTorch-path norm on CPU: each elementwise op then streams ~2 MiB of fp32
 # that stays in cache for the next op, instead of the whole [tokens, width] tensor through memory
-# (the SwiGLU-width norm of the tiny model: fwd+bwd 20 -> 6.5 ms on the 2-core dev machine).
+# (the tiny model's SwiGLU-width SDD norm, fwd+bwd on the 2-core dev machine: 7.4 ms, ~20 ms on
+# whole tensors or as composite ops; benchmarks/cpu_ops.py).
 _CPU_BLOCK_ELEMENTS = 1 << 19
 
 
@@ -235,10 +236,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
     ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
     scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
-    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA. ``mask``: document
-    spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a dense boolean mask
-    (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA: flash-attn takes fewer
-    k/v heads natively, SDPA with ``enable_gqa``.
+    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA.
+    ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a
+    dense boolean mask (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA:
+    flash-attn takes fewer k/v heads natively, SDPA with ``enable_gqa``.
     """
     flash_ok = (flash_attn_usable(q) and q.dtype in (torch.float16, torch.bfloat16)
                 and (mask is None or isinstance(mask, DocumentSpans)))
