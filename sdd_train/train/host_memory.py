@@ -5,7 +5,7 @@ PyTorch allocates CPU tensors with plain ``malloc``. glibc serves blocks above i
 the heap top back to the kernel, so every step's large activations and gradients are page-faulted
 in again, 4 KiB at a time, zero-filled by the kernel. Eager elementwise ops then run at page-fault
 speed: on the 2-core dev machine filling a fresh 128 MiB tensor took 45 ms instead of 5 ms, and a
-tiny-config eager ``sdd`` step 3.85 s instead of 2.03 s (docs/benchmarks.md). Serving all blocks
+tiny-config eager ``sdd`` step 2.08 s instead of 1.27 s (docs/benchmarks.md). Serving all blocks
 from the heap and never trimming it turns that into reuse, as the CUDA caching allocator does on
 GPU. The price: the process keeps its peak heap, which a training loop reaches every step anyway.
 
