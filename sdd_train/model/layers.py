@@ -23,14 +23,14 @@ except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_func = flash_attn_varlen_func = None
 
 
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision tensors to fp32; fp32 and fp64 unchanged (so float64 references stay exact)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype :func:`upcast` gives a tensor of ``dtype``."""
+    """fp32 for half precision; fp32 and fp64 unchanged (so float64 references stay exact)."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`compute_dtype` (the same tensor when it already is)."""
+    return x.to(compute_dtype(x.dtype))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
