@@ -56,6 +56,24 @@ def test_matches_float64_attention_and_gradients(monkeypatch, dtype, heads, kv_h
         assert relative_error(got, want) < tol, name
 
 
+def test_autocast_does_not_lower_the_score_precision():
+    """The model calls it under bf16 autocast: the result must be the one computed with fp32 scores
+    (autocast would run the score product in bf16; at this scale that doubled the error)."""
+    torch.manual_seed(0)
+    q = (torch.randn(2, 40, 4, 16) * 3).bfloat16().requires_grad_()
+    k = (torch.randn(2, 40, 2, 16) * 3).bfloat16().requires_grad_()
+    v = torch.randn(2, 40, 2, 16).bfloat16().requires_grad_()
+    dout = torch.randn(2, 40, 4, 16).bfloat16()
+    out = cpu_attention.cpu_causal_attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.autocast("cpu", torch.bfloat16):
+        out_ac = cpu_attention.cpu_causal_attention(q, k, v)
+    grads_ac = torch.autograd.grad(out_ac, (q, k, v), dout)
+    assert torch.equal(out_ac, out)
+    for g_ac, g in zip(grads_ac, grads):
+        assert torch.equal(g_ac, g)
+
+
 def test_auto_backend_dispatch_on_cpu(monkeypatch):
     """'auto' on CPU takes it for unmasked sequences within MAX_SCORES; 'sdpa', a mask, or more
     scores than MAX_SCORES go to SDPA, with the same result."""

@@ -69,6 +69,23 @@ def test_bf16_input_normalises_in_fp32():
     torch.testing.assert_close(y16.float(), y32, rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_does_not_lower_the_norm_precision():
+    """Blocks call the norm under bf16 autocast: output and gradients must be the fp32-statistics
+    ones (autocast would compute the mean square with a bf16 ``vecdot``)."""
+    torch.manual_seed(0)
+    x = (torch.randn(64, 256) * 3).bfloat16().requires_grad_()
+    weight = (torch.rand(256) + 0.5).requires_grad_()
+    dy = torch.randn(64, 256).bfloat16()
+    y = layers.rms_norm_torch(x, weight, 1e-5)
+    grads = torch.autograd.grad(y, (x, weight), dy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ac = layers.rms_norm_torch(x, weight, 1e-5)
+        grads_ac = torch.autograd.grad(y_ac, (x, weight), dy)
+    assert torch.equal(y_ac, y)
+    for g_ac, g in zip(grads_ac, grads):
+        assert torch.equal(g_ac, g)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_pytorch_norm_in_cpu_row_blocks_matches_float64(monkeypatch, dtype, groups):

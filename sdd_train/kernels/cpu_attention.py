@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from sdd_train.kernels.precision import autocast_off
+
 # Scores (batch x query heads x S x S) per call up to which the scores are materialised:
 # 2^24 = ~100 MB kept per layer for the backward in bf16 (the tiny config: 2^22).
 MAX_SCORES = 1 << 24
@@ -70,6 +72,7 @@ def _spans(s: int, span: int) -> list[tuple[int, int]]:
 
 class _CPUAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor:
         b, s, h, d = q.shape
         kv_heads = k.shape[2]
@@ -92,6 +95,7 @@ class _CPUAttention(torch.autograd.Function):
         return _unstack_groups(out, b, h)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout: torch.Tensor):
         qs, ks, vs, out, *saved = ctx.saved_tensors
         b = dout.shape[0]

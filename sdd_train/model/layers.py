@@ -15,6 +15,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
+from sdd_train.kernels.precision import autocast_off
 from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
 
 try:  # optional: pip install flash-attn (GPU only)
@@ -69,6 +70,7 @@ class _RMSNormFunction(torch.autograd.Function):
     blocks of rows with in-place ops."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
         x2 = x.reshape(-1, groups, x.shape[-1] // groups)
         n, _, d = x2.shape
@@ -86,6 +88,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         n, groups, d = x2.shape
