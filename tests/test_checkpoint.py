@@ -85,8 +85,12 @@ def test_export_consolidated_safetensors(reference, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+PLAIN_LOSS = "train.loss_chunk_size=0"
+
+
 class NaNAt:
-    """Wraps lm_loss so that the given forward calls return NaN (a planted bad batch)."""
+    """Wraps lm_loss so that the given forward calls return NaN (a planted bad batch); the runs
+    pass PLAIN_LOSS so the trainer computes its loss through lm_loss."""
 
     def __init__(self, calls: set[int] | None = None, from_call: int | None = None):
         self.calls, self.from_call, self.n = calls or set(), from_call, 0
@@ -103,7 +107,7 @@ class NaNAt:
 
 def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))  # step 3's first micro-batch (2 per step)
-    assert run(tmp_path, data_cache, "train.nonfinite=skip") == 0
+    assert run(tmp_path, data_cache, PLAIN_LOSS, "train.nonfinite=skip") == 0
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     skipped = [r for r in records if r.get("skipped")]
     assert [r["step"] for r in skipped] == [3]
@@ -115,7 +119,7 @@ def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch
 
 def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer, "lm_loss", NaNAt(from_call=5))
-    assert run(tmp_path, data_cache, "train.nonfinite=skip", "train.max_nonfinite_skips=3",
+    assert run(tmp_path, data_cache, PLAIN_LOSS, "train.nonfinite=skip", "train.max_nonfinite_skips=3",
                "train.checkpoint_interval=1") == 3
     assert "3 consecutive non-finite steps" in capsys.readouterr().err
     meta = checkpoint.read_meta(checkpoint.latest(tmp_path))
@@ -124,5 +128,5 @@ def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeyp
 
 def test_nonfinite_stop_is_the_default(data_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))
-    assert run(tmp_path, data_cache) == 3
+    assert run(tmp_path, data_cache, PLAIN_LOSS) == 3
     assert "train.nonfinite=skip" in capsys.readouterr().err
