@@ -6,14 +6,16 @@ Hugging Face transformers' ``Olmo2ForCausalLM`` of the same shape.
         --modes compiled --no-hf --set train.global_batch_size=8        # the GPU benchmark
 
 One step = a full optimizer step of the config's global batch (forward, backward over all
-micro-batches, clip, AdamW), with the loss computed as the trainer does (fused chunked head + loss
-when ``train.loss_chunk_size`` is set). Reports the median of ``--steps`` timed steps after warm-up,
-the rows' steps interleaved round by round (``--sequential``: one model after another);
+micro-batches, clip, AdamW), with the loss computed as the trainer does (the fused chunked head +
+loss; ``train.loss_chunk_size=0``: logits, then the plain loss). Reports the median of ``--steps``
+timed steps after warm-up, the rows' steps interleaved round by round (``--sequential``: one model
+after another);
 on CUDA also MFU (SPEC section 9: training FLOPs per token x tokens/s over the GPU's bf16 peak) and
 peak memory. The ``hf-olmo2`` rows (skipped when transformers is not installed) build
 Olmo2ForCausalLM with the config's width, depth, heads, FFN width, vocabulary and tied embeddings
-(OLMo2 is our ``reordered`` scheme) and train it with the plain loss, the same optimizer and
-batches; ``--no-hf`` skips them.
+(OLMo2 is our ``reordered`` scheme) and train it as a transformers user would: its own loss
+(``labels``: fp32 logits, then cross-entropy), compiled decoder layers in the compiled mode, the
+same optimizer and batches; ``--no-hf`` skips them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ HF_OLMO2 = "hf-olmo2"
 
 
 def olmo2_like(m) -> torch.nn.Module:
-    """transformers' Olmo2ForCausalLM with the shape of model config ``m`` (logits via ``.logits``)."""
+    """transformers' Olmo2ForCausalLM with the shape of model config ``m``; ``forward(tokens, targets)``
+    returns its own loss."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
     hf = Olmo2ForCausalLM(Olmo2Config(
@@ -52,7 +55,9 @@ def olmo2_like(m) -> torch.nn.Module:
         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, pad_token_id=None, eos_token_id=None,
         use_cache=False))
     forward = hf.forward
-    hf.forward = lambda tokens: forward(input_ids=tokens, use_cache=False).logits
+    # shift_labels: the targets are already shifted (labels only switches the loss on)
+    hf.forward = lambda tokens, targets: forward(input_ids=tokens, labels=targets, shift_labels=targets,
+                                                 use_cache=False).loss
     return hf
 
 
@@ -90,7 +95,9 @@ class Candidate:
         t, model = self.cfg.train, self.model
         for batch in self.batches:
             with autocast(self.device, self.precision):
-                if self.fused_loss:  # as the trainer does it
+                if self.block == HF_OLMO2:
+                    loss = model(batch[:, :-1], batch[:, 1:].contiguous())
+                elif self.fused_loss:  # as the trainer does it
                     loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
                                        loss_chunk=t.loss_chunk_size)
                 else:
@@ -119,10 +126,10 @@ class Candidate:
         t, device = self.cfg.train, self.device
         median = statistics.median(self.times)
         tokens = t.global_batch_size * t.seq_len
+        loss = "transformers" if self.block == HF_OLMO2 else "fused-chunked" if self.fused_loss else "plain"
         row = {"block": self.block, "compiled": self.compiled, "precision": self.precision, "step_s": median,
                "step_times_s": self.times, "tokens_per_sec": tokens / median, "warmup_s": self.warmup_s,
-               "tokens_per_step": tokens, "device": str(device),
-               "loss": "fused-chunked" if self.fused_loss else "plain"}
+               "tokens_per_step": tokens, "device": str(device), "loss": loss}
         if device.type == "cuda":
             peak = peak_tflops(t.peak_tflops, device)  # the trainer's: train.peak_tflops or the known GPU's
             flops = self.model.flops_per_token(t.seq_len) if self.block != HF_OLMO2 else None
