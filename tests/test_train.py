@@ -130,9 +130,15 @@ def test_weight_decay_groups(decay_gains, decay_embeddings):
 
 
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-def test_chunked_linear_cross_entropy_equals_the_plain_loss(z_loss):
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss, block_rows):
+    """Chunks of 10 rows (the last one ragged); with block_rows=7 the softmax gradient of every chunk
+    is formed in CPU blocks of 7 + 3 rows."""
+    from sdd_train.train import loss as loss_module
     from sdd_train.train.loss import linear_cross_entropy, lm_loss
 
+    if block_rows:
+        monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", block_rows * 50)
     torch.manual_seed(0)
     hidden = torch.randn(3, 37, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
@@ -145,6 +151,37 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(z_loss):
     assert (z_c is None) == (z is None) and (z is None or z_c.item() == pytest.approx(z.item(), rel=1e-6))
     for g, g_c in zip(grads, grads_c):
         assert g_c == pytest.approx(g, rel=1e-5, abs=1e-7)
+
+
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monkeypatch):
+    """bf16 matmuls, fp32 softmax, the gradient rounded to bf16 once: loss and gradients as close to
+    float64 as the plain autocast path's (CPU blocks of 7 rows, chunks of 10)."""
+    import torch.nn.functional as F
+
+    from sdd_train.train import loss as loss_module
+    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+
+    monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 37, 16).bfloat16().requires_grad_()
+    weight = torch.randn(50, 16).requires_grad_()
+    targets = torch.randint(0, 50, (3, 37))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = lm_loss(h64 @ w64.t(), targets, 1e-3)[0]
+    ref_grads = torch.autograd.grad(ref, (h64, w64))
+
+    def errors(loss_fn) -> list[float]:
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = loss_fn()
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        return [abs(loss.item() - ref.item()) / ref.item()] + [
+            ((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads)]
+
+    plain = errors(lambda: lm_loss(F.linear(hidden, weight), targets, 1e-3)[0])
+    chunked = errors(lambda: linear_cross_entropy(hidden, weight, targets, 1e-3, chunk_size=10)[0])
+    assert max(plain) < 1e-2
+    for got, want in zip(chunked, plain):
+        assert got <= 1.5 * want + 1e-6
 
 
 def test_training_with_the_chunked_loss_matches_the_plain_loss(tmp_path, data_cache):
