@@ -3,15 +3,16 @@
 PyTorch's SDPA on CPU runs a flash-style kernel: it tiles the sequence and recomputes the scores in
 the backward, which saves memory at long sequences but leaves the small matmuls of a short one
 underused. At the tiny config's shape (16 x 256 tokens, 4 query and 2 kv heads of 64) its forward
-+ backward takes ~35 ms per layer on the 2-core dev machine; this takes ~19 ms (docs/benchmarks.md).
++ backward takes ~27 ms per layer on the 2-core dev machine; this takes ~14 ms (docs/benchmarks.md).
 It materialises the scores instead, span by span of :data:`SPAN` query positions: a span attends
 only to the keys up to its end, so the masked upper triangle is mostly never computed (the work
 of 4 spans of 256 positions is 5/8 of the full square). Per span one ``baddbmm`` scales ``q k^T``
 and adds the causal mask, one softmax, one product with ``v``; the backward reuses the saved
 probabilities. GQA is free: the G query heads that share a kv head are rows of the same matmul.
 
-Precision: scores, softmax and the score gradient in fp32 (like SDPA's kernel); the products with
-``v``, and the ``q``/``k`` gradient products, in the input dtype with fp32 accumulation. Memory:
+Precision: scores, softmax and the score gradient in fp32 (like SDPA's kernel), also under bf16
+autocast (turned off inside); the products with ``v``, and the ``q``/``k`` gradient products, in
+the input dtype with fp32 accumulation. Memory:
 the probabilities are kept for the backward (6 bytes per score in bf16), so it is used only up to
 :data:`MAX_SCORES` scores per layer; longer inputs go to SDPA.
 """
