@@ -74,6 +74,18 @@ def test_autocast_does_not_lower_the_score_precision():
         assert torch.equal(g_ac, g)
 
 
+def test_compiled_under_autocast_keeps_fp32_scores():
+    """Inside the compiled blocks too (dynamo traces the autograd function, autocast-off included)."""
+    torch.manual_seed(0)
+    q = (torch.randn(2, 40, 4, 16) * 3).bfloat16()
+    k = (torch.randn(2, 40, 2, 16) * 3).bfloat16()
+    v = torch.randn(2, 40, 2, 16).bfloat16()
+    compiled = torch.compile(cpu_attention.cpu_causal_attention, fullgraph=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out = compiled(q, k, v)
+    assert torch.equal(out, cpu_attention.cpu_causal_attention(q, k, v))
+
+
 def test_auto_backend_dispatch_on_cpu(monkeypatch):
     """'auto' on CPU takes it for unmasked sequences within MAX_SCORES; 'sdpa', a mask, or more
     scores than MAX_SCORES go to SDPA, with the same result."""
