@@ -153,6 +153,24 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss,
         assert g_c == pytest.approx(g, rel=1e-5, abs=1e-7)
 
 
+def test_chunked_loss_computes_only_the_gradients_asked_for():
+    """Without grad mode (evaluation) only the loss; with a frozen input only the weight gradient;
+    the values those of the plain loss."""
+    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    plain = lm_loss(hidden @ weight.t(), targets)[0]
+    (grad_plain,) = torch.autograd.grad(plain, weight)
+    with torch.no_grad():
+        total, _, _ = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert total.grad_fn is None and total.item() == pytest.approx(plain.item(), rel=1e-6)
+    total, _, _ = linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    (grad_weight,) = torch.autograd.grad(total, weight)
+    assert grad_weight == pytest.approx(grad_plain, rel=1e-5, abs=1e-7)
+
+
 def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monkeypatch):
     """bf16 matmuls, fp32 softmax, the gradient rounded to bf16 once: loss and gradients as close to
     float64 as the plain autocast path's (CPU blocks of 7 rows, chunks of 10)."""

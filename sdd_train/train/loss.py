@@ -62,14 +62,16 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, z_weight: 
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """(hidden [N, d], weight [V, d], targets [N]) -> (ce + w * z, ce, z), gradients precomputed per chunk."""
+    """(hidden [N, d], weight [V, d], targets [N]) -> (ce + w * z, ce, z), gradients precomputed per chunk
+    (only those asked for: without grad mode, e.g. in evaluation, the loss costs one matmul, not three)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, z_weight: float, chunk_size: int, compute_dtype: torch.dtype):
+    def forward(ctx, hidden, weight, targets, z_weight: float, chunk_size: int, compute_dtype: torch.dtype,
+                want_hidden: bool, want_weight: bool):
         n = hidden.shape[0]
         w = weight.to(compute_dtype)
-        grad_hidden = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=compute_dtype, device=hidden.device) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         z_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk_size):
@@ -78,8 +80,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             ce, z = _cross_entropy_grad_(grad, targets[start:start + chunk_size], z_weight, n)
             ce_sum += ce
             z_sum += z
-            grad_hidden[start:start + chunk_size] = grad @ w
-            grad_weight += grad.t() @ h  # in the compute dtype, as F.linear's backward under autocast
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_size] = grad @ w
+            if grad_weight is not None:
+                grad_weight += grad.t() @ h  # in the compute dtype, as F.linear's backward under autocast
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ce, z = ce_sum / n, z_sum / n
@@ -90,8 +94,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total, _grad_ce, _grad_z):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden * grad_total).to(hidden_dtype), (grad_weight * grad_total).to(weight_dtype),
-                None, None, None, None)
+        return ((grad_hidden * grad_total).to(hidden_dtype) if grad_hidden is not None else None,
+                (grad_weight * grad_total).to(weight_dtype) if grad_weight is not None else None,
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -104,7 +109,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
+    grad_mode = torch.is_grad_enabled()
     with torch.autocast(hidden.device.type, enabled=False):
         total, ce, z = _LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, targets.flatten(),
-                                                 float(z_loss_weight), int(chunk_size), dtype)
+                                                 float(z_loss_weight), int(chunk_size), dtype,
+                                                 grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad)
     return total, ce, (z if z_loss_weight > 0 else None)
