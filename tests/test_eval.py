@@ -223,6 +223,24 @@ def test_reordered_exports_to_native_olmo2(run, tmp_path):
 # --------------------------------------------------------------------------- validation
 
 
+def test_validation_with_the_fused_loss_equals_the_plain_loss():
+    """train.loss_chunk_size > 0 evaluates through the fused head + loss (no full logits): same losses."""
+    from sdd_train.eval.inference import LOCAL_WORLD
+    from sdd_train.eval.validation import EvalSet, evaluate_sets
+
+    torch.manual_seed(0)
+    cfg = small_model_cfg("sdd")
+    model = Transformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 2, 17))
+    sets = [EvalSet("a", [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens[:2]]),
+            EvalSet("b", [{"inputs": tokens[2, :, :-1], "targets": tokens[2, :, 1:]}])]
+    plain = evaluate_sets(model, sets, LOCAL_WORLD)
+    fused = evaluate_sets(model, sets, LOCAL_WORLD, loss_chunk=5)
+    assert plain.keys() == fused.keys() and "val/b/loss" in plain
+    for key, value in plain.items():
+        assert fused[key] == pytest.approx(value, rel=1e-6), key
+
+
 def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     from sdd_train.eval.validation import main as eval_main
     from sdd_train.train.metrics import read_metrics

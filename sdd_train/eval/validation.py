@@ -59,8 +59,12 @@ def build_eval_sets(cfg: RunConfig, datasets: list[PreparedDataset], names: list
 
 @torch.no_grad()
 def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
-                  autocast_ctx=None) -> dict[str, float]:
-    """``val/<name>/loss`` and ``val/<name>/ppl`` per set, and ``val_loss``: the token mean over all sets."""
+                  autocast_ctx=None, loss_chunk: int = 0) -> dict[str, float]:
+    """``val/<name>/loss`` and ``val/<name>/ppl`` per set, and ``val_loss``: the token mean over all sets.
+
+    ``loss_chunk`` > 0 (``train.loss_chunk_size``): the fused head + loss, as in training, so the full
+    logits never exist here either; 0: logits, then the plain loss.
+    """
     import contextlib
 
     was_training = model.training
@@ -74,8 +78,13 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
             batch = s.batches[index] if index < len(s.batches) else s.batches[0]
             batch = {k: v.to(world.device) for k, v in batch.items()}
             with autocast_ctx or contextlib.nullcontext():
-                logits = model(batch["inputs"], batch.get("doc_ids"))
-            _, ce, _ = lm_loss(logits, batch["targets"])
+                if loss_chunk:
+                    _, ce, _ = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
+                                     loss_chunk=loss_chunk)
+                else:
+                    logits = model(batch["inputs"], batch.get("doc_ids"))
+            if not loss_chunk:
+                _, ce, _ = lm_loss(logits, batch["targets"])
             if index < len(s.batches):
                 n = batch["targets"].numel()
                 sums[i, 0] += ce.double() * n
@@ -103,7 +112,8 @@ def evaluate_checkpoint(path: str | Path, step: int | None = None) -> dict[str, 
     sets = build_eval_sets(cfg, *local_run_data(cfg), cfg.train.eval_batches)
     if not sets:
         raise ConfigError(f"{path}: no validation set holds a full sequence of {cfg.train.seq_len + 1} tokens")
-    return evaluate_sets(loaded.model, sets, LOCAL_WORLD, autocast(LOCAL_WORLD.device, cfg.train.precision))
+    return evaluate_sets(loaded.model, sets, LOCAL_WORLD, autocast(LOCAL_WORLD.device, cfg.train.precision),
+                         cfg.train.loss_chunk_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -338,8 +338,8 @@ class Trainer:
                         last_time, last_step, max_grad_norm = time.perf_counter(), step, 0.0
                     if eval_sets and t.eval_batches and t.eval_interval and (step % t.eval_interval == 0
                                                                             or step == t.max_steps):
-                        self._write("metrics", {"step": step, **evaluate_sets(self.model, eval_sets, world,
-                                                                              self._autocast())}, console=True)
+                        val = evaluate_sets(self.model, eval_sets, world, self._autocast(), t.loss_chunk_size)
+                        self._write("metrics", {"step": step, **val}, console=True)
                         last_time = time.perf_counter()  # keep eval time out of tokens/s
                     if eval_sets and diag.activation_interval and (step % diag.activation_interval == 0
                                                                    or step == t.max_steps):
