@@ -77,14 +77,12 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
             # every rank runs the same number of forwards (FSDP2 gathers parameters collectively)
             batch = s.batches[index] if index < len(s.batches) else s.batches[0]
             batch = {k: v.to(world.device) for k, v in batch.items()}
-            with autocast_ctx or contextlib.nullcontext():
+            with autocast_ctx or contextlib.nullcontext():  # as the training step computes its loss
                 if loss_chunk:
                     _, ce, _ = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
                                      loss_chunk=loss_chunk)
                 else:
-                    logits = model(batch["inputs"], batch.get("doc_ids"))
-            if not loss_chunk:
-                _, ce, _ = lm_loss(logits, batch["targets"])
+                    _, ce, _ = lm_loss(model(batch["inputs"], batch.get("doc_ids")), batch["targets"])
             if index < len(s.batches):
                 n = batch["targets"].numel()
                 sums[i, 0] += ce.double() * n

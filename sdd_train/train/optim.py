@@ -39,8 +39,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     # fused: one kernel per parameter group instead of ~10 ops per tensor (the tiny model's step on
-    # the 2-core dev machine: 2.1 ms instead of 7.5 ms); CPU and CUDA both have it
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    # the 2-core dev machine: 4.2 ms instead of 8.7 ms, benchmarks/cpu_ops.py); CPU and CUDA have it
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=True)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
