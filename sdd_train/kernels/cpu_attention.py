@@ -12,16 +12,16 @@ probabilities. GQA is free: the G query heads that share a kv head are rows of t
 
 Precision: scores, softmax and the score gradient in fp32 (like SDPA's kernel), also under bf16
 autocast (turned off inside); the products with ``v``, and the ``q``/``k`` gradient products, in
-the input dtype with fp32 accumulation. Memory:
-the probabilities are kept for the backward (6 bytes per score in bf16), so it is used only up to
-:data:`MAX_SCORES` scores per layer; longer inputs go to SDPA.
+the input dtype with fp32 accumulation. Memory: the probabilities are kept for the backward (6 bytes
+per score in bf16), so it is used only up to :data:`MAX_SCORES` scores per layer; longer inputs go
+to SDPA.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sdd_train.kernels.precision import autocast_off
+from sdd_train.kernels.precision import autocast_off, compute_dtype
 
 # Scores (batch x query heads x S x S) per call up to which the scores are materialised:
 # 2^24 = ~100 MB kept per layer for the backward in bf16 (the tiny config: 2^22).
@@ -78,7 +78,7 @@ class _CPUAttention(torch.autograd.Function):
         b, s, h, d = q.shape
         kv_heads = k.shape[2]
         g = h // kv_heads
-        acc = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        acc = compute_dtype(q.dtype)
         qs, ks, vs = _stack_groups(q, kv_heads), _kv_layout(k), _kv_layout(v)
         qa, ka = qs.to(acc), ks.to(acc)
         out = torch.empty_like(qs)

@@ -1,4 +1,4 @@
-"""Autocast off inside the hand-written autograd functions.
+"""The dtypes the hand-written autograd functions compute in, and autocast off inside them.
 
 Their forward and backward choose the dtype of every op themselves: fp32 statistics and scores
 from bf16 inputs. Under bf16 autocast, the ops on its lower-precision list (matmuls,
@@ -12,6 +12,11 @@ import functools
 from collections.abc import Callable
 
 import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half precision; fp32 and fp64 unchanged (so float64 references stay exact)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def autocast_off(fn: Callable) -> Callable:

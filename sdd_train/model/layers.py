@@ -15,18 +15,13 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
-from sdd_train.kernels.precision import autocast_off
+from sdd_train.kernels.precision import autocast_off, compute_dtype
 from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
 
 try:  # optional: pip install flash-attn (GPU only)
     from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_func = flash_attn_varlen_func = None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half precision; fp32 and fp64 unchanged (so float64 references stay exact)."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
