@@ -30,6 +30,27 @@ def test_compiled_blocks_match_eager(block):
     assert set(model.state_dict()) == set(Transformer(small_model_cfg(block)).state_dict())  # names unchanged
 
 
+@pytest.mark.parametrize("block", ["sdd", "pre"])
+def test_compiled_blocks_follow_shape_changes(block):
+    """A new batch size or sequence length (a short validation batch) recompiles and still gives
+    eager's result. With sizes turned symbolic, torch 2.11's dynamo (the GPU image's) failed on
+    the CPU attention's span loop and on the norm's row blocks."""
+    torch.manual_seed(0)
+    model = Transformer(small_model_cfg(block))
+    compiled = Transformer(small_model_cfg(block))
+    compiled.load_state_dict(model.state_dict())
+    apply_compile(compiled)
+    for shape in [(2, 16), (3, 16), (3, 24), (2, 8)]:
+        tokens = torch.randint(0, 97, shape)
+        want = model(tokens)
+        want.square().mean().backward()
+        got = compiled(tokens)
+        got.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    for (name, p), q in zip(model.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+
+
 def test_sdpa_fallback_without_gqa_support(monkeypatch):
     """Older torch (no enable_gqa) repeats k/v heads; both paths agree."""
     q = torch.randn(2, 9, 4, 8)

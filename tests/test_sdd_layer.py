@@ -108,3 +108,18 @@ def test_pytorch_norm_in_cpu_row_blocks_matches_float64(monkeypatch, dtype, grou
     assert y.dtype == dtype
     for got, want in ((y, ref), (x.grad, x64.grad), (weight.grad, w64.grad)):
         torch.testing.assert_close(got.double(), want, rtol=rtol, atol=1e-6 * want.abs().max().item())
+
+
+def test_norm_compiles_with_symbolic_sizes():
+    """A compiled norm whose input shape changes gets symbolic sizes (dynamo's automatic dynamic
+    shapes): torch 2.11's dynamo failed on size arithmetic inside the norm's autograd function."""
+    weight = torch.rand(32) + 0.5
+    norm = torch.compile(lambda x, w: layers.rms_norm_torch(x, w, 1e-5), fullgraph=True)
+    for shape in [(2, 16, 32), (3, 16, 32), (3, 24, 32)]:
+        x = torch.randn(shape, requires_grad=True)
+        w = weight.clone().requires_grad_()
+        norm(x, w).square().sum().backward()
+        x64, w64 = x.detach().double().requires_grad_(), weight.double().requires_grad_()
+        layers.rms_norm_torch(x64, w64, 1e-5).square().sum().backward()
+        torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-4)

@@ -52,10 +52,14 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: in
 _CPU_BLOCK_ELEMENTS = 1 << 19
 
 
-def _block_rows(x: torch.Tensor, rows: int, width: int) -> int:
+def _row_blocks(x: torch.Tensor, rows: int, width: int) -> list[slice]:
+    """The blocks of rows the norm works through: one (the whole tensor) on GPUs, which stream
+    anyway, and inside torch.compile, where inductor fuses it and where no size arithmetic may
+    reach the graph (torch 2.11's dynamo fails on it once shapes turn symbolic)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return max(rows, 1)  # GPUs stream anyway; inside torch.compile inductor fuses the single block
-    return max(_CPU_BLOCK_ELEMENTS // width, 1)
+        return [slice(None)]
+    step = max(_CPU_BLOCK_ELEMENTS // width, 1)
+    return [slice(s, s + step) for s in range(0, rows, step)]
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -73,12 +77,11 @@ class _RMSNormFunction(torch.autograd.Function):
         w = weight.to(dtype).view(groups, d)
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(n, groups, 1, dtype=dtype, device=x.device)
-        step = _block_rows(x, n, x.shape[-1])
-        for s in range(0, n, step):
-            xf = x2[s:s + step].to(dtype, copy=True)
+        for rows in _row_blocks(x, n, x.shape[-1]):
+            xf = x2[rows].to(dtype, copy=True)
             r = torch.linalg.vecdot(xf, xf).unsqueeze_(-1).mul_(1.0 / d).add_(eps).rsqrt_()
-            rstd[s:s + step] = r
-            y[s:s + step] = xf.mul_(r).mul_(w)
+            rstd[rows] = r
+            y[rows] = xf.mul_(r).mul_(w)
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(x.shape)
 
@@ -92,17 +95,16 @@ class _RMSNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(x2.shape)
         dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         dw = torch.zeros(groups, d, dtype=dtype, device=x2.device) if ctx.needs_input_grad[1] else None
-        step = _block_rows(x2, n, groups * d)
-        for s in range(0, n, step):
-            r = rstd[s:s + step]
-            x_hat = x2[s:s + step].to(dtype, copy=True).mul_(r)
-            dyf = dy2[s:s + step].to(dtype, copy=True)
+        for rows in _row_blocks(x2, n, groups * d):
+            r = rstd[rows]
+            x_hat = x2[rows].to(dtype, copy=True).mul_(r)
+            dyf = dy2[rows].to(dtype, copy=True)
             if dw is not None:
                 dw += (dyf * x_hat).sum(0)
             wdy = dyf.mul_(w)
             # d/dx of w * x * rstd: rstd * (w dy - x_hat * mean(x_hat * w dy))
             mean = torch.linalg.vecdot(x_hat, wdy).unsqueeze_(-1).mul_(1.0 / d)
-            dx[s:s + step] = wdy.sub_(x_hat.mul_(mean)).mul_(r)
+            dx[rows] = wdy.sub_(x_hat.mul_(mean)).mul_(r)
         return dx.view(dy.shape), (dw.flatten().to(weight.dtype) if dw is not None else None), None, None
 
 
@@ -180,8 +182,10 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- attention
 
+# (major, minor) of the running torch, for features that newer releases add (we support >= 2.6).
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 # SDPA takes grouped k/v directly from torch 2.5 on.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+_SDPA_HAS_GQA = TORCH_VERSION >= (2, 5)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

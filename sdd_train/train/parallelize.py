@@ -40,9 +40,12 @@ def apply_compile(model: Transformer) -> None:
     """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown).
 
     Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer.
+    Shapes are static (``dynamic=False``): training runs one shape, and another one (a short
+    validation batch) gets its own graph instead of turning the sizes symbolic, which torch 2.11's
+    dynamo cannot trace through the CPU attention's span loop.
     """
     for block in model.blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True)
+        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
 
 
 def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision: str) -> None:
