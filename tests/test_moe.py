@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS, small_run
 from sdd_train.config import ModelConfig, MoEConfig, load_config
 from sdd_train.model import Transformer
+from sdd_train.model.layers import TORCH_VERSION
 from sdd_train.model.moe import MoE, load_stats
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
@@ -91,13 +92,19 @@ def test_gradients_match_reference(grouped_mm):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_grouped_mm_and_loop_agree_in_float32():
+def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
+    """'auto' runs torch._grouped_mm on CPU where it has a CPU kernel (torch >= 2.9), the loop before."""
     torch.manual_seed(2)
     a = moe_layer(8, 2, sdd=True, grouped_mm="auto", d=32, hidden=16).float()
     b = moe_layer(8, 2, sdd=True, grouped_mm="loop", d=32, hidden=16).float()
     b.load_state_dict(a.state_dict())
     x = torch.randn(40, 32)
+    calls = []
+    if hasattr(torch, "_grouped_mm"):
+        grouped_mm = torch._grouped_mm
+        monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kw: calls.append(1) or grouped_mm(*args, **kw))
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == (2 if TORCH_VERSION >= (2, 9) else 0)  # the up and the down projection
 
 
 def test_aux_losses_match_hand_computation():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
-from sdd_train.model.layers import upcast
+from sdd_train.model.layers import TORCH_VERSION, upcast
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -28,12 +28,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs on these operands: CUDA sm90+ in bf16, or CPU; 16-byte rows."""
+    """Whether ``torch._grouped_mm`` runs on these operands: CUDA sm90+ in bf16, or CPU from torch 2.9
+    on (2.8 has the op but no CPU kernel); 16-byte rows."""
     if not hasattr(torch, "_grouped_mm") or any(d % 8 for d in (*a.shape[1:], *b.shape[1:])):
         return False
     if a.is_cuda:
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
-    return a.dtype in (torch.float32, torch.bfloat16)
+    return TORCH_VERSION >= (2, 9) and a.dtype in (torch.float32, torch.bfloat16)
 
 
 # The expert GEMMs are custom ops: opaque to torch.compile (their per-expert row counts are data),
