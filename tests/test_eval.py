@@ -256,7 +256,10 @@ def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in records] == [3, 6]
     final = records[-1]
-    assert final["val/seen/loss"] < final["val/heldout/loss"]  # training text is easier than held-out text
+    # two different texts (after 6 steps the model has not memorised the seen one: their order is
+    # noise, and it flipped between torch versions); val_loss is their token-weighted mean
+    seen, heldout = final["val/seen/loss"], final["val/heldout/loss"]
+    assert seen != heldout and min(seen, heldout) < final["val_loss"] < max(seen, heldout)
     assert final["val/heldout/ppl"] == pytest.approx(math.exp(final["val/heldout/loss"]))
     from sdd_train.eval.validation import evaluate_checkpoint
 
