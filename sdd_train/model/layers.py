@@ -370,11 +370,17 @@ def init_full_(param: torch.Tensor, fill: Callable[[torch.Tensor], object]) -> N
     if type(param).__name__ != "DTensor":
         fill(param)
         return
+    import inspect
+
     from torch.distributed.tensor import distribute_tensor
 
     full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
     fill(full)
-    local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+    # Every rank holds the same full tensor: from torch 2.7 each keeps its shard without
+    # communicating (src_data_rank=None); before, rank 0's copy is scattered (the same values).
+    local_only = "src_data_rank" in inspect.signature(distribute_tensor).parameters
+    local = distribute_tensor(full, param.device_mesh, param.placements,
+                              **({"src_data_rank": None} if local_only else {})).to_local()
     param.to_local().copy_(local)
 
 

@@ -14,6 +14,7 @@ stores global shapes, so a checkpoint written by N ranks loads on M ranks (or on
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import random
@@ -37,6 +38,13 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?u
 
 PARTIAL = ".partial"
 META = "meta.json"
+
+
+def _single_process(fn, single: bool) -> dict[str, bool]:
+    """``no_dist=single`` for DCP functions that take it (torch >= 2.7); older ones decide it
+    themselves from whether a process group exists (the same answer, but for a consolidated read
+    inside a distributed run)."""
+    return {"no_dist": single} if "no_dist" in inspect.signature(fn).parameters else {}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -129,10 +137,10 @@ class Checkpointer:
         meta = {**meta, "step": step, "world_size": self.world.world_size}
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg,
-                                    no_dist=not dist.is_initialized())
+                                    **_single_process(dcp.async_save, not dist.is_initialized()))
             self._pending = (future, final, meta)
         else:
-            dcp.save(state, checkpoint_id=str(partial), no_dist=not dist.is_initialized())
+            dcp.save(state, checkpoint_id=str(partial), **_single_process(dcp.save, not dist.is_initialized()))
             self._finalise(final, meta)
         return final
 
@@ -176,7 +184,7 @@ class Checkpointer:
         meta = read_meta(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, not dist.is_initialized()))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rng = Path(path) / "rng" / f"rank_{self.world.rank}.pt"
         if meta["world_size"] == self.world.world_size and rng.is_file():
@@ -193,5 +201,5 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
         if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
     }
     state = {"model": template}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
     return state["model"]
