@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from conftest import small_run
+from sdd_train.config import ConfigError
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
+from sdd_train.train.distributed import cpu_fsdp_supported, init_world
 from sdd_train.train.metrics import read_metrics
 
 EXTRA = ["model.n_layers=3", "train.micro_batch_size=2", "optim.warmup_steps=3", "model.block=sdd",
@@ -45,6 +47,8 @@ def records(run_dir: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def cache(data_cache) -> Path:
+    if not cpu_fsdp_supported():
+        pytest.skip(f"FSDP2 on CPU needs torch >= 2.7 (this is {torch.__version__})")
     # Build the small corpus once in this process so concurrent ranks only ever read it.
     assert main(args_for(data_cache / "warmup_run", data_cache, "train.max_steps=1")) == 0
     return data_cache
@@ -219,3 +223,12 @@ def test_plain_loss_under_fsdp2_matches_the_fused_loss_in_one_process(single, ca
     result = torchrun(2, args_for(tmp_path, cache, "train.loss_chunk_size=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(records(single), records(tmp_path), range(1, 11), rel=1e-5)
+
+
+def test_cpu_ranks_without_fsdp2_cpu_support_are_a_config_error(monkeypatch):
+    """torch < 2.7 cannot run FSDP2 on CPU: torchrun on CPU stops at once with a message, not deep
+    inside the first all-gather."""
+    monkeypatch.setattr(torch.cpu, "Stream", type("Stream", (), {}))  # torch 2.6's: no record_event
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"torch >= 2\.7"):
+        init_world("cpu")

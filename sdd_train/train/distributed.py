@@ -34,6 +34,11 @@ class World:
         return self.world_size > 1
 
 
+def cpu_fsdp_supported() -> bool:
+    """FSDP2 drives CPU tensors through the stream API, which CPU streams implement from torch 2.7."""
+    return hasattr(torch.cpu.Stream, "record_event")
+
+
 def init_world(device_name: str) -> World:
     """Join the process group that torchrun describes in the environment (if any) and pick a device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -48,6 +53,9 @@ def init_world(device_name: str) -> World:
     else:
         device = torch.device("cpu")
         keep_freed_memory()  # eager CPU steps otherwise page-fault their activations in every step
+    if world_size > 1 and not use_cuda and not cpu_fsdp_supported():
+        raise ConfigError(f"FSDP2 on CPU (gloo) needs torch >= 2.7, this is {torch.__version__}: run one process"
+                          " (without torchrun) or train on CUDA")
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("SDD_TRAIN_DIST_TIMEOUT", "1800")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
