@@ -61,6 +61,12 @@ def test_kernels_in_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
                            env=env, capture_output=True, text=True, timeout=600)
+    if child.returncode and "only 0-dimensional arrays can be converted to Python scalars" in child.stdout:
+        import numpy
+        import triton
+
+        # Triton 3.2 and 3.6's interpreters turn kernel scalars into 1-element arrays: numpy 2.2 accepts them, 2.4 not
+        pytest.skip(f"Triton {triton.__version__}'s interpreter does not run with numpy {numpy.__version__}")
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and "skipped" not in child.stdout.splitlines()[-1], child.stdout[-1000:]
 
