@@ -5,6 +5,7 @@ Norms compute in fp32 and cast back, so bf16 autocast never normalises in low pr
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -370,8 +371,6 @@ def init_full_(param: torch.Tensor, fill: Callable[[torch.Tensor], object]) -> N
     if type(param).__name__ != "DTensor":
         fill(param)
         return
-    import inspect
-
     from torch.distributed.tensor import distribute_tensor
 
     full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)

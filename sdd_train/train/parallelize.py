@@ -69,6 +69,12 @@ def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision:
         reshard = par.reshard_after_forward and i < len(model.blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
+    if world.device.type == "cpu":
+        # gloo's reduce-scatter with ReduceOp.AVG summed without dividing in torch 2.8 (2-rank
+        # gradients came out 2x); SUM and FSDP2's own division by the world size are right everywhere.
+        for module in (*model.blocks, model):
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
 
 
 def compile_enabled(setting: bool | None, device: torch.device) -> bool:
