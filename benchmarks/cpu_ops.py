@@ -2,7 +2,8 @@
 optimizer: one step), each next to the plain PyTorch alternative it replaces, interleaved round by
 round:
 
-- attention (4 query / 2 kv heads of 64): ``sdd_train.kernels.cpu_attention`` vs SDPA's CPU kernel;
+- attention (4 query / 2 kv heads of 64): ``sdd_train.kernels.cpu_attention`` vs SDPA's CPU kernel,
+  both inside ``bf16_products_of_bf16_values`` as the trainer runs a bf16 step, and ours outside it;
 - RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the PyTorch-path norm
   (hand-written backward, rows in cache-sized blocks) vs the composite ops under autograd;
 - LM head + loss (vocabulary 8,192): the chunked fused path vs plain logits + cross-entropy;
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import load_config  # noqa: E402
 from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
+from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
 from sdd_train.model.layers import rms_norm_torch  # noqa: E402
 from sdd_train.train.distributed import init_world  # noqa: E402
@@ -57,13 +59,21 @@ def attention_cases(b: int, s: int) -> dict[str, Step]:
         k, v = kv.split(128, dim=-1)  # strided slices of a fused projection, as in the model
         return k.unflatten(-1, (2, 64)), v.unflatten(-1, (2, 64))
 
+    def ours() -> None:
+        with bf16_products_of_bf16_values(q.device):
+            cpu_causal_attention(q, *views()).backward(dout)
+
+    def ours_default_products() -> None:  # fp32 products where PyTorch sends them by default (MKL on x86)
+        cpu_causal_attention(q, *views()).backward(dout)
+
     def sdpa() -> None:
         k, v = views()
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=True)
-        out.transpose(1, 2).backward(dout)
+        with bf16_products_of_bf16_values(q.device):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True)
+            out.transpose(1, 2).backward(dout)
 
-    return {"attention: cpu_attention": lambda: cpu_causal_attention(q, *views()).backward(dout),
+    return {"attention: cpu_attention": ours, "attention: same, default fp32 products": ours_default_products,
             "attention: SDPA": sdpa}
 
 
@@ -126,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - start)
     rows = [{"case": name, "median_ms": statistics.median(t) * 1e3, "fastest_ms": min(t) * 1e3}
             for name, t in times.items()]
-    print(f"{'case':<32} {'median (ms)':>12} {'fastest':>8}")
+    print(f"{'case':<40} {'median (ms)':>12} {'fastest':>8}")
     for r in rows:
-        print(f"{r['case']:<32} {r['median_ms']:>12.2f} {r['fastest_ms']:>8.2f}")
+        print(f"{r['case']:<40} {r['median_ms']:>12.2f} {r['fastest_ms']:>8.2f}")
     write_json(args.json, rows=rows)
     return 0
 

@@ -21,6 +21,7 @@ same optimizer and batches; ``--no-hf`` skips them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import statistics
 import sys
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import load_config  # noqa: E402
+from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
 from sdd_train.train.loss import lm_loss  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
@@ -93,16 +95,19 @@ class Candidate:
 
     def step(self) -> None:
         t, model = self.cfg.train, self.model
-        for batch in self.batches:
-            with autocast(self.device, self.precision):
-                if self.block == HF_OLMO2:
-                    loss = model(batch[:, :-1], batch[:, 1:].contiguous())
-                elif self.fused_loss:  # as the trainer does it
-                    loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
-                                       loss_chunk=t.loss_chunk_size)
-                else:
-                    loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], self.cfg.optim.z_loss)
-            (loss / self.accum).backward()
+        # as the trainer runs a bf16 step (not for transformers: its RoPE angles are fp32 products)
+        ours_bf16 = self.block != HF_OLMO2 and self.precision == "bf16"
+        with bf16_products_of_bf16_values(self.device) if ours_bf16 else contextlib.nullcontext():
+            for batch in self.batches:
+                with autocast(self.device, self.precision):
+                    if self.block == HF_OLMO2:
+                        loss = model(batch[:, :-1], batch[:, 1:].contiguous())
+                    elif self.fused_loss:  # as the trainer does it
+                        loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
+                                           loss_chunk=t.loss_chunk_size)
+                    else:
+                        loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], self.cfg.optim.z_loss)
+                (loss / self.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

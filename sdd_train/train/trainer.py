@@ -28,6 +28,7 @@ from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.layer_stats import LayerStats
 from sdd_train.diagnostics.spikes import Spike, SpikeDetector
 from sdd_train.eval.validation import EvalSet, build_eval_sets, evaluate_sets
+from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
 from sdd_train.model.moe import load_stats
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
@@ -278,7 +279,8 @@ class Trainer:
                     stats_step = self.layer_stats is not None and (step % diag.layer_stats_interval == 0
                                                                     or step == t.max_steps)
                     self.consumed = self._next_position(self.consumed)
-                    loss, extra = self._forward_backward(accum, per_rank, log_step)
+                    with self._bf16_products():
+                        loss, extra = self._forward_backward(accum, per_rank, log_step)
                     stats = self.layer_stats.gradients() if stats_step else {}  # before clipping
                     grad_norm = grad_norm_and_clip(params, max_norm)
                     finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
@@ -371,6 +373,11 @@ class Trainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast in a single process; under FSDP2 the mixed-precision policy casts instead."""
         return autocast(self.world.device, "bf16" if self.use_autocast else "fp32")
+
+    def _bf16_products(self) -> contextlib.AbstractContextManager:
+        """Around a bf16 step's forward and backward: the CPU attention's fp32 products of bf16 values
+        run on the CPU's bf16 units, exactly (:func:`bf16_products_of_bf16_values`)."""
+        return bf16_products_of_bf16_values(self.world.device) if self.use_autocast else contextlib.nullcontext()
 
     def _write(self, stream: str, record: dict, console: bool = False, wandb_record: dict | None = None) -> None:
         if self.out is not None:
