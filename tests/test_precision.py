@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ALL_BLOCKS, small_model_cfg, small_run
 from sdd_train.config import MoEConfig
-from sdd_train.kernels.precision import bf16_products_available, bf16_products_of_bf16_values
+from sdd_train.kernels.precision import (BF16_PRODUCTS_MIN_TORCH, bf16_products_available,
+                                         bf16_products_of_bf16_values)
 from sdd_train.model import Transformer
 from sdd_train.train import trainer as trainer_module
 from sdd_train.train.__main__ import main
@@ -24,8 +25,11 @@ PRODUCTS = {aten.mm, aten.bmm, aten.baddbmm, aten.addmm, aten.addbmm, aten.dot, 
 if hasattr(aten, "_grouped_mm"):
     PRODUCTS.add(aten._grouped_mm)
 
-needs_bf16_products = pytest.mark.skipif(not bf16_products_available(),
-                                         reason="torch < 2.9 or a CPU without native bf16 (avx512_bf16 / AMX)")
+# Where the trainer can turn the mode on, document masks (SDPA) are checked too; older SDPA on CPU
+# sends masked GQA attention to its math fallback, which multiplies q and k pre-scaled (not bf16)
+MODE_USED = torch.__version__ >= BF16_PRODUCTS_MIN_TORCH
+needs_bf16_products = pytest.mark.skipif(
+    not bf16_products_available(), reason=f"torch < {BF16_PRODUCTS_MIN_TORCH} or a CPU without avx512_bf16 / AMX")
 
 
 def holds_bf16_values(t: torch.Tensor) -> bool:
@@ -55,16 +59,17 @@ CASES = {**{block: {} for block in ALL_BLOCKS},
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("loss", ["chunked", "plain"])
 def test_fp32_products_of_a_bf16_step_multiply_bf16_values(case, loss):
-    """Forward and backward of a bf16-autocast step (with and without document masks): every fp32
-    matmul's operands are bf16 values (the CPU attention's upcast q, k, v, dO), so computing them in
-    bf16 arithmetic with fp32 accumulation is exact. A new fp32 product of fp32 data fails this."""
+    """Forward and backward of a bf16-autocast step (with and without document masks, where the mode
+    exists): every fp32 matmul's operands are bf16 values (the CPU attention's upcast q, k, v, dO),
+    so computing them in bf16 arithmetic with fp32 accumulation is exact. A new fp32 product of fp32
+    data fails this."""
     torch.manual_seed(0)
     block = case.split("+")[0]
     model = Transformer(small_model_cfg(block, **CASES[case]))
     tokens = torch.randint(0, 97, (2, 17))
     doc_ids = torch.tensor([[0] * 9 + [1] * 8, [0] * 17])
     fp32_products = 0
-    for docs in (None, doc_ids):
+    for docs in (None, doc_ids) if MODE_USED else (None,):
         with Fp32Products() as products:
             with torch.autocast("cpu", torch.bfloat16):
                 if loss == "chunked":
@@ -98,12 +103,14 @@ def test_bf16_products_of_bf16_values_are_exact():
     assert (scores.double() - 0.125 * ref).abs().max() < 1e-4 * ref.abs().max()
 
 
-def test_the_context_changes_nothing_off_cpu_or_without_support(monkeypatch):
+def test_the_context_changes_nothing_off_cpu_or_without_native_bf16(monkeypatch):
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    before = getattr(matmul, "fp32_precision", None)
+    with bf16_products_of_bf16_values(torch.device("meta")):
+        assert getattr(matmul, "fp32_precision", None) == before
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     assert not bf16_products_available()
-    matmul = getattr(torch.backends.mkldnn, "matmul", None)
-    before = getattr(matmul, "fp32_precision", None)
     with bf16_products_of_bf16_values(torch.device("cpu")):
         assert getattr(matmul, "fp32_precision", None) == before
 

@@ -32,10 +32,17 @@ def autocast_off(fn: Callable) -> Callable:
     return run
 
 
+# The mode's setting exists from torch 2.9; it is used from the first version on which every fp32
+# product of a bf16 step was checked to multiply bf16 values (tests/test_precision.py; 2.11 and
+# 2.13 pass). 2.8 sends masked GQA attention to SDPA's math fallback, which multiplies q and k
+# pre-scaled by the root of the scale; 2.9 and 2.10 were not checked.
+BF16_PRODUCTS_MIN_TORCH = "2.11"
+
+
 def bf16_products_available() -> bool:
-    """This torch can route oneDNN's fp32 matmuls to bf16 (2.9+) and this CPU multiplies bf16 natively
-    (avx512_bf16 or AMX; elsewhere oneDNN would emulate bf16, slower than fp32)."""
-    if not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"):
+    """This torch has the mode and passed its premise (see above), and this CPU multiplies bf16
+    natively (avx512_bf16 or AMX; elsewhere oneDNN would emulate bf16, slower than fp32)."""
+    if torch.__version__ < BF16_PRODUCTS_MIN_TORCH:
         return False
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check is not None and check() for check in checks)
@@ -51,7 +58,7 @@ def bf16_products_of_bf16_values(device: torch.device) -> Iterator[None]:
     The mode also sends these products to oneDNN instead of MKL's sgemm: on the 2-core AMD dev
     machine oneDNN keeps fp32 arithmetic for them (its avx512 kernel, bitwise the same result) and is
     ~2.2x faster at the attention's shapes (760 -> 340 us for [32, 128, 64] x [32, 64, 256]); CPUs
-    with AMX may multiply in bf16. Elsewhere (other devices, CPUs without native bf16, torch < 2.9)
+    with AMX may multiply in bf16. Elsewhere (other devices, CPUs without native bf16, torch < 2.11)
     this changes nothing. The mode is process-wide while the context is open, so keep it around
     model code only: inside it, an fp32 matmul of values that are not bf16 may lose precision.
     """
