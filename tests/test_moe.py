@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from conftest import CONFIGS, small_run
 from sdd_train.config import ModelConfig, MoEConfig, load_config
 from sdd_train.model import Transformer
-from sdd_train.model.layers import TORCH_VERSION
 from sdd_train.model.moe import MoE, load_stats
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
@@ -104,7 +103,7 @@ def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
         grouped_mm = torch._grouped_mm
         monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kw: calls.append(1) or grouped_mm(*args, **kw))
     torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
-    assert len(calls) == (2 if TORCH_VERSION >= (2, 9) else 0)  # the up and the down projection
+    assert len(calls) == (2 if torch.__version__ >= (2, 9) else 0)  # the up and the down projection
 
 
 def test_aux_losses_match_hand_computation():

@@ -28,8 +28,8 @@ if hasattr(aten, "_grouped_mm"):
 # Where the trainer can turn the mode on, document masks (SDPA) are checked too; older SDPA on CPU
 # sends masked GQA attention to its math fallback, which multiplies q and k pre-scaled (not bf16)
 MODE_USED = torch.__version__ >= BF16_PRODUCTS_MIN_TORCH
-needs_bf16_products = pytest.mark.skipif(
-    not bf16_products_available(), reason=f"torch < {BF16_PRODUCTS_MIN_TORCH} or a CPU without avx512_bf16 / AMX")
+needs_bf16_products = pytest.mark.skipif(not bf16_products_available(),
+                                         reason=f"torch < {BF16_PRODUCTS_MIN_TORCH} or a CPU without avx512_bf16 / AMX")
 
 
 def holds_bf16_values(t: torch.Tensor) -> bool:

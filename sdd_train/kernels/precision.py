@@ -36,7 +36,7 @@ def autocast_off(fn: Callable) -> Callable:
 # product of a bf16 step was checked to multiply bf16 values (tests/test_precision.py; 2.11 and
 # 2.13 pass). 2.8 sends masked GQA attention to SDPA's math fallback, which multiplies q and k
 # pre-scaled by the root of the scale; 2.9 and 2.10 were not checked.
-BF16_PRODUCTS_MIN_TORCH = "2.11"
+BF16_PRODUCTS_MIN_TORCH = (2, 11)
 
 
 def bf16_products_available() -> bool:

@@ -183,10 +183,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- attention
 
-# (major, minor) of the running torch, for features that newer releases add (we support >= 2.6).
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-# SDPA takes grouped k/v directly from torch 2.5 on.
-_SDPA_HAS_GQA = TORCH_VERSION >= (2, 5)
+# SDPA takes grouped k/v directly from torch 2.5 on (torch.__version__ compares with (major, minor)).
+_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
-from sdd_train.model.layers import TORCH_VERSION, upcast
+from sdd_train.model.layers import upcast
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -34,7 +34,7 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.is_cuda:
         return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (9, 0)
-    return TORCH_VERSION >= (2, 9) and a.dtype in (torch.float32, torch.bfloat16)
+    return torch.__version__ >= (2, 9) and a.dtype in (torch.float32, torch.bfloat16)
 
 
 # The expert GEMMs are custom ops: opaque to torch.compile (their per-expert row counts are data),

@@ -376,7 +376,7 @@ class Trainer:
 
     def _bf16_products(self) -> contextlib.AbstractContextManager:
         """Around a bf16 step's forward and backward: the CPU attention's fp32 products of bf16 values
-        run on the CPU's bf16 units, exactly (:func:`bf16_products_of_bf16_values`)."""
+        run in oneDNN's bf16 fpmath mode, exactly (:func:`bf16_products_of_bf16_values`)."""
         return bf16_products_of_bf16_values(self.world.device) if self.use_autocast else contextlib.nullcontext()
 
     def _write(self, stream: str, record: dict, console: bool = False, wandb_record: dict | None = None) -> None:
