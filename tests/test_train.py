@@ -129,23 +129,28 @@ def test_weight_decay_groups(decay_gains, decay_embeddings):
     assert n == model.param_counts().total
 
 
+# how the chunked loss forms the softmax gradient: eager in one block per chunk, eager in CPU blocks
+# of 7 (+ 3) rows, or the kernel torch.compile makes of it (as in compiled training)
+SOFTMAX_KERNELS = ["eager", "eager-blocks-of-7", "compiled"]
+
+
 @pytest.mark.parametrize("z_loss", [0.0, 1e-3])
-@pytest.mark.parametrize("block_rows", [None, 7])
-def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss, block_rows):
-    """Chunks of 10 rows (the last one ragged); with block_rows=7 the softmax gradient of every chunk
-    is formed in CPU blocks of 7 + 3 rows."""
+@pytest.mark.parametrize("kernel", SOFTMAX_KERNELS)
+def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss, kernel):
+    """Chunks of 10 rows (the last one ragged: a second shape for the compiled kernel)."""
     from sdd_train.train import loss as loss_module
     from sdd_train.train.loss import linear_cross_entropy, lm_loss
 
-    if block_rows:
-        monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", block_rows * 50)
+    if kernel == "eager-blocks-of-7":
+        monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)
     torch.manual_seed(0)
     hidden = torch.randn(3, 37, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (3, 37))
     plain, ce, z = lm_loss(hidden @ weight.t(), targets, z_loss)
     grads = torch.autograd.grad(2.0 * plain, (hidden, weight))
-    chunked, ce_c, z_c = linear_cross_entropy(hidden, weight, targets, z_loss, chunk_size=10)  # 111 = 11 x 10 + 1
+    chunked, ce_c, z_c = linear_cross_entropy(hidden, weight, targets, z_loss, chunk_size=10,  # 111 = 11 x 10 + 1
+                                              compiled=kernel == "compiled")
     grads_c = torch.autograd.grad(2.0 * chunked, (hidden, weight))
     assert chunked.item() == pytest.approx(plain.item(), rel=1e-6) and ce_c.item() == pytest.approx(ce.item(), rel=1e-6)
     assert (z_c is None) == (z is None) and (z is None or z_c.item() == pytest.approx(z.item(), rel=1e-6))
@@ -171,15 +176,17 @@ def test_chunked_loss_computes_only_the_gradients_asked_for():
     assert grad_weight == pytest.approx(grad_plain, rel=1e-5, abs=1e-7)
 
 
-def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("kernel", SOFTMAX_KERNELS)
+def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monkeypatch, kernel):
     """bf16 matmuls, fp32 softmax, the gradient rounded to bf16 once: loss and gradients as close to
-    float64 as the plain autocast path's (CPU blocks of 7 rows, chunks of 10)."""
+    float64 as the plain autocast path's (chunks of 10)."""
     import torch.nn.functional as F
 
     from sdd_train.train import loss as loss_module
     from sdd_train.train.loss import linear_cross_entropy, lm_loss
 
-    monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)
+    if kernel == "eager-blocks-of-7":
+        monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)
     torch.manual_seed(0)
     hidden = torch.randn(3, 37, 16).bfloat16().requires_grad_()
     weight = torch.randn(50, 16).requires_grad_()
@@ -196,7 +203,8 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monke
             ((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads)]
 
     plain = errors(lambda: lm_loss(F.linear(hidden, weight), targets, 1e-3)[0])
-    chunked = errors(lambda: linear_cross_entropy(hidden, weight, targets, 1e-3, chunk_size=10)[0])
+    chunked = errors(lambda: linear_cross_entropy(hidden, weight, targets, 1e-3, chunk_size=10,
+                                                  compiled=kernel == "compiled")[0])
     assert max(plain) < 1e-2
     for got, want in zip(chunked, plain):
         assert got <= 1.5 * want + 1e-6

@@ -48,6 +48,8 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
+        # set by sdd_train.train.parallelize.apply_compile: the chunked loss's softmax goes through torch.compile
+        self.compiled_loss = False
         self.init_weights()
 
     @property
@@ -70,7 +72,7 @@ class Transformer(nn.Module):
             return self.head(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk)
+        return linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk, compiled=self.compiled_loss)
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -37,7 +37,8 @@ def apply_activation_checkpointing(model: Transformer, mode: str, every: int) ->
 
 
 def apply_compile(model: Transformer) -> None:
-    """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown).
+    """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown),
+    and the fused chunked loss's softmax-gradient kernel.
 
     Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer.
     Shapes are static (``dynamic=False``): training runs one shape, and another one (a short
@@ -46,6 +47,7 @@ def apply_compile(model: Transformer) -> None:
     """
     for block in model.blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+    model.compiled_loss = True
 
 
 def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision: str) -> None:
