@@ -6,7 +6,8 @@ round:
   both inside ``bf16_products_of_bf16_values`` as the trainer runs a bf16 step, and ours outside it;
 - RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the PyTorch-path norm
   (hand-written backward, rows in cache-sized blocks) vs the composite ops under autograd;
-- LM head + loss (vocabulary 8,192): the chunked fused path vs plain logits + cross-entropy;
+- LM head + loss (vocabulary 8,192): the chunked fused path, with its softmax gradient compiled (as
+  a compiled model runs it) and eager, vs plain logits + cross-entropy;
 - AdamW step over the tiny model's parameters: ``fused=True`` (as the trainer builds it) vs the
   default per-tensor loop.
 
@@ -95,12 +96,15 @@ def loss_cases(tokens: int, vocab: int) -> dict[str, Step]:
             loss = lm_loss(F.linear(hidden, weight), targets)[0]
         loss.backward()
 
-    def chunked() -> None:
-        with torch.autocast("cpu", torch.bfloat16):
-            loss = linear_cross_entropy(hidden, weight, targets, 0.0, 4096)[0]
-        loss.backward()
+    def chunked(compiled: bool) -> Step:
+        def step() -> None:
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = linear_cross_entropy(hidden, weight, targets, 0.0, 4096, compiled=compiled)[0]
+            loss.backward()
+        return step
 
-    return {"head + loss: chunked (4,096)": chunked, "head + loss: plain": plain}
+    return {"head + loss: chunked, compiled softmax": chunked(True), "head + loss: chunked (4,096)": chunked(False),
+            "head + loss: plain": plain}
 
 
 def optimizer_cases(config: str, smoke: bool) -> dict[str, Step]:
