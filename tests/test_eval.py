@@ -269,8 +269,9 @@ def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     assert eval_main([str(run_dir), "--step", "6"]) == 0
 
 
-def test_compiled_training_with_evaluation_compiles_two_graphs(data_cache, tmp_path):
-    """Train and eval (no_grad, eval mode, same shape) are one graph each: no recompilation per evaluation."""
+def test_compiled_training_with_evaluation_does_not_recompile(data_cache, tmp_path):
+    """Train and eval (no_grad, eval mode, same shape) are one block graph each, plus one graph of the
+    loss's softmax kernel for both: no recompilation per evaluation."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -278,4 +279,4 @@ def test_compiled_training_with_evaluation_compiles_two_graphs(data_cache, tmp_p
     counters.clear()
     assert main(small_run(tmp_path, data_cache, "train.compile=true", "train.max_steps=6", "train.eval_interval=2",
                           "train.eval_batches=3", "diagnostics.activation_interval=3")) == 0
-    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
