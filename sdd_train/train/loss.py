@@ -65,10 +65,11 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, z_weight: 
 
 def _cross_entropy_grad_fusible_(logits: torch.Tensor, targets: torch.Tensor, z_weight: float, n: int
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_cross_entropy_grad_` written for ``torch.compile``: out of place, the target's ``-1/n``
-    by ``where`` instead of a scatter, so inductor emits one kernel that passes over each row three
-    times while it is in cache (max, sum of exp, gradient). On the 2-core dev machine 4,096 x 8,192
-    logits take ~16 ms instead of eager's ~28 ms (docs/benchmarks.md); eager, this form is the slow one.
+    """:func:`_cross_entropy_grad_` written for ``torch.compile``: every step out of place up to the
+    final ``copy_``, the target's ``-1/n`` by ``where`` instead of a scatter, so inductor emits one
+    kernel that passes over each row three times while it is in cache (max, sum of exp, gradient).
+    On the 2-core dev machine 4,096 x 8,192 logits take ~16 ms instead of eager's ~28 ms
+    (docs/benchmarks.md); run eagerly, this form is the slow one.
     """
     x = logits.float()  # fp32 logits: ``logits`` itself, so read all of x before the copy_
     target_logit = x.gather(1, targets[:, None])
@@ -84,6 +85,9 @@ def _cross_entropy_grad_fusible_(logits: torch.Tensor, targets: torch.Tensor, z_
 
 @functools.cache
 def _compiled_cross_entropy_grad():
+    """One compiled kernel per process, with dynamo's automatic dynamic shapes: the first call is
+    compiled with static sizes, and each size that changes later (the chunk's rows, the token count)
+    turns symbolic at its first change, so a run compiles it at most three times."""
     return torch.compile(_cross_entropy_grad_fusible_, fullgraph=True)
 
 
