@@ -15,7 +15,7 @@ ONE = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def loss_and_grads(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss (the fused chunked one, whose softmax kernel compile compiles too) and gradients."""
+    """The training loss (the fused chunked one; under compile its softmax kernel is compiled too) and gradients."""
     model.zero_grad()
     loss, _, _ = model(tokens[:, :-1], targets=tokens[:, 1:], z_loss=1e-3)
     loss.backward()
