@@ -326,7 +326,8 @@ class Trainer:
                         steps = step - last_step
                         tok_s = steps * tokens_per_step / (now - last_time)
                         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
-                                  "grad_norm_max": max_grad_norm, "tokens_per_sec": tok_s, "step_time": (now - last_time) / steps,
+                                  "grad_norm_max": max_grad_norm, "tokens_per_sec": tok_s,
+                                  "step_time": (now - last_time) / steps,
                                   "peak_mem_gib": peak_memory_gib(world.device),
                                   "eta_s": (t.max_steps - step) * (now - run_start) / max(step - start_step, 1)}
                         if self.peak is not None:
