@@ -6,6 +6,8 @@ round:
   both inside ``bf16_products_of_bf16_values`` as the trainer runs a bf16 step, and ours outside it;
 - RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the PyTorch-path norm
   (hand-written backward, rows in cache-sized blocks) vs the composite ops under autograd;
+- the SDD feed-forward's norm + SwiGLU (up+gate width 1,376 -> 688): ``sdd_train.kernels.cpu_sdd_swiglu``
+  vs the PyTorch-path norm then ``silu(gate) * up`` under bf16 autocast, eager and compiled;
 - LM head + loss (vocabulary 8,192): the chunked fused path, with its softmax gradient compiled (as
   a compiled model runs it) and eager, vs plain logits + cross-entropy;
 - AdamW step over the tiny model's parameters: ``fused=True`` (as the trainer builds it) vs the
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import load_config  # noqa: E402
 from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
+from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu  # noqa: E402
 from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
 from sdd_train.model.layers import rms_norm_torch  # noqa: E402
@@ -86,6 +89,22 @@ def norm_cases(rows: int, width: int) -> dict[str, Step]:
             f"norm {width}: composite": lambda: composite_rms_norm(x, weight, 1e-5).backward(dy)}
 
 
+def swiglu_cases(rows: int, width: int) -> dict[str, Step]:
+    x = (torch.randn(rows, width) * 3).to(torch.bfloat16).requires_grad_()
+    weight = (torch.rand(width) + 0.5).requires_grad_()
+    dh = torch.randn(rows, width // 2, dtype=torch.bfloat16)
+
+    def pytorch_path(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", torch.bfloat16):
+            up, gate = rms_norm_torch(x, weight, 1e-5).chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+    compiled = torch.compile(pytorch_path, dynamic=False)
+    return {f"SDD SwiGLU {width}: C kernel": lambda: sdd_swiglu(x, weight, 1e-5).backward(dh),
+            f"SDD SwiGLU {width}: PyTorch, compiled": lambda: compiled(x, weight).backward(dh),
+            f"SDD SwiGLU {width}: PyTorch": lambda: pytorch_path(x, weight).backward(dh)}
+
+
 def loss_cases(tokens: int, vocab: int) -> dict[str, Step]:
     hidden = torch.randn(tokens, 256, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(vocab, 256) * 0.02).requires_grad_()
@@ -129,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     b, s, vocab = (2, 16, 64) if args.smoke else (16, 256, 8192)
     cases = {**attention_cases(b, s), **norm_cases(b * s, 256), **norm_cases(b * s, 1376),
+             **swiglu_cases(b * s, 1376),
              **loss_cases(b * s, vocab), **optimizer_cases(args.config, args.smoke)}
     times: dict[str, list[float]] = {name: [] for name in cases}
     for step in cases.values():

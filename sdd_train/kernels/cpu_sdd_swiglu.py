@@ -1,0 +1,198 @@
+"""The SDD feed-forward's SwiGLU on CPU: ``silu(gate) * up`` of ``[up | gate] = alpha * rms(V x)``,
+forward and backward each one C kernel (``cpu_sdd_swiglu.c``).
+
+Why: compiled, inductor runs this backward as three passes over [tokens, 2 * hidden] tensors that
+do not fit in cache (the SwiGLU gradient written out; the norm's row sums with the input gradient;
+the gain's column sum reading both again). The kernel does it in one pass per row in fp32 scratch
+(x and dh read once, dx written once, per-thread partial gain sums), and the forward keeps ``up`` /
+``gate`` in fp32 instead of rounding them to bf16 in between. The tiny ``sdd`` block's backward
+runs ~6% faster (docs/benchmarks.md).
+
+The kernel is built on first use with the system C compiler (``$CC``, else ``cc``; inductor needs
+one on CPU too) into ``$SDD_TRAIN_CACHE/kernels`` and loaded with ctypes. Both directions are
+custom ops, opaque to torch.compile (no graph break). Without a compiler, for other dtypes than
+fp32/bf16, or with ``SDD_TRAIN_NORM_KERNEL=torch``, the ops compute the same in PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sdd_train.kernels.precision import compute_dtype
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_sdd_swiglu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+_ENV = "SDD_TRAIN_NORM_KERNEL"  # "torch": the PyTorch path everywhere (shared with kernels/rms_norm.py)
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SDD_TRAIN_CACHE", Path.home() / ".cache" / "sdd_train")) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: a library built on one CPU model may not run on another."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    return platform.machine() + flags
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (built once per source, compiler flags and CPU), or None if no C compiler
+    could build them (logged once; the PyTorch path runs instead)."""
+    if not SOURCE.exists():  # e.g. the model code inlined into a Hugging Face export
+        log.info("%s is not next to this module: the SDD SwiGLU runs in PyTorch on CPU", SOURCE.name)
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found ($CC, cc, gcc): the SDD SwiGLU runs in PyTorch on CPU")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    path = _cache_dir() / f"cpu_sdd_swiglu-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may build at once
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
+                           capture_output=True, text=True, timeout=300)
+            os.replace(partial, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        log.warning("could not build %s with %s (%s): the SDD SwiGLU runs in PyTorch on CPU",
+                    SOURCE.name, compiler, detail.strip()[-500:])
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.sdd_swiglu_forward.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.sdd_swiglu_backward.argtypes = [ptr] * 6 + [i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    return lib
+
+
+def _kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or os.environ.get(_ENV, "auto") == "torch":
+        return None
+    return library()
+
+
+# --------------------------------------------------------------------------- PyTorch path
+
+
+def _normalised(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``up`` and ``gate`` = ``weight * x * rstd`` (rstd per row and group)."""
+    rows, groups = rstd.shape
+    xf = x.to(rstd.dtype).view(rows, groups, -1)
+    y = (xf * rstd.unsqueeze(-1)).view(rows, -1) * weight.to(rstd.dtype)
+    return y.chunk(2, dim=-1)
+
+
+def _forward_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.to(compute_dtype(x.dtype)).view(x.shape[0], groups, -1)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    up, gate = _normalised(x, weight, rstd)
+    return (F.silu(gate) * up).to(x.dtype), rstd
+
+
+def _backward_torch(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, groups = rstd.shape
+    up, gate = _normalised(x, weight, rstd)
+    dhf, s = dh.to(rstd.dtype), torch.sigmoid(gate)
+    dy = torch.cat([dhf * gate * s, dhf * up * s * (1 + gate * (1 - s))], dim=-1)
+    w = weight.to(rstd.dtype)
+    xf, wdy = x.to(rstd.dtype).view(rows, groups, -1), (dy * w).view(rows, groups, -1)
+    r = rstd.unsqueeze(-1)
+    dx = r * wdy - xf * r.pow(3) * (wdy * xf).mean(-1, keepdim=True)
+    dw = (dy * (xf * r).view(rows, -1)).sum(0)
+    return dx.view(x.shape).to(x.dtype), dw
+
+
+# --------------------------------------------------------------------------- custom ops
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+@torch.library.custom_op("sdd_train::sdd_swiglu", mutates_args=())
+def _sdd_swiglu(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h [rows, hidden], rstd [rows, groups] fp32) from x [rows, 2 * hidden]."""
+    lib = _kernel_for(x)
+    if lib is None:
+        return _forward_torch(x, weight, eps, groups)
+    x, w = x.contiguous(), weight.float().contiguous()
+    rows, hidden, threads = x.shape[0], x.shape[1] // 2, torch.get_num_threads()
+    h = x.new_empty(rows, hidden)
+    rstd = torch.empty(rows, groups, dtype=torch.float32)
+    lib.sdd_swiglu_forward(_ptr(x), _ptr(w), eps, _ptr(h), _ptr(rstd), rows, hidden, groups,
+                           int(x.dtype == torch.bfloat16), threads)
+    return h, rstd
+
+
+@_sdd_swiglu.register_fake
+def _(x, weight, eps, groups):
+    return x.new_empty(x.shape[0], x.shape[1] // 2), x.new_empty(x.shape[0], groups, dtype=torch.float32)
+
+
+@torch.library.custom_op("sdd_train::sdd_swiglu_backward", mutates_args=())
+def _sdd_swiglu_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx like x, fp32 gain gradient [2 * hidden]) from dh [rows, hidden]."""
+    lib = _kernel_for(x)
+    if lib is None:
+        return _backward_torch(dh, x, weight, rstd)
+    dh, x, w = dh.to(x.dtype).contiguous(), x.contiguous(), weight.float().contiguous()
+    rows, hidden, groups, threads = x.shape[0], x.shape[1] // 2, rstd.shape[1], torch.get_num_threads()
+    dx = torch.empty_like(x)
+    dw_partial = torch.zeros(threads, 2 * hidden, dtype=torch.float32)
+    scratch = torch.empty(threads, 2 * hidden, dtype=torch.float32)
+    lib.sdd_swiglu_backward(_ptr(dh), _ptr(x), _ptr(w), _ptr(rstd), _ptr(dx), _ptr(dw_partial), rows, hidden,
+                            groups, int(x.dtype == torch.bfloat16), _ptr(scratch), threads)
+    return dx, dw_partial.sum(0)
+
+
+@_sdd_swiglu_backward.register_fake
+def _(dh, x, weight, rstd):
+    return torch.empty_like(x), x.new_empty(x.shape[1], dtype=torch.float32)
+
+
+def _save_for_swiglu_backward(ctx, inputs, output) -> None:
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _swiglu_backward(ctx, dh: torch.Tensor, _drstd: torch.Tensor | None):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _sdd_swiglu_backward(dh, x, weight, rstd)
+    return dx, dw.to(weight.dtype), None, None
+
+
+_sdd_swiglu.register_autograd(_swiglu_backward, setup_context=_save_for_swiglu_backward)
+
+
+def sdd_swiglu(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+    """``silu(gate) * up`` with ``[up | gate] = weight * rms(x)`` over ``groups`` (1 or 2) equal parts
+    of the last dim; the result has x's dtype, the norm and the SwiGLU compute in fp32."""
+    width = x.shape[-1]
+    if groups not in (1, 2) or width % 2 or weight.shape != (width,):
+        raise ValueError(f"sdd_swiglu: need an even width {width}, weight [{width}] and 1 or 2 groups, "
+                         f"got weight {tuple(weight.shape)}, groups {groups}")
+    h, _ = _sdd_swiglu(x.reshape(-1, width), weight, eps, groups)
+    return h.view(*x.shape[:-1], width // 2)

@@ -1,0 +1,180 @@
+"""The SDD feed-forward's norm + SwiGLU as one C kernel each way (sdd_train.kernels.cpu_sdd_swiglu)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import small_model_cfg
+from sdd_train.kernels import cpu_sdd_swiglu
+from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
+from sdd_train.model.feed_forward import SwiGLU
+from sdd_train.model.layers import rms_norm
+
+EPS = 1e-5
+# one bf16 rounding of the result (2^-9 relative, as a norm over many elements ~1.7e-3 here)
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-6}
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The C path: fails (instead of silently testing the fallback) where the kernel cannot be built."""
+    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
+    assert cpu_sdd_swiglu.library() is not None, "the C kernel did not build (see the log)"
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):
+    """h, dx, dweight in float64 by autograd through the textbook ops."""
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    parts = xd.unflatten(-1, (groups, -1))
+    y = (parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + EPS)).flatten(-2) * wd
+    up, gate = y.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    h.backward(dh.double())
+    return h.detach(), xd.grad, wd.grad
+
+
+def run(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    h = sdd_swiglu(x, weight, EPS, groups)
+    h.backward(dh)
+    return h.detach(), x.grad, weight.grad
+
+
+def inputs(dtype: torch.dtype, shape=(3, 37, 2 * 344), scale: float = 1.0):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).to(dtype)
+    weight = (torch.rand(shape[-1]) + 0.5) * scale
+    dh = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
+    return x, weight, dh
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
+    """fp32 results of two summation orders: close relative to the tensor's scale (sums that cancel
+    to ~0 keep only absolute accuracy)."""
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_matches_float64(monkeypatch, path, dtype, groups):
+    """Output, input and gain gradients of the C kernel and of its PyTorch fallback against float64."""
+    if path == "kernel":
+        assert cpu_sdd_swiglu.library() is not None
+    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "auto" if path == "kernel" else "torch")
+    x, weight, dh = inputs(dtype)
+    got, want = run(x, weight, dh, groups), reference(x, weight, dh, groups)
+    assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == weight.dtype
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < TOLERANCE[dtype]
+
+
+def test_kernel_equals_pytorch_path_and_ignores_thread_count(kernel, monkeypatch):
+    """fp32: the kernel and the fallback agree to rounding; the kernel's per-row results (h, dx) are
+    bitwise the same with one thread or two (rows are split between threads, never a row)."""
+    x, weight, dh = inputs(torch.float32)
+    ours = run(x, weight, dh, 1)
+    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    fallback = run(x, weight, dh, 1)
+    for a, b in zip(ours, fallback):
+        assert_close_fp32(a, b)
+    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run(x, weight, dh, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single[0], ours[0]) and torch.equal(single[1], ours[1])
+    assert_close_fp32(single[2], ours[2])
+
+
+def test_saturated_gates_and_nan_rows(kernel):
+    """Gates far beyond exp's range (gain x 60: |gate| up to ~200) stay exact where the sigmoid
+    saturates, and a NaN in a row makes that row's output and gradient NaN instead of a number."""
+    x, weight, dh = inputs(torch.float32, scale=60.0)
+    got, want = run(x, weight, dh, 1), reference(x, weight, dh, 1)
+    assert (want[0].abs().max() > 150) and all(relative_error(g, w) < 1e-6 for g, w in zip(got, want))
+    x[1, 5, 7] = float("nan")
+    h, dx, _ = run(x, weight, dh, 1)
+    assert h[1, 5].isnan().all() and dx[1, 5].isnan().all()
+    assert not h[1, 4].isnan().any() and not dx[0].isnan().any()
+
+
+def test_custom_ops_pass_opcheck(kernel):
+    """Schemas, fake (meta) functions and the autograd registration, as torch.compile relies on them."""
+    x, weight, _ = inputs(torch.bfloat16, shape=(40, 2 * 96))
+    torch.library.opcheck(torch.ops.sdd_train.sdd_swiglu.default, (x, weight.clone().requires_grad_(), EPS, 2))
+    h, rstd = torch.ops.sdd_train.sdd_swiglu(x, weight, EPS, 2)
+    dh = torch.randn_like(h)
+    torch.library.opcheck(torch.ops.sdd_train.sdd_swiglu_backward.default, (dh, x, weight, rstd))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_sdd_feed_forward_matches_unfused_composition(kernel, compile):
+    """The model's SDD SwiGLU on CPU (the kernel; compiled as one graph) equals ff_proj's norm then
+    silu(gate) * up in fp32: output and the gradients of input, V and alpha."""
+    cfg = small_model_cfg(block="sdd")
+    torch.manual_seed(0)
+    ffn = SwiGLU(cfg, sdd=True)
+    with torch.no_grad():
+        ffn.ff_proj.alpha.uniform_(0.5, 2.0)
+    x = torch.randn(2, 9, cfg.d_model, requires_grad=True)
+    grad = torch.randn(2, 9, cfg.d_model)  # (not a norm of the output: ff_out's SDD norm makes that ~constant)
+
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        proj = ffn.ff_proj
+        up, gate = rms_norm(F.linear(x, proj.weight), proj.alpha, proj.eps).chunk(2, dim=-1)
+        return ffn.ff_out(F.silu(gate) * up)
+
+    forward = torch.compile(ffn, fullgraph=True) if compile else ffn
+    results = []
+    for fn in (forward, unfused):
+        ffn.zero_grad()
+        x.grad = None
+        out = fn(x)
+        out.backward(grad)
+        results.append([out.detach(), x.grad, ffn.ff_proj.weight.grad, ffn.ff_proj.alpha.grad])
+    for got, want in zip(*results):
+        assert_close_fp32(got, want)
+
+
+def test_builds_into_cache_and_falls_back_without_compiler(monkeypatch, tmp_path, caplog):
+    """A fresh cache gets a library keyed by source, flags and CPU; with no usable compiler the ops
+    log why once and compute the same in PyTorch."""
+    monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path))
+    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
+    cpu_sdd_swiglu.library.cache_clear()
+    try:
+        assert cpu_sdd_swiglu.library() is not None
+        assert [p.name.startswith("cpu_sdd_swiglu-") for p in (tmp_path / "kernels").iterdir()] == [True]
+        x, weight, dh = inputs(torch.float32)
+        built = run(x, weight, dh, 2)
+
+        cpu_sdd_swiglu.library.cache_clear()
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path / "empty"))
+        with caplog.at_level(logging.WARNING, logger=cpu_sdd_swiglu.__name__):
+            fallback = run(x, weight, dh, 2)
+            run(x, weight, dh, 2)
+        assert cpu_sdd_swiglu.library() is None
+        assert len([r for r in caplog.records if "runs in PyTorch" in r.getMessage()]) == 1
+        for a, b in zip(built, fallback):
+            assert_close_fp32(a, b)
+    finally:
+        cpu_sdd_swiglu.library.cache_clear()
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="even width"):
+        sdd_swiglu(torch.randn(4, 7), torch.ones(7), EPS)
+    with pytest.raises(ValueError, match="1 or 2 groups"):
+        sdd_swiglu(torch.randn(4, 8), torch.ones(8), EPS, groups=4)
