@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -148,14 +149,19 @@ def test_sdd_feed_forward_matches_unfused_composition(kernel, compile):
 
 
 def test_builds_into_cache_and_falls_back_without_compiler(monkeypatch, tmp_path, caplog):
-    """A fresh cache gets a library keyed by source, flags and CPU; with no usable compiler the ops
-    log why once and compute the same in PyTorch."""
+    """A fresh cache gets a library keyed by source, compiler command, flags and CPU ($CC may carry
+    arguments); with no usable compiler the ops log why once and compute the same in PyTorch."""
     monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path))
     monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
+    monkeypatch.delenv("CC", raising=False)
     cpu_sdd_swiglu.library.cache_clear()
     try:
         assert cpu_sdd_swiglu.library() is not None
-        assert [p.name.startswith("cpu_sdd_swiglu-") for p in (tmp_path / "kernels").iterdir()] == [True]
+        cpu_sdd_swiglu.library.cache_clear()
+        monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -Wall")
+        assert cpu_sdd_swiglu.library() is not None
+        built_files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+        assert len(built_files) == 2 and all(n.startswith("cpu_sdd_swiglu-") and n.endswith(".so") for n in built_files)
         x, weight, dh = inputs(torch.float32)
         built = run(x, weight, dh, 2)
 

@@ -22,8 +22,10 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 
 import torch
@@ -59,26 +61,27 @@ def library() -> ctypes.CDLL | None:
     if not SOURCE.exists():  # e.g. the model code inlined into a Hugging Face export
         log.info("%s is not next to this module: the SDD SwiGLU runs in PyTorch on CPU", SOURCE.name)
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    found = shutil.which("cc") or shutil.which("gcc")
+    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
+    if not compiler:
         log.warning("no C compiler found ($CC, cc, gcc): the SDD SwiGLU runs in PyTorch on CPU")
         return None
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(FLAGS).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     path = _cache_dir() / f"cpu_sdd_swiglu-{key}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may build at once
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
+            partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # ranks may build at once
+            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
                            capture_output=True, text=True, timeout=300)
             os.replace(partial, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         log.warning("could not build %s with %s (%s): the SDD SwiGLU runs in PyTorch on CPU",
-                    SOURCE.name, compiler, detail.strip()[-500:])
+                    SOURCE.name, " ".join(compiler), detail.strip()[-500:])
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.sdd_swiglu_forward.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
