@@ -110,9 +110,12 @@ def test_saturated_gates_and_nan_rows(kernel):
     assert not h[1, 4].isnan().any() and not dx[0].isnan().any()
 
 
-def test_custom_ops_pass_opcheck(kernel):
-    """Schemas, fake (meta) functions and the autograd registration, as torch.compile relies on them."""
-    x, weight, _ = inputs(torch.bfloat16, shape=(40, 2 * 96))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_custom_ops_pass_opcheck(kernel, dtype):
+    """Schemas, fake (meta) functions and the autograd registration, as torch.compile relies on them
+    (bf16: the kernel; fp64: the PyTorch path, whose statistics stay fp64)."""
+    x, weight, _ = inputs(dtype, shape=(40, 2 * 96))
+    weight = weight.to(dtype)
     torch.library.opcheck(torch.ops.sdd_train.sdd_swiglu.default, (x, weight.clone().requires_grad_(), EPS, 2))
     h, rstd = torch.ops.sdd_train.sdd_swiglu(x, weight, EPS, 2)
     dh = torch.randn_like(h)
