@@ -28,8 +28,10 @@ from sdd_train.eval.inference import TOKENIZER_FILE, LoadedModel, load_model
 MODELING_FILE = "modeling_sdd_train.py"
 # In dependency order; their sdd_train imports are dropped because everything lands in one file.
 MODEL_MODULES = ("sdd_train.kernels.precision", "sdd_train.kernels.rms_norm", "sdd_train.kernels.cpu_attention",
+                 "sdd_train.kernels.cpu_kernels", "sdd_train.kernels.cpu_rms_norm",
                  "sdd_train.kernels.cpu_sdd_swiglu", "sdd_train.train.loss", "sdd_train.model.layers",
-                 "sdd_train.model.moe", "sdd_train.model.feed_forward", "sdd_train.model.blocks", "sdd_train.model.transformer")
+                 "sdd_train.model.moe", "sdd_train.model.feed_forward", "sdd_train.model.blocks",
+                 "sdd_train.model.transformer")
 CONFIG_CLASSES = ("InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")
 
 _HF_WRAPPER = '''

@@ -1,5 +1,5 @@
 """The SDD feed-forward's SwiGLU on CPU: ``silu(gate) * up`` of ``[up | gate] = alpha * rms(V x)``,
-forward and backward each one C kernel (``cpu_sdd_swiglu.c``).
+forward and backward each one C kernel (``cpu_kernels.c``), eager and compiled.
 
 Why: compiled, inductor runs this backward as three passes over [tokens, 2 * hidden] tensors that
 do not fit in cache (the SwiGLU gradient written out; the norm's row sums with the input gradient;
@@ -8,91 +8,17 @@ the gain's column sum reading both again). The kernel does it in one pass per ro
 ``gate`` in fp32 instead of rounding them to bf16 in between. The tiny ``sdd`` block's forward +
 backward runs ~4% faster compiled and ~15% eager (docs/benchmarks.md).
 
-The kernel is built on first use with the system C compiler (``$CC``, else ``cc``; inductor needs
-one on CPU too) into ``$SDD_TRAIN_CACHE/kernels`` and loaded with ctypes. Both directions are
-custom ops, opaque to torch.compile (no graph break). Without a compiler, for other dtypes than
-fp32/bf16, or with ``SDD_TRAIN_NORM_KERNEL=torch``, the ops compute the same in PyTorch.
+Both directions are custom ops, opaque to torch.compile (no graph break). Where the kernel is not
+available (:func:`sdd_train.kernels.cpu_kernels.kernel_for`) they compute the same in PyTorch.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import uuid
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from sdd_train.kernels.cpu_kernels import kernel_for
 from sdd_train.kernels.precision import compute_dtype
-
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_sdd_swiglu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
-_ENV = "SDD_TRAIN_NORM_KERNEL"  # "torch": the PyTorch path everywhere (shared with kernels/rms_norm.py)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SDD_TRAIN_CACHE", Path.home() / ".cache" / "sdd_train")) / "kernels"
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built on one CPU model may not run on another."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = ""
-    return platform.machine() + flags
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built once per source, compiler flags and CPU), or None if no C compiler
-    could build them (logged once; the PyTorch path runs instead)."""
-    if not SOURCE.exists():  # e.g. the model code inlined into a Hugging Face export
-        log.info("%s is not next to this module: the SDD SwiGLU runs in PyTorch on CPU", SOURCE.name)
-        return None
-    found = shutil.which("cc") or shutil.which("gcc")
-    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else [])
-    if not compiler:
-        log.warning("no C compiler found ($CC, cc, gcc): the SDD SwiGLU runs in PyTorch on CPU")
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler).encode(), " ".join(FLAGS).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    path = _cache_dir() / f"cpu_sdd_swiglu-{key}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # ranks may build at once
-            subprocess.run([*compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True,
-                           capture_output=True, text=True, timeout=300)
-            os.replace(partial, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        log.warning("could not build %s with %s (%s): the SDD SwiGLU runs in PyTorch on CPU",
-                    SOURCE.name, " ".join(compiler), detail.strip()[-500:])
-        return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.sdd_swiglu_forward.argtypes = [ptr, ptr, ctypes.c_float, ptr, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int]
-    lib.sdd_swiglu_backward.argtypes = [ptr] * 6 + [i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
-    return lib
-
-
-def _kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
-    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or os.environ.get(_ENV, "auto") == "torch":
-        return None
-    return library()
 
 
 # --------------------------------------------------------------------------- PyTorch path
@@ -133,7 +59,7 @@ def _backward_torch(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 @torch.library.custom_op("sdd_train::sdd_swiglu", mutates_args=())
 def _sdd_swiglu(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [rows, hidden], rstd [rows, groups] in :func:`compute_dtype`) from x [rows, 2 * hidden]."""
-    lib = _kernel_for(x)
+    lib = kernel_for(x)
     if lib is None:
         return _forward_torch(x, weight, eps, groups)
     x, w = x.contiguous(), weight.float().contiguous()
@@ -154,7 +80,7 @@ def _(x, weight, eps, groups):
 def _sdd_swiglu_backward(dh: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                          rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx like x, gain gradient [2 * hidden] in rstd's dtype) from dh [rows, hidden]."""
-    lib = _kernel_for(x)
+    lib = kernel_for(x)
     if lib is None:
         return _backward_torch(dh, x, weight, rstd)
     dh, x, w, rstd = dh.to(x.dtype).contiguous(), x.contiguous(), weight.float().contiguous(), rstd.contiguous()

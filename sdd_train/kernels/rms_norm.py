@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     tl = None
 
 # SDD_TRAIN_NORM_KERNEL=torch forces the PyTorch path everywhere (for A/B comparisons and debugging).
-_ENV = "SDD_TRAIN_NORM_KERNEL"
+NORM_KERNEL_ENV = "SDD_TRAIN_NORM_KERNEL"
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -42,7 +42,7 @@ def triton_available() -> bool:
 def use_fused_norm(x: torch.Tensor) -> bool:
     """True where the Triton kernel runs: CUDA, triton installed, fp32/bf16/fp16, outside torch.compile."""
     return (x.is_cuda and triton is not None and x.dtype in FUSED_DTYPES
-            and os.environ.get(_ENV, "auto") != "torch" and not torch.compiler.is_compiling())
+            and os.environ.get(NORM_KERNEL_ENV, "auto") != "torch" and not torch.compiler.is_compiling())
 
 
 def _forward_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps,

@@ -16,6 +16,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
+from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm, use_cpu_norm
 from sdd_train.kernels.precision import autocast_off, compute_dtype
 from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
 
@@ -33,11 +34,14 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks.
 
-    On CUDA in eager mode this is one fused Triton kernel (:mod:`sdd_train.kernels.rms_norm`);
-    elsewhere, and inside torch.compile (where inductor fuses it), :func:`rms_norm_torch`.
+    In eager mode this is one fused kernel: Triton on CUDA (:mod:`sdd_train.kernels.rms_norm`), C on
+    CPU (:mod:`sdd_train.kernels.cpu_rms_norm`); elsewhere, and inside torch.compile (where inductor
+    fuses it), :func:`rms_norm_torch`.
     """
     if use_fused_norm(x):
         return fused_rms_norm(x, weight, eps, groups)
+    if use_cpu_norm(x):
+        return cpu_rms_norm(x, weight, eps, groups)
     return rms_norm_torch(x, weight, eps, groups)
 
 

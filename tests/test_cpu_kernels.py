@@ -1,4 +1,5 @@
-"""The SDD feed-forward's norm + SwiGLU as one C kernel each way (sdd_train.kernels.cpu_sdd_swiglu)."""
+"""The CPU C kernels (sdd_train.kernels.cpu_kernels): RMSNorm x gain in eager mode and the SDD
+feed-forward's norm + SwiGLU, each one kernel per direction."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_model_cfg
-from sdd_train.kernels import cpu_sdd_swiglu
+from sdd_train.kernels import cpu_kernels, cpu_rms_norm
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
 from sdd_train.model.feed_forward import SwiGLU
-from sdd_train.model.layers import rms_norm
+from sdd_train.model import layers
+from sdd_train.model.layers import rms_norm, rms_norm_torch
 
 EPS = 1e-5
 # one bf16 rounding of the result (2^-9 relative, as a norm over many elements ~1.7e-3 here)
@@ -24,7 +26,7 @@ TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-6}
 def kernel(monkeypatch):
     """The C path: fails (instead of silently testing the fallback) where the kernel cannot be built."""
     monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
-    assert cpu_sdd_swiglu.library() is not None, "the C kernel did not build (see the log)"
+    assert cpu_kernels.library() is not None, "the C kernel did not build (see the log)"
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):
@@ -63,13 +65,16 @@ def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6 * want.abs().max().item())
 
 
+# ---------------------------------------------------------------------------- SDD norm + SwiGLU
+
+
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_matches_float64(monkeypatch, path, dtype, groups):
+def test_swiglu_matches_float64(monkeypatch, path, dtype, groups):
     """Output, input and gain gradients of the C kernel and of its PyTorch fallback against float64."""
     if path == "kernel":
-        assert cpu_sdd_swiglu.library() is not None
+        assert cpu_kernels.library() is not None
     monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "auto" if path == "kernel" else "torch")
     x, weight, dh = inputs(dtype)
     got, want = run(x, weight, dh, groups), reference(x, weight, dh, groups)
@@ -78,7 +83,7 @@ def test_matches_float64(monkeypatch, path, dtype, groups):
         assert relative_error(g, w) < TOLERANCE[dtype]
 
 
-def test_kernel_equals_pytorch_path_and_ignores_thread_count(kernel, monkeypatch):
+def test_swiglu_kernel_equals_pytorch_path_and_ignores_thread_count(kernel, monkeypatch):
     """fp32: the kernel and the fallback agree to rounding; the kernel's per-row results (h, dx) are
     bitwise the same with one thread or two (rows are split between threads, never a row)."""
     x, weight, dh = inputs(torch.float32)
@@ -98,7 +103,7 @@ def test_kernel_equals_pytorch_path_and_ignores_thread_count(kernel, monkeypatch
     assert_close_fp32(single[2], ours[2])
 
 
-def test_saturated_gates_and_nan_rows(kernel):
+def test_swiglu_saturated_gates_and_nan_rows(kernel):
     """Gates far beyond exp's range (gain x 60: |gate| up to ~200) stay exact where the sigmoid
     saturates, and a NaN in a row makes that row's output and gradient NaN instead of a number."""
     x, weight, dh = inputs(torch.float32, scale=60.0)
@@ -111,7 +116,7 @@ def test_saturated_gates_and_nan_rows(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_custom_ops_pass_opcheck(kernel, dtype):
+def test_swiglu_custom_ops_pass_opcheck(kernel, dtype):
     """Schemas, fake (meta) functions and the autograd registration, as torch.compile relies on them
     (bf16: the kernel; fp64: the PyTorch path, whose statistics stay fp64)."""
     x, weight, _ = inputs(dtype, shape=(40, 2 * 96))
@@ -151,35 +156,95 @@ def test_sdd_feed_forward_matches_unfused_composition(kernel, compile):
         assert_close_fp32(got, want)
 
 
+# ---------------------------------------------------------------------------- RMSNorm x gain
+
+
+def norm_reference(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, groups: int):
+    xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
+    parts = xd.unflatten(-1, (groups, -1))
+    y = (parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + EPS)).flatten(-2) * wd
+    y.backward(dy.double())
+    return y.detach(), xd.grad, wd.grad
+
+
+def norm_run(norm, x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, groups: int):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = norm(x, weight, EPS, groups)
+    y.backward(dy)
+    return y.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape,groups", [((3, 37, 96), 1), ((5, 7, 4, 64), 1), ((41, 96), 4)])
+def test_norm_matches_float64_and_pytorch_path(kernel, dtype, shape, groups):
+    """The eager CPU norm against float64 (block norms; per-head QK-norm rows of 64; the per-branch
+    grouped SDD norm), and against the PyTorch path; fp32 outputs and rows bitwise the same with one
+    thread or two."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).to(dtype)
+    weight, dy = torch.rand(shape[-1]) + 0.5, torch.randn(shape).to(dtype)
+    got = norm_run(cpu_rms_norm.cpu_rms_norm, x, weight, dy, groups)
+    for g, w in zip(got, norm_reference(x, weight, dy, groups)):
+        assert relative_error(g, w) < TOLERANCE[dtype]
+    assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == torch.float32
+    if dtype == torch.float32:
+        for a, b in zip(got, norm_run(rms_norm_torch, x, weight, dy, groups)):
+            assert_close_fp32(a, b)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            single = norm_run(cpu_rms_norm.cpu_rms_norm, x, weight, dy, groups)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(single[0], got[0]) and torch.equal(single[1], got[1])
+
+
+def test_norm_dispatch(kernel, monkeypatch):
+    """rms_norm takes the C kernel on CPU in eager mode for fp32/bf16, the PyTorch path for float64,
+    under torch.compile (one fused graph, no break) and with SDD_TRAIN_NORM_KERNEL=torch."""
+    calls = []
+    monkeypatch.setattr(cpu_rms_norm, "cpu_rms_norm", lambda *a: calls.append(a) or rms_norm_torch(*a))
+    monkeypatch.setattr(layers, "cpu_rms_norm", cpu_rms_norm.cpu_rms_norm)
+    x, weight = torch.randn(6, 32), torch.ones(32)
+    layers.rms_norm(x, weight, EPS)
+    layers.rms_norm(x.bfloat16(), weight, EPS)
+    assert len(calls) == 2
+    layers.rms_norm(x.double(), weight.double(), EPS)
+    torch.compile(layers.rms_norm, fullgraph=True)(x, weight, EPS)
+    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    layers.rms_norm(x, weight, EPS)
+    assert len(calls) == 2
+
+
 def test_builds_into_cache_and_falls_back_without_compiler(monkeypatch, tmp_path, caplog):
     """A fresh cache gets a library keyed by source, compiler command, flags and CPU ($CC may carry
     arguments); with no usable compiler the ops log why once and compute the same in PyTorch."""
     monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path))
     monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
     monkeypatch.delenv("CC", raising=False)
-    cpu_sdd_swiglu.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        assert cpu_sdd_swiglu.library() is not None
-        cpu_sdd_swiglu.library.cache_clear()
+        assert cpu_kernels.library() is not None
+        cpu_kernels.library.cache_clear()
         monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -Wall")
-        assert cpu_sdd_swiglu.library() is not None
+        assert cpu_kernels.library() is not None
         built_files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
-        assert len(built_files) == 2 and all(n.startswith("cpu_sdd_swiglu-") and n.endswith(".so") for n in built_files)
+        assert len(built_files) == 2 and all(n.startswith("cpu_kernels-") and n.endswith(".so") for n in built_files)
         x, weight, dh = inputs(torch.float32)
         built = run(x, weight, dh, 2)
 
-        cpu_sdd_swiglu.library.cache_clear()
+        cpu_kernels.library.cache_clear()
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
         monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path / "empty"))
-        with caplog.at_level(logging.WARNING, logger=cpu_sdd_swiglu.__name__):
+        with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
             fallback = run(x, weight, dh, 2)
             run(x, weight, dh, 2)
-        assert cpu_sdd_swiglu.library() is None
-        assert len([r for r in caplog.records if "runs in PyTorch" in r.getMessage()]) == 1
+        assert cpu_kernels.library() is None and not cpu_rms_norm.use_cpu_norm(x)
+        assert len([r for r in caplog.records if "run in PyTorch" in r.getMessage()]) == 1
         for a, b in zip(built, fallback):
             assert_close_fp32(a, b)
     finally:
-        cpu_sdd_swiglu.library.cache_clear()
+        cpu_kernels.library.cache_clear()
 
 
 def test_rejects_bad_shapes():
@@ -187,3 +252,5 @@ def test_rejects_bad_shapes():
         sdd_swiglu(torch.randn(4, 7), torch.ones(7), EPS)
     with pytest.raises(ValueError, match="1 or 2 groups"):
         sdd_swiglu(torch.randn(4, 8), torch.ones(8), EPS, groups=4)
+    with pytest.raises(ValueError, match="divisible by 3"):
+        cpu_rms_norm.cpu_rms_norm(torch.randn(4, 8), torch.ones(8), EPS, groups=3)
