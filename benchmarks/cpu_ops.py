@@ -4,8 +4,9 @@ round:
 
 - attention (4 query / 2 kv heads of 64): ``sdd_train.kernels.cpu_attention`` vs SDPA's CPU kernel,
   both inside ``bf16_products_of_bf16_values`` as the trainer runs a bf16 step, and ours outside it;
-- RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the PyTorch-path norm
-  (hand-written backward, rows in cache-sized blocks) vs the composite ops under autograd;
+- RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the eager CPU kernel
+  (``sdd_train.kernels.cpu_rms_norm``) and the PyTorch-path norm (hand-written backward, rows in
+  cache-sized blocks; what compiled graphs fuse) vs the composite ops under autograd;
 - the SDD feed-forward's norm + SwiGLU (up+gate width 1,376 -> 688): ``sdd_train.kernels.cpu_sdd_swiglu``
   vs the PyTorch-path norm then ``silu(gate) * up`` under bf16 autocast, eager and compiled;
 - LM head + loss (vocabulary 8,192): the chunked fused path, with its softmax gradient compiled (as
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import load_config  # noqa: E402
 from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
+from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm  # noqa: E402
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu  # noqa: E402
 from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
@@ -85,7 +87,8 @@ def norm_cases(rows: int, width: int) -> dict[str, Step]:
     x = (torch.randn(rows, width) * 3).to(torch.bfloat16).requires_grad_()
     weight = (torch.rand(width) + 0.5).requires_grad_()
     dy = torch.randn(rows, width, dtype=torch.bfloat16)
-    return {f"norm {width}: rms_norm_torch": lambda: rms_norm_torch(x, weight, 1e-5).backward(dy),
+    return {f"norm {width}: C kernel (eager)": lambda: cpu_rms_norm(x, weight, 1e-5).backward(dy),
+            f"norm {width}: rms_norm_torch": lambda: rms_norm_torch(x, weight, 1e-5).backward(dy),
             f"norm {width}: composite": lambda: composite_rms_norm(x, weight, 1e-5).backward(dy)}
 
 
