@@ -254,3 +254,5 @@ def test_rejects_bad_shapes():
         sdd_swiglu(torch.randn(4, 8), torch.ones(8), EPS, groups=4)
     with pytest.raises(ValueError, match="divisible by 3"):
         cpu_rms_norm.cpu_rms_norm(torch.randn(4, 8), torch.ones(8), EPS, groups=3)
+    with pytest.raises(RuntimeError, match="no CPU kernel for a torch.float64"):
+        cpu_rms_norm.cpu_rms_norm(torch.randn(4, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), EPS)

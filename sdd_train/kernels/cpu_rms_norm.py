@@ -55,4 +55,7 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int 
     check :func:`use_cpu_norm` first). fp32 statistics, the result in x's dtype."""
     if x.shape[-1] % groups or weight.shape != (x.shape[-1],):
         raise ValueError(f"cpu_rms_norm: weight {tuple(weight.shape)} must be [{x.shape[-1]}], divisible by {groups}")
+    if kernel_for(x) is None:
+        raise RuntimeError(f"cpu_rms_norm: no CPU kernel for a {x.dtype} tensor on {x.device} here (see the log); "
+                           "use sdd_train.model.layers.rms_norm, which falls back to PyTorch")
     return _CPURMSNorm.apply(x, weight, eps, groups)
