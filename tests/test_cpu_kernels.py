@@ -199,6 +199,15 @@ def test_norm_matches_float64_and_pytorch_path(kernel, dtype, shape, groups):
         assert torch.equal(single[0], got[0]) and torch.equal(single[1], got[1])
 
 
+def test_norm_backward_runs_the_kernel_of_its_forward(kernel, monkeypatch):
+    """Forcing the PyTorch path between a forward and its backward does not strand the backward."""
+    x, weight, dy = torch.randn(5, 64, requires_grad=True), torch.rand(64) + 0.5, torch.randn(5, 64)
+    y = cpu_rms_norm.cpu_rms_norm(x, weight, EPS)
+    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    y.backward(dy)
+    assert_close_fp32(x.grad, norm_reference(x.detach(), weight, dy, 1)[1].float())
+
+
 def test_norm_dispatch(kernel, monkeypatch):
     """rms_norm takes the C kernel on CPU in eager mode for fp32/bf16, the PyTorch path for float64,
     under torch.compile (one fused graph, no break) and with SDD_TRAIN_NORM_KERNEL=torch."""
