@@ -143,6 +143,31 @@ def test_prepare_writes_shards_metadata_and_split(corpus_dir, tokenizer_model, t
     assert decoded <= expected and len(decoded) > 300
 
 
+def _split_documents(root: Path) -> dict[str, list[str]]:
+    ds = PreparedDataset(root)
+    out = {}
+    for split in ("train", "val"):
+        tokens = np.concatenate([np.fromfile(root / s["file"], dtype=np.uint16) for s in ds.meta["splits"][split]["shards"]])
+        bounds = np.flatnonzero(tokens == ds.tokenizer.eos_id)
+        out[split] = sorted(ds.tokenizer.decode(d[:-1]) for d in np.split(tokens, bounds + 1)[:-1])
+    return out
+
+
+def test_val_split_depends_on_the_text_not_where_it_lives(corpus_dir, tokenizer_model, tmp_path):
+    # the same documents, once as given and once moved, reordered, with a duplicate, and cut into other units
+    lines = (corpus_dir / "big.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "elsewhere").mkdir()
+    moved = tmp_path / "elsewhere" / "renamed.jsonl"
+    moved.write_text("".join(lines[::-1] + lines[:40]))
+    quiet = {"opts": PrepareOptions(val_fraction=0.2), "progress": False, "log": lambda *_: None}
+    prepare([str(corpus_dir / "big.jsonl")], tokenizer_model, tmp_path / "a", **quiet)
+    prepare([str(moved)], tokenizer_model, tmp_path / "b", unit_bytes=997, **quiet)
+    a, b = _split_documents(tmp_path / "a"), _split_documents(tmp_path / "b")
+    assert 40 < len(a["val"]) < 120
+    assert set(a["val"]) == set(b["val"]) and set(a["train"]) == set(b["train"])
+    assert len(b["val"]) + len(b["train"]) == 440 and not set(b["val"]) & set(b["train"])  # duplicates side by side
+
+
 def _dataset_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -334,8 +359,7 @@ def test_doc_ids_and_document_masked_attention(two_datasets):
 
 
 def test_val_batches_are_fixed_windows(corpus_dir, tokenizer_model, tmp_path):
-    # a quarter held out: which documents land in validation hashes their file's path, so the 1%
-    # default leaves a val split whose size depends on where pytest puts its temporary files
+    # a quarter held out, so that the val split holds several windows
     prepare([str(corpus_dir / "big.jsonl")], tokenizer_model, tmp_path / "ds", opts=PrepareOptions(val_fraction=0.25),
             progress=False, log=lambda *_: None)
     ds = PreparedDataset(tmp_path / "ds")

@@ -47,7 +47,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def _fingerprint(files: list[Path], cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"vocab": cfg.tokenizer_vocab_size, "val": cfg.val_fraction, "v": 2}).encode())
+    h.update(json.dumps({"vocab": cfg.tokenizer_vocab_size, "val": cfg.val_fraction, "v": 3}).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

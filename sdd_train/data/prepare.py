@@ -11,7 +11,9 @@ Layout of a prepared dataset directory::
 A shard is written under a ``.tmp`` name and renamed when complete, and its unit marker is
 written after that, so an interrupted run never leaves a shard that looks complete; re-running
 the same command skips finished units and produces byte-identical output. Whether a document is
-held out for validation depends only on (unit, document index), so the split is stable too.
+held out for validation depends only on its text (a hash of it), so the split does not change when
+the inputs move, are reordered or are cut into other units, and exact duplicates never straddle
+train and val.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-import zlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from sdd_train.data.sources import UNIT_BYTES, DataError, Unit, iter_documents, 
 from sdd_train.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
+SPLIT_RULE = "text-blake2b"  # recorded in unit markers: a unit done under another rule is redone
 SPLITS = ("train", "val")
 ENCODE_BATCH = 512  # documents per sentencepiece call
 
@@ -47,8 +50,10 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def is_val(unit_key: str, doc_index: int, fraction: float) -> bool:
-    return zlib.crc32(f"{unit_key}#{doc_index}".encode()) < fraction * 2**32
+def is_val(text: str, fraction: float) -> bool:
+    """Hold ``text`` out for validation with probability ``fraction``, decided by its content alone."""
+    digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 def _write_json(path: Path, obj) -> None:
@@ -74,26 +79,23 @@ def _prepare_unit(job: tuple[int, Unit, str, str, PrepareOptions]) -> dict:
     marker = out_dir / "units" / f"{index:06d}.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done.get("unit") == unit.key and done.get("tokenizer") == tokenizer_fp:
+        if done.get("unit") == unit.key and done.get("tokenizer") == tokenizer_fp and done.get("split") == SPLIT_RULE:
             return {**done, "skipped": True}
     tok = _tokenizer(str(out_dir / "tokenizer.model"))
     dtype = dtype_for(tok.vocab_size)
     files = {s: out_dir / s / f"{index:06d}.bin" for s in SPLITS}
     handles = {s: open(f.with_name(f.name + ".tmp"), "wb") for s, f in files.items()}
     counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
-    doc_index = 0
     try:
         batch: list[str] = []
 
         def flush() -> None:
-            nonlocal doc_index
-            for ids in tok.sp.encode(batch):
-                split = "val" if is_val(unit.key, doc_index, opts.val_fraction) else "train"
+            for text, ids in zip(batch, tok.sp.encode(batch)):
+                split = "val" if is_val(text, opts.val_fraction) else "train"
                 arr = np.asarray(ids + [tok.eos_id], dtype=dtype)
                 handles[split].write(arr.tobytes())
                 counts[split]["tokens"] += arr.size
                 counts[split]["documents"] += 1
-                doc_index += 1
             batch.clear()
 
         for doc in iter_documents(unit, opts.text_field, opts.utf8_errors, opts.hf_split):
@@ -106,7 +108,7 @@ def _prepare_unit(job: tuple[int, Unit, str, str, PrepareOptions]) -> dict:
             h.close()
     for s, f in files.items():
         os.replace(f.with_name(f.name + ".tmp"), f)
-    result = {"unit": unit.key, "tokenizer": tokenizer_fp, **{s: counts[s] for s in SPLITS}}
+    result = {"unit": unit.key, "tokenizer": tokenizer_fp, "split": SPLIT_RULE, **{s: counts[s] for s in SPLITS}}
     _write_json(marker, result)
     return {**result, "skipped": False}
 
@@ -182,6 +184,7 @@ def prepare(inputs: list[str], tokenizer_model: Path, out: Path, fmt: str = "aut
         "units": len(units),
         "text_field": opts.text_field,
         "val_fraction": opts.val_fraction,
+        "val_split_rule": SPLIT_RULE,
         "splits": splits,
     }
     _write_json(meta_file, meta)
