@@ -2,14 +2,16 @@
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
 #   make bench   set up, then run the benchmarks (step time vs transformers, CPU ops, 1 vs 2 ranks, data, MoE layer, loss
-#                memory; with CUDA also dense 1B step time / MFU / memory and the fused-norm kernels)
+#                memory; with CUDA also benchmarks/gpu_suite.py: GPU tests, fused-norm kernels, dense 1B and MoE MFU)
+#   make bench-gpu   only benchmarks/gpu_suite.py, with $(PYTHON) as it is (a GPU machine whose python already has
+#                a CUDA torch and this package's dependencies; nothing is installed)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -33,9 +35,10 @@ bench: setup
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/loss_memory.py
-	$(PY) benchmarks/step_time.py --gpu-only --config configs/dense_1b.yaml --blocks pre reordered sdd \
-		--modes compiled --no-hf --steps 10 --sequential --set train.global_batch_size=8 --json runs/bench_dense_1b.json
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/gpu_suite.py --skip-without-cuda
+
+bench-gpu:
+	$(PYTHON) benchmarks/gpu_suite.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

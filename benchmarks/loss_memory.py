@@ -1,6 +1,7 @@
 """Peak memory and time of the LM head + loss: plain logits vs the chunked fused path (CPU or GPU).
 
-    python benchmarks/loss_memory.py [--tokens 4096] [--d-model 1024] [--vocab 100352] [--chunk 1024]
+    python benchmarks/loss_memory.py [--tokens 4096] [--d-model 1024] [--vocab 100352] [--chunk 1024] \
+        [--json runs/bench_loss_memory.json]
 
 Each path runs forward + backward once for warm-up and once timed, in its own process (peak
 resident memory on CPU, peak allocated memory on CUDA, above what the inputs take).
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.train.loss import linear_cross_entropy, lm_loss  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -61,6 +63,7 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=100352)
     parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--json", default="runs/bench_loss_memory.json")
     parser.add_argument("--path", choices=["plain", "chunked"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path:
@@ -68,11 +71,14 @@ def main() -> None:
         return
     print(f"{args.tokens} tokens x d {args.d_model} -> vocab {args.vocab}, chunk {args.chunk}")
     print(f"{'path':<8} {'time (s)':>9} {'peak (GiB)':>11} {'loss':>9}")
+    rows = []
     for path in ("plain", "chunked"):
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--path", path], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['path']:<8} {r['seconds']:>9.3f} {r['peak_gib']:>11.2f} {r['loss']:>9.4f}")
+        rows.append(r)
+    write_json(args.json, tokens=args.tokens, d_model=args.d_model, vocab=args.vocab, chunk=args.chunk, rows=rows)
 
 
 if __name__ == "__main__":
