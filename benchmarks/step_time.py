@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdd_train.config import load_config  # noqa: E402
 from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
-from sdd_train.train.loss import lm_loss  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
 from sdd_train.train.distributed import init_world  # noqa: E402
 from sdd_train.train.parallelize import apply_compile  # noqa: E402
@@ -102,11 +101,9 @@ class Candidate:
                 with autocast(self.device, self.precision):
                     if self.block == HF_OLMO2:
                         loss = model(batch[:, :-1], batch[:, 1:].contiguous())
-                    elif self.fused_loss:  # as the trainer does it
+                    else:  # as the trainer does it
                         loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
                                            loss_chunk=t.loss_chunk_size)
-                    else:
-                        loss, _, _ = lm_loss(model(batch[:, :-1]), batch[:, 1:], self.cfg.optim.z_loss)
                 (loss / self.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         self.optimizer.step()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import small_run
-from sdd_train.train import checkpoint, trainer
+from sdd_train.model import transformer
+from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
 from sdd_train.train.export import export, load_exported
 from sdd_train.train.export import main as export_main
@@ -89,16 +90,19 @@ PLAIN_LOSS = "train.loss_chunk_size=0"
 
 
 class NaNAt:
-    """Wraps lm_loss so that the given forward calls return NaN (a planted bad batch); the runs
-    pass PLAIN_LOSS so the trainer computes its loss through lm_loss."""
+    """Wraps the model's lm_loss so that the given training forwards return NaN (a planted bad
+    batch); the runs pass PLAIN_LOSS so the model computes its loss through lm_loss. Validation
+    (no grad) passes through uncounted."""
 
     def __init__(self, calls: set[int] | None = None, from_call: int | None = None):
         self.calls, self.from_call, self.n = calls or set(), from_call, 0
-        self.real = trainer.lm_loss
+        self.real = transformer.lm_loss
 
     def __call__(self, logits, targets, z=0.0):
-        self.n += 1
         loss, ce, zl = self.real(logits, targets, z)
+        if not torch.is_grad_enabled():
+            return loss, ce, zl
+        self.n += 1
         if self.n in self.calls or (self.from_call is not None and self.n >= self.from_call):
             nan = torch.tensor(float("nan"))
             return loss * nan, ce * nan, zl
@@ -106,7 +110,7 @@ class NaNAt:
 
 
 def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))  # step 3's first micro-batch (2 per step)
+    monkeypatch.setattr(transformer, "lm_loss", NaNAt(calls={5}))  # step 3's first micro-batch (2 per step)
     assert run(tmp_path, data_cache, PLAIN_LOSS, "train.nonfinite=skip") == 0
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     skipped = [r for r in records if r.get("skipped")]
@@ -118,7 +122,7 @@ def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch
 
 
 def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "lm_loss", NaNAt(from_call=5))
+    monkeypatch.setattr(transformer, "lm_loss", NaNAt(from_call=5))
     assert run(tmp_path, data_cache, PLAIN_LOSS, "train.nonfinite=skip", "train.max_nonfinite_skips=3",
                "train.checkpoint_interval=1") == 3
     assert "3 consecutive non-finite steps" in capsys.readouterr().err
@@ -127,6 +131,6 @@ def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeyp
 
 
 def test_nonfinite_stop_is_the_default(data_cache, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "lm_loss", NaNAt(calls={5}))
+    monkeypatch.setattr(transformer, "lm_loss", NaNAt(calls={5}))
     assert run(tmp_path, data_cache, PLAIN_LOSS) == 3
     assert "train.nonfinite=skip" in capsys.readouterr().err

@@ -25,7 +25,6 @@ from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import open_datasets, val_batches
 from sdd_train.train.distributed import World, all_reduce_sum
-from sdd_train.train.loss import lm_loss
 
 
 @dataclass
@@ -78,11 +77,7 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
             batch = s.batches[index] if index < len(s.batches) else s.batches[0]
             batch = {k: v.to(world.device) for k, v in batch.items()}
             with autocast_ctx or contextlib.nullcontext():  # as the training step computes its loss
-                if loss_chunk:
-                    _, ce, _ = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
-                                     loss_chunk=loss_chunk)
-                else:
-                    _, ce, _ = lm_loss(model(batch["inputs"], batch.get("doc_ids")), batch["targets"])
+                _, ce, _ = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"], loss_chunk=loss_chunk)
             if index < len(s.batches):
                 n = batch["targets"].numel()
                 sums[i, 0] += ce.double() * n

@@ -18,7 +18,7 @@ from sdd_train.config import ModelConfig
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, attention_mask, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
-from sdd_train.train.loss import linear_cross_entropy
+from sdd_train.train.loss import linear_cross_entropy, lm_loss
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,13 @@ class Transformer(nn.Module):
         the tokens continue the cached positions and their keys / values are added to it. With
         ``targets`` [B, S] it returns ``(loss, cross-entropy, z-loss or None)`` instead, computed
         ``loss_chunk`` tokens at a time so the full logits never exist (inside the root forward, so
-        FSDP2 has the head weight gathered).
+        FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
         """
         x = self.hidden_states(tokens, doc_ids, cache)[-1]
         if targets is None:
             return self.head(x)
+        if loss_chunk <= 0:
+            return lm_loss(self.head(x), targets, z_loss)
         if self.final_norm is not None:
             x = self.final_norm(x)
         return linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk, compiled=self.compiled_loss)

@@ -34,7 +34,6 @@ from sdd_train.model.moe import load_stats
 from sdd_train.train.checkpoint import Checkpointer, checkpoint_dir, latest
 from sdd_train.train.distributed import (World, all_reduce_max, all_reduce_sum, barrier, broadcast_object, close_world,
                                         data_parallel_shape, init_world)
-from sdd_train.train.loss import lm_loss
 from sdd_train.train.metrics import RunLog, WandbLog, format_line, import_wandb
 from sdd_train.train.optim import build_optimizer, lr_at
 from sdd_train.train.parallelize import parallelize
@@ -468,12 +467,9 @@ class Trainer:
             targets = batch["targets"]
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
-            with self._autocast():
-                if t.loss_chunk_size:  # head + loss fused inside the model: the logits never exist in full
-                    loss, ce, z = self.model(batch["inputs"], batch.get("doc_ids"), targets=targets, z_loss=o.z_loss,
-                                             loss_chunk=t.loss_chunk_size)
-                else:
-                    loss, ce, z = lm_loss(self.model(batch["inputs"], batch.get("doc_ids")), targets, o.z_loss)
+            with self._autocast():  # head + loss fused inside the model: the logits never exist in full
+                loss, ce, z = self.model(batch["inputs"], batch.get("doc_ids"), targets=targets, z_loss=o.z_loss,
+                                         loss_chunk=t.loss_chunk_size)
             parts = [ce.detach(), z.detach() if z is not None else ce.new_zeros(())]
             if is_moe:
                 aux = self.model.moe_aux()
