@@ -32,11 +32,11 @@ def autocast_off(fn: Callable) -> Callable:
     return run
 
 
-# The mode's setting exists from torch 2.9; it is used from the first version on which every fp32
-# product of a bf16 step was checked to multiply bf16 values (tests/test_precision.py; 2.11 and
-# 2.13 pass). 2.8 sends masked GQA attention to SDPA's math fallback, which multiplies q and k
-# pre-scaled by the root of the scale; 2.9 and 2.10 were not checked.
-BF16_PRODUCTS_MIN_TORCH = (2, 11)
+# The mode's setting exists from torch 2.9, and on every version that has it (2.9, 2.10, 2.11, 2.13)
+# every fp32 product of a bf16 step was checked to multiply bf16 values (tests/test_precision.py).
+# (2.8 also sends masked GQA attention to SDPA's math fallback, which multiplies q and k pre-scaled
+# by the root of the scale: not bf16 values.)
+BF16_PRODUCTS_MIN_TORCH = (2, 9)
 
 
 def bf16_products_available() -> bool:
@@ -58,7 +58,7 @@ def bf16_products_of_bf16_values(device: torch.device) -> Iterator[None]:
     The mode also sends these products to oneDNN instead of MKL's sgemm: on the 2-core AMD dev
     machine oneDNN keeps fp32 arithmetic for them (its avx512 kernel, bitwise the same result) and is
     ~2.2x faster at the attention's shapes (760 -> 340 us for [32, 128, 64] x [32, 64, 256]); CPUs
-    with AMX may multiply in bf16. Elsewhere (other devices, CPUs without native bf16, torch < 2.11)
+    with AMX may multiply in bf16. Elsewhere (other devices, CPUs without native bf16, torch < 2.9)
     this changes nothing. The mode is process-wide while the context is open, so keep it around
     model code only: inside it, an fp32 matmul of values that are not bf16 may lose precision.
     """
