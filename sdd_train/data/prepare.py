@@ -18,12 +18,12 @@ train and val.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 import sys
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -467,7 +467,7 @@ class Trainer:
             targets = batch["targets"]
             # Every micro-batch has the same token count, so the mean of per-rank means is the token mean;
             # FSDP2 averages gradients over ranks, completing the 1 / (accum x world) scaling.
-            with self._autocast():  # head + loss fused inside the model: the logits never exist in full
+            with self._autocast():  # the model computes the loss (chunked: the full logits never exist)
                 loss, ce, z = self.model(batch["inputs"], batch.get("doc_ids"), targets=targets, z_loss=o.z_loss,
                                          loss_chunk=t.loss_chunk_size)
             parts = [ce.detach(), z.detach() if z is not None else ce.new_zeros(())]
