@@ -20,7 +20,7 @@ from sdd_train.data.__main__ import main as data_main
 from sdd_train.data.corpus import load_stdlib_corpus, stdlib_files
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import MixtureLoader, doc_ids_of, val_batches
-from sdd_train.data.prepare import PrepareOptions, prepare
+from sdd_train.data.prepare import PrepareOptions, prepare, text_hash, val_threshold
 from sdd_train.data.sources import DataError, Unit, iter_documents, list_units
 from sdd_train.data.tokenizer import Tokenizer, train_tokenizer
 from sdd_train.model import Transformer
@@ -166,6 +166,23 @@ def test_val_split_depends_on_the_text_not_where_it_lives(corpus_dir, tokenizer_
     assert 40 < len(a["val"]) < 120
     assert set(a["val"]) == set(b["val"]) and set(a["train"]) == set(b["train"])
     assert len(b["val"]) + len(b["train"]) == 440 and not set(b["val"]) & set(b["train"])  # duplicates side by side
+
+
+def test_a_small_corpus_still_gets_a_val_document(corpus_dir, tokenizer_model, tmp_path):
+    texts = [p.read_text() for p in sorted((corpus_dir / "txt").glob("doc*.txt"))]
+    fraction = 1e-6
+    assert min(map(text_hash, texts)) >= val_threshold(fraction)  # none would be held out by the hash alone
+    out, quiet = tmp_path / "ds", {"progress": False, "log": lambda *_: None}
+    prepare([str(corpus_dir / "txt")], tokenizer_model, out, opts=PrepareOptions(val_fraction=fraction), **quiet)
+    docs = _split_documents(out)
+    assert docs["val"] == [min(texts, key=text_hash)] and sorted(docs["train"] + docs["val"]) == sorted(texts)
+    before = _dataset_bytes(out)
+    (out / "metadata.json").unlink()  # killed before the end: the re-run redoes the held-out unit the same way
+    prepare([str(corpus_dir / "txt")], tokenizer_model, out, opts=PrepareOptions(val_fraction=fraction), **quiet)
+    assert _dataset_bytes(out) == before
+    (out / "metadata.json").unlink()  # a partial preparation with another fraction: its units are redone
+    prepare([str(corpus_dir / "txt")], tokenizer_model, out, opts=PrepareOptions(val_fraction=0.45), **quiet)
+    assert sorted(_split_documents(out)["val"]) == sorted(t for t in texts if text_hash(t) < val_threshold(0.45))
 
 
 def _dataset_bytes(root: Path) -> dict[str, bytes]:

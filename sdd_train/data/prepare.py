@@ -11,9 +11,10 @@ Layout of a prepared dataset directory::
 A shard is written under a ``.tmp`` name and renamed when complete, and its unit marker is
 written after that, so an interrupted run never leaves a shard that looks complete; re-running
 the same command skips finished units and produces byte-identical output. Whether a document is
-held out for validation depends only on its text (a hash of it), so the split does not change when
-the inputs move, are reordered or are cut into other units, and exact duplicates never straddle
-train and val.
+held out for validation depends only on its text: a 64-bit hash of it below ``val_fraction x 2^64``
+(and, where no document's is, the document with the smallest hash, so the val split is never
+empty). The split does not change when the inputs move, are reordered or are cut into other
+units, and exact duplicates never straddle train and val.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sdd_train.data.sources import UNIT_BYTES, DataError, Unit, iter_documents, 
 from sdd_train.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
-SPLIT_RULE = "text-blake2b"  # recorded in unit markers: a unit done under another rule is redone
+SPLIT_RULE = "text-blake2b"  # recorded in unit markers with the threshold: a unit split otherwise is redone
 SPLITS = ("train", "val")
 ENCODE_BATCH = 512  # documents per sentencepiece call
 
@@ -50,10 +51,14 @@ def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def is_val(text: str, fraction: float) -> bool:
-    """Hold ``text`` out for validation with probability ``fraction``, decided by its content alone."""
+def text_hash(text: str) -> int:
+    """The 64-bit hash of a document's text that decides its split: val when below the threshold."""
     digest = hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
+    return int.from_bytes(digest, "little")
+
+
+def val_threshold(fraction: float) -> int:
+    return int(fraction * 2**64)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -72,26 +77,32 @@ def _tokenizer(model_file: str) -> Tokenizer:
     return _TOKENIZER
 
 
-def _prepare_unit(job: tuple[int, Unit, str, str, PrepareOptions]) -> dict:
-    """Tokenize one unit into its train/val shards (skipped when its marker says it is done)."""
-    index, unit, out, tokenizer_fp, opts = job
+def _prepare_unit(job: tuple[int, Unit, str, str, PrepareOptions, int]) -> dict:
+    """Tokenize one unit into its train/val shards, documents whose text hashes below ``val_below``
+    going to val (skipped when its marker says it is done so)."""
+    index, unit, out, tokenizer_fp, opts, val_below = job
     out_dir = Path(out)
     marker = out_dir / "units" / f"{index:06d}.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done.get("unit") == unit.key and done.get("tokenizer") == tokenizer_fp and done.get("split") == SPLIT_RULE:
+        if (done.get("unit"), done.get("tokenizer"), done.get("split"), done.get("val_below")) == \
+                (unit.key, tokenizer_fp, SPLIT_RULE, val_below):
             return {**done, "skipped": True}
     tok = _tokenizer(str(out_dir / "tokenizer.model"))
     dtype = dtype_for(tok.vocab_size)
     files = {s: out_dir / s / f"{index:06d}.bin" for s in SPLITS}
     handles = {s: open(f.with_name(f.name + ".tmp"), "wb") for s, f in files.items()}
     counts = {s: {"tokens": 0, "documents": 0} for s in SPLITS}
+    min_hash = None  # the unit's smallest text hash: where no document lands in val, the smallest is moved there
     try:
         batch: list[str] = []
 
         def flush() -> None:
+            nonlocal min_hash
             for text, ids in zip(batch, tok.sp.encode(batch)):
-                split = "val" if is_val(text, opts.val_fraction) else "train"
+                h = text_hash(text)
+                min_hash = h if min_hash is None else min(min_hash, h)
+                split = "val" if h < val_below else "train"
                 arr = np.asarray(ids + [tok.eos_id], dtype=dtype)
                 handles[split].write(arr.tobytes())
                 counts[split]["tokens"] += arr.size
@@ -108,7 +119,8 @@ def _prepare_unit(job: tuple[int, Unit, str, str, PrepareOptions]) -> dict:
             h.close()
     for s, f in files.items():
         os.replace(f.with_name(f.name + ".tmp"), f)
-    result = {"unit": unit.key, "tokenizer": tokenizer_fp, "split": SPLIT_RULE, **{s: counts[s] for s in SPLITS}}
+    result = {"unit": unit.key, "tokenizer": tokenizer_fp, "split": SPLIT_RULE, "val_below": val_below,
+              "min_hash": min_hash, **{s: counts[s] for s in SPLITS}}
     _write_json(marker, result)
     return {**result, "skipped": False}
 
@@ -142,7 +154,7 @@ def prepare(inputs: list[str], tokenizer_model: Path, out: Path, fmt: str = "aut
         shutil.copyfile(tokenizer_model, out / "tokenizer.model.tmp")
         os.replace(out / "tokenizer.model.tmp", existing_tok)
 
-    jobs = [(i, u, str(out), tok.fingerprint, opts) for i, u in enumerate(units)]
+    jobs = [(i, u, str(out), tok.fingerprint, opts, val_threshold(opts.val_fraction)) for i, u in enumerate(units)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     log(f"data: tokenizing {len(units)} unit(s) from {len(inputs)} input(s) with {workers} process(es) into {out}")
     results: list[dict] = [{}] * len(jobs)
@@ -165,6 +177,12 @@ def prepare(inputs: list[str], tokenizer_model: Path, out: Path, fmt: str = "aut
             pool.terminate()
         if bar is not None:
             bar.close()
+    if sum(r["val"]["documents"] for r in results) == 0 and sum(r["train"]["documents"] for r in results) > 1:
+        # no text hashed below the threshold (a small corpus): hold out the one with the smallest hash
+        index = min((i for i, r in enumerate(results) if r["min_hash"] is not None), key=lambda i: results[i]["min_hash"])
+        log(f"data: no document hashed into the {opts.val_fraction:g} val split; holding out the one with the"
+            f" smallest hash (unit {index})")
+        results[index] = _prepare_unit(jobs[index][:-1] + (results[index]["min_hash"] + 1,))
 
     splits = {}
     for s in SPLITS:
