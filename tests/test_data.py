@@ -183,6 +183,8 @@ def test_a_small_corpus_still_gets_a_val_document(corpus_dir, tokenizer_model, t
     (out / "metadata.json").unlink()  # a partial preparation with another fraction: its units are redone
     prepare([str(corpus_dir / "txt")], tokenizer_model, out, opts=PrepareOptions(val_fraction=0.45), **quiet)
     assert sorted(_split_documents(out)["val"]) == sorted(t for t in texts if text_hash(t) < val_threshold(0.45))
+    prepare([str(corpus_dir / "txt")], tokenizer_model, tmp_path / "none", opts=PrepareOptions(val_fraction=0), **quiet)
+    assert PreparedDataset(tmp_path / "none").meta["splits"]["val"]["documents"] == 0  # 0 asks for no val split
 
 
 def _dataset_bytes(root: Path) -> dict[str, bytes]:

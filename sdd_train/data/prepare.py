@@ -177,7 +177,8 @@ def prepare(inputs: list[str], tokenizer_model: Path, out: Path, fmt: str = "aut
             pool.terminate()
         if bar is not None:
             bar.close()
-    if sum(r["val"]["documents"] for r in results) == 0 and sum(r["train"]["documents"] for r in results) > 1:
+    held_out, kept = (sum(r[s]["documents"] for r in results) for s in ("val", "train"))
+    if opts.val_fraction > 0 and held_out == 0 and kept > 1:
         # no text hashed below the threshold (a small corpus): hold out the one with the smallest hash
         index = min((i for i, r in enumerate(results) if r["min_hash"] is not None), key=lambda i: results[i]["min_hash"])
         log(f"data: no document hashed into the {opts.val_fraction:g} val split; holding out the one with the"
