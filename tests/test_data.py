@@ -138,12 +138,12 @@ def test_prepare_writes_shards_metadata_and_split(corpus_dir, tokenizer_model, t
     assert len(tokens) == meta["splits"]["train"]["tokens"] == len(ds.train)
     assert (tokens == ds.tokenizer.eos_id).sum() == meta["splits"]["train"]["documents"]  # EOS after each doc
     expected = {words(200 + 30 * i, i) for i in range(5)} | {words(20 + i % 17, 100 + i) for i in range(400)}
-    bounds = np.flatnonzero(tokens == ds.tokenizer.eos_id)
-    decoded = {ds.tokenizer.decode(doc[:-1]) for doc in np.split(tokens, bounds + 1)[:-1]}  # drop each EOS
+    decoded = set(_split_documents(out)["train"])
     assert decoded <= expected and len(decoded) > 300
 
 
 def _split_documents(root: Path) -> dict[str, list[str]]:
+    """Each split's documents, decoded from its shards (EOS after each)."""
     ds = PreparedDataset(root)
     out = {}
     for split in ("train", "val"):
