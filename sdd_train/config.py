@@ -36,7 +36,8 @@ class InitConfig:
     std: float | None = None
     # Multiplies every std (the paper's "init std x 0.1" ablation is std_multiplier=0.1).
     std_multiplier: float = 1.0
-    # SDD weights use sdd_std_multiplier * sigma (0.1 in the reference run script; the paper's text says 1).
+    # Under the sdd scheme every weight, the embedding and the MoE router included, uses
+    # sdd_std_multiplier * sigma (0.1 in the reference run script; the paper's text says 1).
     sdd_std_multiplier: float = 0.1
     # Megatron init: output projections get sigma/sqrt(2L) (SpanNorm's "ScaleInit"); false keeps sigma.
     depth_scaled_output: bool = True
@@ -59,6 +60,9 @@ class MoEConfig:
     lb_loss_weight: float = 0.01  # load balancing, averaged over layers
     z_loss_weight: float = 0.001  # router z-loss, averaged over layers
     grouped_mm: str = "auto"  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
+    # Multiplies the SDD experts' output gain in the forward (the parameter keeps its 1/sqrt(2L) init).
+    # 1 is the formula; the reference code's sparse ops compute expert_hidden / n_experts here (docs/paper.md).
+    sdd_out_gain_scale: float = 1.0
 
 
 @dataclass
@@ -128,7 +132,13 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_gains: bool = True  # weight decay on norm gains and SDD alphas (reference: yes)
     decay_embeddings: bool = False  # weight decay on the token embedding (reference dense: no)
+    # Schedule: linear warmup from warmup_start * lr to lr, then a cosine down to alpha_f * lr at the horizon,
+    # then constant. Evaluated at the steps (tokens) done including the current one, as OLMo's scheduler.
     warmup_steps: int = 2000
+    warmup_tokens: float | None = None  # the warmup in tokens instead (replaces warmup_steps when set)
+    warmup_start: float = 0.0  # lr of the warmup's start as a fraction of lr (OLMo's warmup_min_lr / lr)
+    horizon_steps: int | None = None  # where the cosine reaches alpha_f * lr; null: train.max_steps
+    horizon_tokens: float | None = None  # the horizon in tokens instead (the reference's t_max)
     alpha_f: float = 0.1  # cosine decays to alpha_f * lr
     grad_clip: float = 1.0  # global norm; 0 disables
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); 0 disables
@@ -367,6 +377,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("model.init.std_multiplier", m.init.std_multiplier)
     _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
     _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
+    _positive("model.moe.sdd_out_gain_scale", m.moe.sdd_out_gain_scale)
     if m.ffn == "moe":
         for key in ("n_experts", "top_k", "expert_hidden"):
             _positive(f"model.moe.{key}", getattr(m.moe, key))
@@ -410,6 +421,7 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
     if not 0 <= o.alpha_f <= 1:
         raise ConfigError(f"optim.alpha_f: must be in [0, 1], got {o.alpha_f}")
+    _validate_schedule(o, t)
 
     for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
@@ -449,6 +461,25 @@ def validate(cfg: RunConfig) -> None:
                           f"{spike.window}; the window never holds that many steps")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
+
+
+def _validate_schedule(o: OptimConfig, t: TrainConfig) -> None:
+    if not 0 <= o.warmup_start < 1:
+        raise ConfigError(f"optim.warmup_start: must be in [0, 1) (a fraction of optim.lr), got {o.warmup_start}")
+    if o.warmup_tokens is not None:
+        _positive("optim.warmup_tokens", o.warmup_tokens, allow_zero=True)
+    if o.horizon_steps is not None and o.horizon_tokens is not None:
+        raise ConfigError("optim.horizon_tokens: set either optim.horizon_steps or optim.horizon_tokens, not both")
+    tokens_per_step = t.global_batch_size * t.seq_len
+    warmup = o.warmup_tokens if o.warmup_tokens is not None else o.warmup_steps * tokens_per_step
+    for key, horizon in (("horizon_steps", o.horizon_steps), ("horizon_tokens", o.horizon_tokens)):
+        if horizon is None:
+            continue
+        _positive(f"optim.{key}", horizon)
+        tokens = horizon * tokens_per_step if key == "horizon_steps" else horizon
+        if tokens <= warmup:
+            raise ConfigError(f"optim.{key}: the horizon ({horizon:g}) must lie beyond the warmup"
+                              f" ({warmup:g} tokens = {warmup / tokens_per_step:g} steps)")
 
 
 def as_dict(cfg: Any) -> dict:

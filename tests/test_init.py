@@ -79,7 +79,7 @@ def test_megatron_init_dense_1b_sigma():
 def test_sdd_init(block):
     model = wide(block)
     L, sigma = 8, 1 / math.sqrt(2.5 * 256)
-    assert_std(model.embed.weight, sigma)
+    assert_std(model.embed.weight, 0.1 * sigma)  # the reference's one init_std: the embedding too
     for blk in model.blocks:
         att, ffn = blk.attention, blk.feed_forward
         for lin in (att.att_proj, att.attn_out, ffn.ff_proj, ffn.ff_out):
@@ -95,6 +95,24 @@ def test_sdd_init(block):
 def test_sdd_std_multiplier_is_configurable():
     model = wide("sdd", init={"sdd_std_multiplier": 1.0})
     assert_std(model.blocks[0].attention.att_proj.weight, 1 / math.sqrt(2.5 * 256))
+    assert_std(model.embed.weight, 1 / math.sqrt(2.5 * 256))
+
+
+@pytest.mark.parametrize("block", ["pre", "post", "sdd", "sdd_pre"])
+def test_moe_router_expert_and_untied_head_init(block):
+    """The router takes the model's init_std (sigma, or 0.1 sigma under sdd); an untied head 1/sqrt(d) always."""
+    model = wide(block, d_model=512, tie_embeddings=False, ffn="moe",
+                 moe=MoEConfig(n_experts=64, top_k=8, expert_hidden=64))
+    sigma, L = 1 / math.sqrt(2.5 * 512), 8
+    sdd = block.startswith("sdd")
+    in_std = 0.1 * sigma if sdd else sigma
+    out_std = 0.1 * sigma if sdd else sigma / math.sqrt(2 * L)  # sdd: the depth scaling is in the gains
+    assert_std(model.embed.weight, in_std)
+    assert_std(model.lm_head.weight, 512**-0.5)
+    for blk in model.blocks:
+        assert_std(blk.feed_forward.router.weight, in_std)
+        assert_std(blk.feed_forward.ff_proj.weight, in_std)
+        assert_std(blk.feed_forward.ff_out.weight, out_std)
 
 
 def test_init_weights_after_meta_construction():

@@ -91,6 +91,48 @@ def test_gradients_match_reference(grouped_mm):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-11, msg=name)
 
 
+def reference_sparse_glu(layer: MoE, x: torch.Tensor, n_experts: int, hidden: int) -> torch.Tensor:
+    """The reference's ``SparseGLU.forward`` (kaihemo/SDD moe/olmo/model.py) with its block-sparse stk ops
+    written as dense matrices: each routed row has ones on its own expert's ``hidden`` columns of the
+    [rows, E * hidden] topology, and the output gain is ``dsd(ones_like(x1), G) / E`` with
+    G[e * hidden + f, :] = g_out[e, :], i.e. a sum over the expert's hidden columns, divided by E."""
+    w_router, w_proj, w_out = layer.router.weight, layer.ff_proj.weight, layer.ff_out.weight
+    g_out = layer.ff_out.alpha  # [E, d]
+    g_reorg = g_out.repeat_interleave(hidden, dim=0)  # [E * hidden, d]: row e * hidden + f = g_out[e]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        probs = torch.softmax(w_router @ x[t], dim=-1)
+        weights, experts = probs.topk(layer.top_k)
+        for weight, e in zip(weights, experts.tolist()):
+            up, gate = (w_proj[e] @ x[t]).chunk(2)
+            up = layer.ff_proj.alpha[e].chunk(2)[0] * rms(up)
+            gate = layer.ff_proj.alpha[e].chunk(2)[1] * rms(gate)
+            ones_row = torch.zeros(n_experts * hidden, dtype=x.dtype)
+            ones_row[e * hidden:(e + 1) * hidden] = 1.0  # stk.ops.ones_like on this row's topology blocks
+            gain = ones_row @ g_reorg / n_experts
+            out[t] += weight * gain * rms(w_out[e] @ (F.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("n_experts,hidden", [(4, 8), (8, 8), (2, 16)])
+def test_sdd_out_gain_scale_reproduces_the_reference_sparse_gain(n_experts, hidden):
+    """model.moe.sdd_out_gain_scale = expert_hidden / n_experts computes what the reference's sparse ops do."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                      moe=MoEConfig(n_experts=n_experts, top_k=2, expert_hidden=hidden,
+                                    sdd_out_gain_scale=hidden / n_experts))
+    layer = MoE(cfg, sdd=True).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_sparse_glu(layer, x, n_experts, hidden), rtol=1e-10, atol=1e-12)
+    default = MoE(ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                              moe=MoEConfig(n_experts=n_experts, top_k=2, expert_hidden=hidden)), sdd=True).double()
+    default.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(default(x) * (hidden / n_experts), layer(x), rtol=1e-10, atol=1e-12)
+
+
 def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
     """'auto' runs torch._grouped_mm on CPU where it has a CPU kernel (torch >= 2.9), the loop before."""
     torch.manual_seed(2)

@@ -17,7 +17,7 @@ from sdd_train.config import load_config
 from sdd_train.train import checkpoint
 from sdd_train.train.__main__ import main
 from sdd_train.train.metrics import read_metrics
-from sdd_train.train.optim import lr_at, param_groups
+from sdd_train.train.optim import param_groups
 from sdd_train.model import Transformer
 
 def losses(run_dir) -> dict[int, float]:
@@ -101,17 +101,6 @@ def test_z_loss_is_logged(tmp_path, data_cache):
     assert main(small_run(tmp_path, data_cache, "train.max_steps=2", "optim.z_loss=1e-4", "train.eval_interval=0")) == 0
     record = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert record["z_loss"] > 0
-
-
-def test_lr_schedule():
-    cfg = load_config(TINY, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.alpha_f=0.1"]).optim
-    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
-    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
-    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half-way down the cosine
-    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
-    assert lr_at(500, cfg, 110) == pytest.approx(0.1)
-    no_warmup = load_config(TINY, ["optim.lr=1.0", "optim.warmup_steps=0"]).optim
-    assert lr_at(0, no_warmup, 100) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("decay_gains,decay_embeddings", [(True, False), (False, True)])

@@ -90,16 +90,16 @@ class GroupedLinear(nn.Module):
     """``n_experts`` independent linear maps applied to rows sorted by expert.
 
     ``weight`` is [E, out, in] (each expert like an ``nn.Linear``). With ``sdd=True`` each output
-    row is RMS-normalised (within ``norm_groups`` chunks) and scaled by its expert's ``alpha`` [E, out]:
-    the SDD layer per expert.
+    row is RMS-normalised (within ``norm_groups`` chunks) and scaled by its expert's ``alpha`` [E, out]
+    times the constant ``gain_scale``: the SDD layer per expert.
     """
 
     def __init__(self, n_experts: int, in_features: int, out_features: int, sdd: bool, eps: float,
-                 norm_groups: int = 1, grouped_mm: str = "auto"):
+                 norm_groups: int = 1, grouped_mm: str = "auto", gain_scale: float = 1.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
         self.alpha = nn.Parameter(torch.ones(n_experts, out_features)) if sdd else None
-        self.eps, self.norm_groups, self.grouped_mm = eps, norm_groups, grouped_mm
+        self.eps, self.norm_groups, self.grouped_mm, self.gain_scale = eps, norm_groups, grouped_mm, gain_scale
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
         """x [N, in] sorted by expert, counts [E] rows per expert, row_expert [N] -> [N, out]."""
@@ -110,7 +110,10 @@ class GroupedLinear(nn.Module):
             return y
         yf = upcast(y).unflatten(-1, (self.norm_groups, -1))
         normed = F.rms_norm(yf, (yf.shape[-1],), eps=self.eps).flatten(-2)
-        return (normed * self.alpha[row_expert].to(normed.dtype)).to(y.dtype)
+        gain = self.alpha[row_expert].to(normed.dtype)
+        if self.gain_scale != 1.0:
+            gain = gain * self.gain_scale
+        return (normed * gain).to(y.dtype)
 
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape
@@ -129,7 +132,7 @@ class MoE(nn.Module):
         self.ff_proj = GroupedLinear(m.n_experts, cfg.d_model, 2 * m.expert_hidden, sdd, cfg.norm_eps,
                                      norm_groups=2, grouped_mm=m.grouped_mm)
         self.ff_out = GroupedLinear(m.n_experts, m.expert_hidden, cfg.d_model, sdd, cfg.norm_eps,
-                                    grouped_mm=m.grouped_mm)
+                                    grouped_mm=m.grouped_mm, gain_scale=m.sdd_out_gain_scale)
         self.aux: dict[str, torch.Tensor] = {}
         self.load: torch.Tensor | None = None
 

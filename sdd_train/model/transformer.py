@@ -126,12 +126,14 @@ class Transformer(nn.Module):
                 module.weight.fill_(1.0)
             elif isinstance(getattr(module, "alpha", None), torch.Tensor):  # SDD gains, dense or per expert
                 module.alpha.fill_(1.0)
+        scheme = self.init_scheme
+        # The reference sets one init_std for the whole model: under sdd it is sdd_std, embedding and router too.
+        base_std = sigma * init.sdd_std_multiplier if scheme == "sdd" else sigma
         # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
-        init_full_(self.embed.weight, lambda w: trunc_normal_(w, sigma))
+        init_full_(self.embed.weight, lambda w: trunc_normal_(w, base_std))
         if self.lm_head is not None:
             init_full_(self.lm_head.weight, lambda w: trunc_normal_(w, d**-0.5))
 
-        scheme = self.init_scheme
         for block in self.blocks:
             att_proj, attn_out = block.attention.att_proj, block.attention.attn_out
             ff_proj, ff_out = block.feed_forward.ff_proj, block.feed_forward.ff_out
@@ -142,9 +144,8 @@ class Transformer(nn.Module):
                 init_full_(attn_out.weight, lambda w: trunc_normal_(w, out_std))
                 init_full_(ff_out.weight, lambda w: trunc_normal_(w, out_std))
             elif scheme == "sdd":
-                sdd_std = sigma * init.sdd_std_multiplier
                 for lin in (att_proj, attn_out, ff_proj, ff_out):
-                    init_full_(lin.weight, lambda w: trunc_normal_(w, sdd_std))
+                    init_full_(lin.weight, lambda w: trunc_normal_(w, base_std))
                 for lin in (attn_out, ff_out):  # output SDD gains carry the depth scaling (per expert in MoE)
                     if getattr(lin, "alpha", None) is not None:
                         lin.alpha.fill_(1.0 / math.sqrt(2 * n_layers))
@@ -168,7 +169,7 @@ class Transformer(nn.Module):
                 raise ValueError(f"model.init.scheme: unknown scheme {scheme!r}")
             router = getattr(block.feed_forward, "router", None)
             if router is not None:
-                init_full_(router.weight, lambda w: trunc_normal_(w, sigma))
+                init_full_(router.weight, lambda w: trunc_normal_(w, base_std))
 
     # ------------------------------------------------------------------ accounting
 

@@ -271,7 +271,7 @@ class Trainer:
             with StopSignal() as stop:
                 while self.step < t.max_steps:
                     step = self.step + 1  # the step this update makes
-                    lr = lr_at(self.step, cfg.optim, t.max_steps)
+                    lr = lr_at(self.step, cfg.optim, t.max_steps, tokens_per_step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     log_step = step % t.log_interval == 0 or step in (t.max_steps, start_step + 1)
