@@ -111,3 +111,8 @@ def test_paper_config_trains_at_reduced_size(path: Path, data_cache, tmp_path):
     lr = load_config(tmp_path / "config.yaml").optim.lr
     assert records[0]["lr"] == pytest.approx(lr)
     assert records[2]["lr"] == pytest.approx(lr * (0.1 + 0.9 * (1 + math.cos(math.pi * 2 / 3)) / 2))
+
+
+@pytest.mark.parametrize("name", ["moe_paper", "olmoe_1b_7b"])
+def test_shipped_moe_recipes_decay_the_embedding_as_the_reference(name):
+    assert load_config(CONFIGS / f"{name}.yaml").optim.decay_embeddings  # moe yml: decay_embeddings: true
