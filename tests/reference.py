@@ -1,19 +1,134 @@
-"""Float64 reference implementations written from SPEC sections 1-3, independent of the model code.
+"""Float64 reference implementations written from SPEC sections 1-3 and 6, independent of the model code.
 
-They read parameters from a model but recompute everything with plain tensor algebra: explicit
-softmax attention with a causal mask and repeated k/v heads, RoPE from its angle formula, and
-each block scheme as the formula in the SPEC.
+The structure of each block scheme (QK-norm, SDD layers, final norm, residual scale) comes from
+:data:`SCHEMES` and the config, never from the model: the model only supplies parameter values,
+looked up by name in a state dict. :func:`check_structure` asserts that the state dict holds exactly
+the parameters (names and shapes) that structure implies, so a Pre-Norm model built with SDD layers
+or the wrong QK-norm fails instead of being mirrored. Everything is recomputed with plain tensor
+algebra: explicit softmax attention with a causal mask and repeated k/v heads, RoPE from its angle
+formula, every MoE expert on every token weighted by the top-k router probabilities (zero elsewhere),
+and each block scheme as its SPEC formula.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdd_train.config import ModelConfig
+
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A block scheme's structure (SPEC section 3; README "Block schemes")."""
+
+    qk_norm: str  # when model.qk_norm=auto: 'none', 'head' (over head_dim, gain shared by heads), 'full'
+    sdd: bool  # A_sdd / F_sdd (SPEC section 2): context norm + SDD output projection, SDD FFN projections
+    final_norm: bool  # an RMSNorm before the LM head
+    out_norm: bool = False  # SpanNorm's N_out closing the block
+
+
+SCHEMES: dict[str, Scheme] = {
+    "pre": Scheme("full", sdd=False, final_norm=True),
+    "post": Scheme("none", sdd=False, final_norm=False),
+    "deepnorm": Scheme("none", sdd=False, final_norm=False),
+    "reordered": Scheme("full", sdd=False, final_norm=True),
+    "sdd": Scheme("head", sdd=True, final_norm=True),
+    "sdd_pre": Scheme("head", sdd=True, final_norm=True),
+    "spannorm": Scheme("none", sdd=False, final_norm=False, out_norm=True),
+}
+
+
+def qk_norm(cfg: ModelConfig) -> str:
+    return SCHEMES[cfg.block].qk_norm if cfg.qk_norm == "auto" else cfg.qk_norm
+
+
+def residual_scale(cfg: ModelConfig) -> float:
+    """The multiplier of the residual stream: DeepNorm's a = (2L)^(1/4), SpanNorm's b (config)."""
+    if cfg.block == "deepnorm":
+        return (2 * cfg.n_layers) ** 0.25
+    if cfg.block == "spannorm":
+        return cfg.spannorm.residual_scale
+    return 1.0
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of one block, as the scheme and config imply."""
+    s = SCHEMES[cfg.block]
+    d, hd, kv = cfg.d_model, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"attn_norm.weight": (d,), "ff_norm.weight": (d,), "attention.att_proj.weight": (d + 2 * kv, d),
+              "attention.attn_out.weight": (d, d)}
+    qk = qk_norm(cfg)
+    if qk != "none":
+        shapes["attention.q_norm.weight"] = (hd,) if qk == "head" else (d,)
+        shapes["attention.k_norm.weight"] = (hd,) if qk == "head" else (kv,)
+    if s.sdd:
+        shapes["attention.context_norm.weight"] = (d,)
+        shapes["attention.attn_out.alpha"] = (d,)
+    if s.out_norm:
+        shapes["out_norm.weight"] = (d,)
+    if cfg.ffn == "moe":
+        e, h = cfg.moe.n_experts, cfg.moe.expert_hidden
+        ffn = {"router.weight": (e, d), "ff_proj.weight": (e, 2 * h, d), "ff_out.weight": (e, d, h)}
+        if s.sdd:
+            ffn.update({"ff_proj.alpha": (e, 2 * h), "ff_out.alpha": (e, d)})
+    else:
+        h = cfg.ffn_hidden
+        ffn = {"ff_proj.weight": (2 * h, d), "ff_out.weight": (d, h)}
+        if s.sdd:
+            ffn.update({"ff_proj.alpha": (2 * h,), "ff_out.alpha": (d,)})
+    shapes.update({f"feed_forward.{k}": v for k, v in ffn.items()})
+    return shapes
+
+
+def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the whole model."""
+    shapes = {"embed.weight": (cfg.vocab_size, cfg.d_model)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"blocks.{i}.{k}": v for k, v in block_shapes(cfg).items()})
+    if SCHEMES[cfg.block].final_norm:
+        shapes["final_norm.weight"] = (cfg.d_model,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.d_model)
+    return shapes
+
+
+def check_structure(state: State, expected: dict[str, tuple[int, ...]]) -> None:
+    """The model has exactly the expected parameters: an extra ``alpha`` or ``context_norm`` (SDD
+    layers in a plain scheme), a missing QK-norm or one of the wrong kind all fail here."""
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    extra = sorted(set(got) - set(expected))
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    assert not (extra or missing or wrong), f"structure differs from SPEC: extra {extra}, missing {missing}, " \
+        f"wrong shape {[(k, got[k], expected[k]) for k in wrong]}"
+
+
+def sub_state(state: State, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+# --------------------------------------------------------------------------- layers
 
 
 def rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     return gain * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def grouped_rms(x: torch.Tensor, gain: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
+    """rms within each of ``groups`` equal chunks of the last dim (gain chunked alike)."""
+    parts = zip(x.chunk(groups, dim=-1), gain.chunk(groups, dim=-1))
+    return torch.cat([rms(p, g, eps) for p, g in parts], dim=-1)
 
 
 def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -26,17 +141,18 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], dim=-1)
 
 
-def attention(x: torch.Tensor, attn, cfg) -> torch.Tensor:
-    """Reference attention sublayer A (or A_sdd when the module has a context norm)."""
+def attention(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
+    """The attention sublayer A, or A_sdd in an SDD scheme; ``p``: the block's ``attention.*`` values."""
     b, s, d = x.shape
     hd, nh, nkv, eps = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps
-    w = attn.att_proj.weight
+    w = p["att_proj.weight"]
     q, k, v = x @ w[:d].T, x @ w[d : d + nkv * hd].T, x @ w[d + nkv * hd :].T
-    if attn.qk_norm == "full":
-        q, k = rms(q, attn.q_norm.weight, eps), rms(k, attn.k_norm.weight, eps)
+    qk = qk_norm(cfg)
+    if qk == "full":
+        q, k = rms(q, p["q_norm.weight"], eps), rms(k, p["k_norm.weight"], eps)
     q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
-    if attn.qk_norm == "head":
-        q, k = rms(q, attn.q_norm.weight, eps), rms(k, attn.k_norm.weight, eps)
+    if qk == "head":
+        q, k = rms(q, p["q_norm.weight"], eps), rms(k, p["k_norm.weight"], eps)
     q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
     rep = nh // nkv
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -44,44 +160,58 @@ def attention(x: torch.Tensor, attn, cfg) -> torch.Tensor:
     mask = torch.ones(s, s, dtype=torch.bool).triu(1)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     ctx = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
-    if attn.context_norm is not None:
-        ctx = rms(ctx, attn.context_norm.weight, eps)
-    return output_projection(ctx, attn.attn_out, eps)
+    if not SCHEMES[cfg.block].sdd:
+        return ctx @ p["attn_out.weight"].T
+    ctx = rms(ctx, p["context_norm.weight"], eps)
+    return rms(ctx @ p["attn_out.weight"].T, p["attn_out.alpha"], eps)
 
 
-def output_projection(x: torch.Tensor, layer, eps: float, groups: int = 1) -> torch.Tensor:
-    y = x @ layer.weight.T
-    if not hasattr(layer, "alpha"):
-        return y
-    if groups == 1:
-        return rms(y, layer.alpha, eps)
-    parts = y.chunk(groups, dim=-1)
-    gains = layer.alpha.chunk(groups)
-    return torch.cat([rms(p, g, eps) for p, g in zip(parts, gains)], dim=-1)
+def swiglu(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
+    """The dense FFN F, or F_sdd (one norm over the fused up+gate vector, or one per branch)."""
+    sdd, eps = SCHEMES[cfg.block].sdd, cfg.norm_eps
+    u = x @ p["ff_proj.weight"].T
+    if sdd:
+        u = grouped_rms(u, p["ff_proj.alpha"], eps, 2 if cfg.sdd_ffn_norm == "per_branch" else 1)
+    up, gate = u.chunk(2, dim=-1)
+    y = (F.silu(gate) * up) @ p["ff_out.weight"].T
+    return rms(y, p["ff_out.alpha"], eps) if sdd else y
 
 
-def feed_forward(x: torch.Tensor, ffn, cfg) -> torch.Tensor:
-    groups = 2 if cfg.sdd_ffn_norm == "per_branch" else 1
-    u = output_projection(x, ffn.ff_proj, cfg.norm_eps, groups)
-    up, gate = u[..., : cfg.ffn_hidden], u[..., cfg.ffn_hidden :]
-    h = gate * torch.sigmoid(gate) * up
-    return output_projection(h, ffn.ff_out, cfg.norm_eps)
+def moe(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
+    """SPEC section 6: softmax router over all experts, top-k combine weights (raw or renormalised);
+    SDD experts normalise each branch and the output (``g_out`` times ``sdd_out_gain_scale``)."""
+    m, sdd, eps = cfg.moe, SCHEMES[cfg.block].sdd, cfg.norm_eps
+    probs = (x @ p["router.weight"].T).softmax(-1)  # [..., E]
+    top, experts = probs.topk(m.top_k, dim=-1)
+    if m.renormalize:
+        top = top / top.sum(-1, keepdim=True)
+    combine = torch.zeros_like(probs).scatter(-1, experts, top)
+    u = torch.einsum("...d,eod->...eo", x, p["ff_proj.weight"])  # every expert on every token
+    if sdd:
+        u = grouped_rms(u, p["ff_proj.alpha"], eps, 2)
+    up, gate = u.chunk(2, dim=-1)
+    y = torch.einsum("...eh,eoh->...eo", F.silu(gate) * up, p["ff_out.weight"])
+    if sdd:
+        y = rms(y, p["ff_out.alpha"] * m.sdd_out_gain_scale, eps)
+    return torch.einsum("...e,...eo->...o", combine, y)
 
 
-def block(x: torch.Tensor, blk, cfg) -> torch.Tensor:
-    eps = cfg.norm_eps
-    n1 = lambda t: rms(t, blk.attn_norm.weight, eps)  # noqa: E731
-    n2 = lambda t: rms(t, blk.ff_norm.weight, eps)  # noqa: E731
-    a_ = lambda t: attention(t, blk.attention, cfg)  # noqa: E731
-    f_ = lambda t: feed_forward(t, blk.feed_forward, cfg)  # noqa: E731
+def block(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
+    """One block of ``cfg.block`` with the parameter values ``p`` (a block's state dict)."""
+    check_structure(p, block_shapes(cfg))
+    eps, b = cfg.norm_eps, residual_scale(cfg)
+    n1 = lambda t: rms(t, p["attn_norm.weight"], eps)  # noqa: E731
+    n2 = lambda t: rms(t, p["ff_norm.weight"], eps)  # noqa: E731
+    a_ = lambda t: attention(t, sub_state(p, "attention."), cfg)  # noqa: E731
+    ffn = moe if cfg.ffn == "moe" else swiglu
+    f_ = lambda t: ffn(t, sub_state(p, "feed_forward."), cfg)  # noqa: E731
     scheme = cfg.block
     if scheme in ("pre", "sdd_pre"):
         h = x + a_(n1(x))
         return h + f_(n2(h))
     if scheme in ("post", "deepnorm"):
-        a = (2 * cfg.n_layers) ** 0.25 if scheme == "deepnorm" else 1.0
-        h = n1(a * x + a_(x))
-        return n2(a * h + f_(h))
+        h = n1(b * x + a_(x))
+        return n2(b * h + f_(h))
     if scheme == "reordered":
         h = x + n1(a_(x))
         return h + n2(f_(h))
@@ -91,17 +221,31 @@ def block(x: torch.Tensor, blk, cfg) -> torch.Tensor:
         f = n2(h)
         return f + f_(f)
     if scheme == "spannorm":
-        h = cfg.spannorm.residual_scale * x + a_(n1(x))
+        h = b * x + a_(n1(x))
         u = h + f_(n2(h))
-        return rms(u, blk.out_norm.weight, eps)
+        return rms(u, p["out_norm.weight"], eps)
     raise ValueError(scheme)
 
 
-def transformer(tokens: torch.Tensor, model, cfg) -> torch.Tensor:
-    x = model.embed.weight[tokens]
-    for blk in model.blocks:
-        x = block(x, blk, cfg)
-    if model.final_norm is not None:
-        x = rms(x, model.final_norm.weight, cfg.norm_eps)
-    head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-    return x @ head.T
+def transformer(tokens: torch.Tensor, state: State, cfg: ModelConfig) -> torch.Tensor:
+    """Logits of the whole model with the parameter values ``state`` (a model's state dict)."""
+    check_structure(state, model_shapes(cfg))
+    x = state["embed.weight"][tokens]
+    for i in range(cfg.n_layers):
+        x = block(x, sub_state(state, f"blocks.{i}."), cfg)
+    if SCHEMES[cfg.block].final_norm:
+        x = rms(x, state["final_norm.weight"], cfg.norm_eps)
+    return x @ state["embed.weight" if cfg.tie_embeddings else "lm_head.weight"].T
+
+
+@torch.no_grad()
+def randomise_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter, so that a gain or a matrix in the wrong place changes the
+    output: gains (norm weights, SDD alphas) uniform in [0.5, 1.5], matrices N(0, 0.2^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 or name.endswith("alpha"):
+            p.copy_(0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float64))
+        else:
+            p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return model

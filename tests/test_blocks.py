@@ -5,27 +5,27 @@ import torch
 
 import reference
 from conftest import ALL_BLOCKS, small_model_cfg
+from sdd_train.config import ModelConfig, MoEConfig
 from sdd_train.model import BLOCKS, Transformer
 from sdd_train.model.blocks import Block, register
 from sdd_train.model.layers import rope_cache
 
 
-def randomised(cfg, seed=0):
-    """A float64 model whose gains are random, so a gain in the wrong place cannot go unnoticed."""
+def randomised(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A float64 model with random gains and matrices (reference.randomise_) and a float64 RoPE table."""
     torch.manual_seed(seed)
     model = Transformer(cfg).double()
     model.rope = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, dtype=torch.float64)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(0.5 + torch.rand_like(p))
-            else:
-                p.normal_(0.0, 0.2)
-    return model
+    return reference.randomise_(model, seed)
+
+
+def assert_block_matches(blk: Block, x: torch.Tensor, rope: torch.Tensor, cfg: ModelConfig) -> None:
+    """The block's output equals the reference block given only the block's parameter values."""
+    torch.testing.assert_close(blk(x, rope), reference.block(x, blk.state_dict(), cfg), rtol=1e-10, atol=1e-10)
 
 
 def test_registry_has_every_scheme():
-    assert set(ALL_BLOCKS) <= set(BLOCKS)
+    assert set(ALL_BLOCKS) == set(reference.SCHEMES) and set(ALL_BLOCKS) <= set(BLOCKS)
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
@@ -34,15 +34,35 @@ def test_block_matches_spec_formula(block):
     model = randomised(cfg)
     x = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
     for blk in model.blocks:
-        torch.testing.assert_close(blk(x, model.rope), reference.block(x, blk, cfg), rtol=1e-10, atol=1e-10)
+        assert_block_matches(blk, x, model.rope, cfg)
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
-def test_whole_model_matches_reference(block):
-    cfg = small_model_cfg(block, tie_embeddings=block != "sdd")
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_whole_model_matches_reference(block, ffn):
+    """Dense and MoE; the MoE switches vary with the scheme (renormalised combine weights under pre,
+    an SDD output gain scale under sdd_pre) so that each meets the reference too."""
+    cfg = small_model_cfg(block, tie_embeddings=block != "sdd", ffn=ffn,
+                          moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16, renormalize=block == "pre",
+                                        sdd_out_gain_scale=0.5 if block == "sdd_pre" else 1.0))
     model = randomised(cfg, seed=1)
     tokens = torch.randint(0, cfg.vocab_size, (2, 13))
-    torch.testing.assert_close(model(tokens), reference.transformer(tokens, model, cfg), rtol=1e-10, atol=1e-10)
+    expected = reference.transformer(tokens, model.state_dict(), cfg)
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+def test_structure_differing_from_spec_fails(block, monkeypatch):
+    """The reference takes its structure from SPEC, not the model: SDD layers in a plain scheme (or
+    plain ones in an SDD scheme) and a QK-norm of the wrong kind are reported, not mirrored."""
+    cfg = small_model_cfg(block)
+    monkeypatch.setattr(BLOCKS[block], "sdd", not reference.SCHEMES[block].sdd)
+    with pytest.raises(AssertionError, match="alpha"):
+        reference.transformer(torch.zeros(1, 3, dtype=torch.long), Transformer(cfg).state_dict(), cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(BLOCKS[block], "qk_norm", "head" if reference.SCHEMES[block].qk_norm == "full" else "full")
+    with pytest.raises(AssertionError, match="q_norm"):
+        reference.transformer(torch.zeros(1, 3, dtype=torch.long), Transformer(cfg).state_dict(), cfg)
 
 
 @pytest.mark.parametrize("block", ["sdd", "sdd_pre"])
@@ -51,35 +71,27 @@ def test_sdd_per_branch_ffn_norm(block):
     model = randomised(cfg)
     x = torch.randn(2, 9, cfg.d_model, dtype=torch.float64)
     blk = model.blocks[0]
-    torch.testing.assert_close(blk(x, model.rope), reference.block(x, blk, cfg), rtol=1e-10, atol=1e-10)
+    assert_block_matches(blk, x, model.rope, cfg)
     fused = small_model_cfg(block)
-    assert not torch.allclose(blk(x, model.rope), reference.block(x, blk, fused))
+    assert not torch.allclose(blk(x, model.rope), reference.block(x, blk.state_dict(), fused))
 
 
+@pytest.mark.parametrize("block", ["pre", "sdd"])
 @pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
-def test_qk_norm_override(qk_norm):
-    cfg = small_model_cfg("pre", qk_norm=qk_norm)
+def test_qk_norm_override(block, qk_norm):
+    cfg = small_model_cfg(block, qk_norm=qk_norm)
     model = randomised(cfg)
-    assert model.blocks[0].attention.qk_norm == qk_norm
     x = torch.randn(1, 7, cfg.d_model, dtype=torch.float64)
-    blk = model.blocks[1]
-    torch.testing.assert_close(blk(x, model.rope), reference.block(x, blk, cfg), rtol=1e-10, atol=1e-10)
+    assert_block_matches(model.blocks[1], x, model.rope, cfg)
 
 
 def test_scheme_defaults():
-    """SPEC section 3: QK-norm, SDD layers and the final norm per scheme."""
-    expect = {  # qk_norm, sdd, final_norm, init
-        "pre": ("full", False, True, "megatron"),
-        "post": ("none", False, False, "megatron"),
-        "deepnorm": ("none", False, False, "deepnorm"),
-        "reordered": ("full", False, True, "megatron"),
-        "sdd": ("head", True, True, "sdd"),
-        "sdd_pre": ("head", True, True, "sdd"),
-        "spannorm": ("none", False, False, "megatron"),
-    }
-    for name, (qk, sdd, final, init) in expect.items():
+    """SPEC section 3: QK-norm, SDD layers and the final norm per scheme (the reference's table), and the init."""
+    inits = {"deepnorm": "deepnorm", "sdd": "sdd", "sdd_pre": "sdd"}
+    for name, s in reference.SCHEMES.items():
         cls = BLOCKS[name]
-        assert (cls.qk_norm, cls.sdd, cls.final_norm, cls.init_scheme) == (qk, sdd, final, init), name
+        expected = (s.qk_norm, s.sdd, s.final_norm, inits.get(name, "megatron"))
+        assert (cls.qk_norm, cls.sdd, cls.final_norm, cls.init_scheme) == expected, name
 
 
 def test_spannorm_residual_scale():
@@ -87,8 +99,7 @@ def test_spannorm_residual_scale():
     cfg.spannorm.residual_scale = 0.5
     model = randomised(cfg)
     x = torch.randn(1, 5, cfg.d_model, dtype=torch.float64)
-    blk = model.blocks[0]
-    torch.testing.assert_close(blk(x, model.rope), reference.block(x, blk, cfg), rtol=1e-10, atol=1e-10)
+    assert_block_matches(model.blocks[0], x, model.rope, cfg)
 
 
 def test_new_scheme_is_one_class_and_one_line():
