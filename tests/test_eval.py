@@ -10,11 +10,14 @@ import sys
 import pytest
 import torch
 
+import reference
 from conftest import ALL_BLOCKS, small_model_cfg, small_run
 from sdd_train.config import load_config
+from sdd_train.eval import generate
 from sdd_train.eval.generate import Sampling, generate_ids, next_token
 from sdd_train.eval.inference import LoadedModel, load_model
 from sdd_train.model import Transformer
+from sdd_train.model.layers import rope_cache
 from sdd_train.train.__main__ import main
 
 
@@ -28,35 +31,58 @@ def run(data_cache, tmp_path_factory):
 
 
 def model_for(block: str, ffn: str = "dense") -> Transformer:
+    """A small fp32 model with random gains and matrices, so its logits are O(1) and every part matters."""
     torch.manual_seed(0)
     cfg = small_model_cfg(block, ffn=ffn, max_seq_len=48)
     cfg.moe.n_experts, cfg.moe.top_k, cfg.moe.expert_hidden = 4, 2, 16
-    return Transformer(cfg).eval()
+    return reference.randomise_(Transformer(cfg)).eval()
 
 
 # --------------------------------------------------------------------------- generation
 
 
+def decode_with_logits(model: Transformer, prompts: list[list[int]], s: Sampling, use_cache: bool,
+                       monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[int]], torch.Tensor]:
+    """generate_ids' new tokens and the logits it chose each from, [steps, B, V] (recorded at next_token)."""
+    steps = []
+
+    def recording(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+        steps.append(logits.clone())
+        return next_token(logits, s, generator)
+
+    with monkeypatch.context() as m:
+        m.setattr(generate, "next_token", recording)
+        ids = generate_ids(model, prompts, s, use_cache=use_cache)
+    return ids, torch.stack(steps)
+
+
 @pytest.mark.parametrize("block", ALL_BLOCKS)
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
-def test_kv_cache_generation_equals_full_recompute(block, ffn):
+def test_kv_cache_generation_equals_full_recompute(block, ffn, monkeypatch):
+    """Every decoding step's logits, with the KV cache and by full recomputation of the left-padded
+    batch, equal those of the row's own unpadded sequence in one forward (fp32: up to ~5e-6 apart on
+    logits of ~4; a KV cache rounded to bf16 is ~1e-2 off)."""
     model = model_for(block, ffn)
     prompts = [[5, 17, 3, 9, 22, 40, 1], [8, 2], [60, 61, 62, 63]]  # different lengths: left padding
     s = Sampling(max_new_tokens=12)
-    cached = generate_ids(model, prompts, s, use_cache=True)
-    full = generate_ids(model, prompts, s, use_cache=False)
+    cached, cached_logits = decode_with_logits(model, prompts, s, True, monkeypatch)
+    full, full_logits = decode_with_logits(model, prompts, s, False, monkeypatch)
     assert cached == full and all(len(c) == 12 for c in cached)
-    # each row decodes as if alone: padding changes nothing
-    assert generate_ids(model, prompts[1:2], s) == cached[1:2]
+    with torch.no_grad():
+        for row, (prompt, new) in enumerate(zip(prompts, cached)):
+            alone = model(torch.tensor([prompt + new[:-1]]))[0, len(prompt) - 1:]  # the logits of each step
+            torch.testing.assert_close(cached_logits[:, row], alone, rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(full_logits[:, row], alone, rtol=2e-5, atol=2e-5)
 
 
 @torch.no_grad()
 def test_incremental_logits_equal_the_full_forward():
+    """Chunks of several tokens into the cache, not only one at a time (fp32: ~4e-6 apart)."""
     model = model_for("sdd")
     tokens = torch.randint(0, 97, (2, 20))
     cache = model.new_cache(2, 24)
     steps = [model(tokens[:, :7], cache=cache), model(tokens[:, 7:8], cache=cache), model(tokens[:, 8:], cache=cache)]
-    assert torch.cat(steps, dim=1) == pytest.approx(model(tokens), abs=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(tokens), rtol=2e-5, atol=2e-5)
 
 
 def test_sampling_filters():
@@ -131,11 +157,13 @@ def test_local_multiple_choice_task_through_lm_eval(run, tmp_path):
     pytest.importorskip("datasets")
     from lm_eval.tasks import TaskManager
 
-    import sdd_train.eval.lm_eval_adapter  # noqa: F401  (registers the model type)
+    from sdd_train.eval.lm_eval_adapter import SDDTrainLM  # registers the model type
 
+    # the likely choice second in some documents, so an answer read from the wrong choice shows
     docs = [{"question": "import", "choices": [" os", " zzzz qqq"], "answer": 0},
-            {"question": "def f(x):\n    return", "choices": [" x", " ]]]] ))))"], "answer": 0},
-            {"question": "class", "choices": [" Foo:", " ((((("], "answer": 0}]
+            {"question": "def f(x):\n    return", "choices": [" ]]]] ))))", " x"], "answer": 1},
+            {"question": "class", "choices": [" Foo:", " ((((("], "answer": 0},
+            {"question": "for i in", "choices": [" )))) ::", " range(10):"], "answer": 1}]
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks = tmp_path / "tasks"
@@ -156,10 +184,15 @@ metric_list:
     results = lm_eval.simple_evaluate(model="sdd_train", model_args=f"checkpoint={run},batch_size=4",
                                       tasks=["sdd_local_mc"], task_manager=TaskManager(include_path=str(tasks)),
                                       log_samples=True)
-    acc = results["results"]["sdd_local_mc"]["acc,none"]
-    assert acc in (0.0, 1 / 3, 2 / 3, 1.0)
     samples = results["samples"]["sdd_local_mc"]
-    assert len(samples) == 3 and all(len(s["resps"]) == 2 for s in samples)  # one loglikelihood per choice
+    assert len(samples) == len(docs) and all(len(s["resps"]) == 2 for s in samples)  # one loglikelihood per choice
+    # the accuracy the direct loglikelihoods of each (context, choice) request imply
+    lm = SDDTrainLM(checkpoint=str(run))
+    correct = []
+    for sample in samples:
+        scores = [direct_logprob(lm.model, *lm._encode_pair(*args)) for args in sample["arguments"]]
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == docs[sample["doc_id"]]["answer"])
+    assert results["results"]["sdd_local_mc"]["acc,none"] == pytest.approx(sum(correct) / len(docs))
     # the command line: lm_eval's CLI with the model type registered (its --device default is cuda)
     cli = subprocess.run([sys.executable, "-m", "sdd_train.eval.lm_eval_adapter", "run", "--model", "sdd_train",
                           "--model_args", f"checkpoint={run}", "--batch_size", "2", "--tasks", "sdd_local_mc",
@@ -171,31 +204,43 @@ metric_list:
 # --------------------------------------------------------------------------- Hugging Face export
 
 
-@pytest.mark.parametrize("block", ALL_BLOCKS + ["moe"])
-def test_hf_remote_code_export_matches_logits(block, run, tmp_path):
+@pytest.fixture(scope="module")
+def tokenizer(run):
+    """The trained run's tokenizer, loaded once: every export writes it."""
+    return load_model(run).tokenizer
+
+
+@pytest.mark.parametrize("block", ALL_BLOCKS)
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_hf_remote_code_export_matches_logits(block, ffn, run, tokenizer, tmp_path):
+    """The export (random gains and matrices) gives the float64 reference's logits: 1e-4 in fp32, and
+    1e-10 in float64 (with a float64 RoPE table: the one it computes is fp32), so a misplaced residual,
+    gain or eps shows."""
     transformers = pytest.importorskip("transformers")
     from sdd_train.eval.hf_export import export_remote_code
 
-    tokenizer = load_model(run).tokenizer
-    ffn = "moe" if block == "moe" else "dense"
-    overrides = [f"model.block={'sdd' if block == 'moe' else block}", f"model.ffn={ffn}", "model.moe.n_experts=4",
-                 "model.moe.top_k=2", "model.moe.expert_hidden=32"]
+    overrides = [f"model.block={block}", f"model.ffn={ffn}", "model.moe.n_experts=4", "model.moe.top_k=2",
+                 "model.moe.expert_hidden=32"]
     cfg = load_config(run / "config.yaml", overrides)
     torch.manual_seed(0)
-    model = Transformer(cfg.model).eval()
+    model = reference.randomise_(Transformer(cfg.model)).eval()
     out = export_remote_code(LoadedModel(model, tokenizer, cfg, run), tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    expected = reference.transformer(tokens, state, cfg.model)
     with torch.no_grad():
-        assert hf(tokens).logits == pytest.approx(model(tokens), abs=1e-4)
+        torch.testing.assert_close(hf(tokens).logits.double(), expected, rtol=0, atol=1e-4)  # fp32: <= 3e-5
+        hf.double().model.rope = rope_cache(cfg.model.max_seq_len, cfg.model.head_dim, cfg.model.rope_theta,
+                                            dtype=torch.float64)
+        torch.testing.assert_close(hf(tokens).logits, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_reordered_exports_to_native_olmo2(run, tmp_path):
+def test_reordered_exports_to_native_olmo2(run, tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
     from sdd_train.config import ConfigError
     from sdd_train.eval.hf_export import export_olmo2
 
-    tokenizer = load_model(run).tokenizer
     cfg = load_config(run / "config.yaml", ["model.block=reordered"])
     torch.manual_seed(0)
     model = Transformer(cfg.model).eval()
