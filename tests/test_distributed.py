@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import small_run
 from sdd_train.config import ConfigError
@@ -73,19 +76,28 @@ def layer_stats(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir / "layer_stats.jsonl")}
 
 
+# fp32, 1 process against 2 ranks (torch 2.13, CPU): from the same weights (step 1, or one process
+# resumed from a 2-rank checkpoint) loss and grad norm agree to 2e-7 (micro-batch gradients summed in
+# another order). Over steps AdamW turns that rounding of near-zero gradient entries into weight
+# differences of up to 1.2e-6; through them step 6's grad norm (a spike, 0.83 -> 1.15) differs by
+# up to 4.9e-6 and its per-layer gradient norms by 1.1e-5; losses stay within 1.6e-7.
+LAYER_STATS_REL = 3e-5
+
+
 def assert_same_layer_stats(a: dict, b: dict, steps) -> None:
     """Per-layer gradient / parameter / update norms agree (exact global norms, not shard averages)."""
     for step in steps:
         assert a[step].keys() == b[step].keys()
         assert any(k.startswith("grad/layer_1/") for k in a[step])
         for key, value in a[step].items():
-            assert b[step][key] == pytest.approx(value, rel=1e-4, abs=1e-7), (step, key)
+            assert b[step][key] == pytest.approx(value, rel=LAYER_STATS_REL), (step, key)
 
 
 def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps, rel: float) -> None:
+    """Loss and gradient norm (before clipping) agree to ``rel`` at every step."""
     for step in steps:
-        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel, abs=rel), step
-        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=100 * rel), step
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=rel), step
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=rel), step
 
 
 def test_fsdp2_two_ranks_match_one_process(single, fsdp2):
@@ -99,18 +111,35 @@ def test_fsdp2_two_ranks_match_one_process(single, fsdp2):
     w2 = checkpoint.read_model_state(checkpoint.latest(fsdp2))
     assert w1.keys() == w2.keys()
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=5e-6, msg=name)  # measured 1.2e-6
 
 
-def test_hsdp_replicate_x_shard_matches_one_process(single, cache, tmp_path):
-    result = torchrun(2, args_for(tmp_path, cache, "parallel.dp_replicate=2", "train.max_steps=4",
+def stored_chunks(ckpt: Path) -> dict[str, list[tuple[int, ...]]]:
+    """The distinct shards (their sizes) DCP stored for each model tensor: replicas are written once."""
+    metadata = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return {key: [tuple(chunk.sizes) for chunk in md.chunks] for key, md in metadata.items()
+            if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+
+
+def test_hsdp_two_replicas_of_two_shards_match_one_process(single, cache, tmp_path):
+    """4 ranks as a (2 replica groups) x (2 shards) mesh: each parameter is split in halves inside a
+    group and replicated across groups; losses, grad norms and per-layer norms equal one process."""
+    result = torchrun(4, args_for(tmp_path, cache, "parallel.dp_replicate=2", "train.max_steps=3",
                                   "train.checkpoint_interval=0"))
     assert result.returncode == 0, result.stderr[-3000:]
-    ref = records(single)
     # the schedule depends on max_steps: compare the warmup steps, where lr does not
-    assert_same_run(ref, records(tmp_path), range(1, 4), rel=1e-5)
+    assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-5)
     # replicated shards are counted once: HSDP norms equal the single-process ones
     assert_same_layer_stats(layer_stats(single), layer_stats(tmp_path), [2])
+    # sharded 2-way (not 1: a (4, 1) mesh; not 4: plain FSDP2): two halves of dim 0 per tensor
+    ckpt = checkpoint.latest(tmp_path)
+    assert checkpoint.read_meta(ckpt)["world_size"] == 4
+    full = checkpoint.read_model_state(ckpt)
+    chunks = stored_chunks(ckpt)
+    assert chunks.keys() == {f"model.{name}" for name in full}
+    for name, tensor in full.items():
+        half = (tensor.shape[0] // 2, *tensor.shape[1:])
+        assert chunks[f"model.{name}"] == [half, half], name
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(single, fsdp2, cache, tmp_path):
@@ -149,26 +178,100 @@ def test_sigkill_two_ranks_then_rerun_is_bitwise_identical(fsdp2, cache, tmp_pat
     assert losses == {s: r["loss"] for s, r in records(fsdp2).items()}  # the same floats, every step
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(cache, tmp_path):
-    """Slurm preemption signals every process of the job step; the run saves and exits 0, then resumes."""
+SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
+
+
+def _cmdline(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun's: its workers)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+def _stopped_at(output: str, signame: str) -> int:
+    found = re.findall(rf"stopped by {signame} at step (\d+);", output)
+    assert len(found) == 1, output[-3000:]  # one line, from rank 0
+    return int(found[0])
+
+
+def _assert_complete_checkpoint(run_dir: Path, step: int) -> None:
+    """The stop step's checkpoint is the one that loads, nothing is half-written, weights are finite."""
+    ckpt = checkpoint.latest(run_dir)
+    assert ckpt is not None and ckpt.name == f"step_{step:07d}"
+    assert checkpoint.read_meta(ckpt)["step"] == step
+    assert not list(checkpoint.checkpoint_dir(run_dir).glob("*.partial"))
+    state = checkpoint.read_model_state(ckpt)
+    assert state and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_sigusr1_to_the_workers_checkpoints_exits_0_and_resumes_bitwise(fsdp2, cache, tmp_path):
+    """The sbatch scripts' preemption path: Slurm sends SIGUSR1 to the batch shell only
+    (``--signal=B:USR1@120``), whose trap sends it to the workers with ``pkill -USR1 -f -- PATTERN``
+    and not to torchrun (SIGUSR1 would kill it). Here PATTERN selects among this run's processes
+    (never another run's on this machine): the workers stop at one step, save it, exit 0, torchrun
+    exits 0, and re-running resumes to the same losses, bitwise, as an uninterrupted run."""
+    patterns = {re.search(r'pkill -USR1 -f -- "([^"]+)"', f.read_text()).group(1) for f in SLURM.glob("*.sbatch")}
+    assert len(patterns) == 1, patterns  # both scripts signal the same processes
+    pattern = patterns.pop()
+    cmd = torchrun_cmd(2, args_for(tmp_path, cache))  # fsdp2's run
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for_step(tmp_path, proc, 1)  # rank 0 logged a step: every rank is in the loop, handlers set
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        matched = [pid for pid in [proc.pid, *workers] if re.search(pattern, _cmdline(pid))]
+        assert matched == workers, [_cmdline(pid) for pid in [proc.pid, *workers]]
+        for pid in matched:
+            os.kill(pid, signal.SIGUSR1)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    stopped_at = _stopped_at(output, "SIGUSR1")
+    assert 1 <= stopped_at < 10, "the run finished before the signal"
+    assert max(records(tmp_path)) == stopped_at
+    _assert_complete_checkpoint(tmp_path, stopped_at)
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resume: from {checkpoint.checkpoint_dir(tmp_path) / f'step_{stopped_at:07d}'}" in result.stdout
+    losses = {s: r["loss"] for s, r in records(tmp_path).items()}
+    assert losses == {s: r["loss"] for s, r in records(fsdp2).items()}  # the same floats, every step
+
+
+def test_sigterm_to_every_process_checkpoints_before_torchrun_ends(cache, tmp_path):
+    """Slurm's own SIGTERM (time limit, ``scancel``, preemption with a grace time) goes to every
+    process of the job, torchrun included. torchrun forwards it to the workers and waits up to its
+    shutdown timeout (30 s) before SIGKILL: they finish the step and save in time. torchrun itself
+    then exits 1 (its SignalException), so only the workers' exit 0 is ours; the exit code is
+    checked in the SIGUSR1 test, where torchrun is not signalled."""
     args = args_for(tmp_path, cache, "train.max_steps=400", "train.checkpoint_interval=0", "train.precision=bf16")
     proc = subprocess.Popen(torchrun_cmd(2, args), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    _wait_for_step(tmp_path, proc, 3)
-    os.killpg(proc.pid, signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert "stopped by SIGTERM" in output, output[-3000:]
-    ckpt = checkpoint.latest(tmp_path)
-    assert ckpt is not None
-    stopped_at = checkpoint.read_meta(ckpt)["step"]
-    assert 3 <= stopped_at < 400
-    state = checkpoint.read_model_state(ckpt)
-    assert state and all(torch.isfinite(v).all() for v in state.values())
-    # re-running resumes from that step (and a smaller max_steps finishes at once)
-    result = torchrun(2, args_for(tmp_path, cache, f"train.max_steps={stopped_at + 2}", "train.checkpoint_interval=0",
-                                  "train.precision=bf16"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resume: from {ckpt}" in result.stdout
+    try:
+        _wait_for_step(tmp_path, proc, 1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "forcefully exiting" not in output, output[-3000:]  # no worker needed torchrun's SIGKILL
+    stopped_at = _stopped_at(output, "SIGTERM")
+    assert max(records(tmp_path)) == stopped_at
+    _assert_complete_checkpoint(tmp_path, stopped_at)
 
 
 def test_batch_not_divisible_by_ranks_is_a_config_error(cache, tmp_path):
@@ -183,7 +286,7 @@ def test_fsdp2_with_compile_ac_and_async_checkpoints_matches(single, cache, tmp_
     result = torchrun(2, args_for(tmp_path, cache, "train.compile=true", "parallel.activation_checkpointing=every_n",
                                   "train.async_checkpoint=true", "train.max_steps=4", "train.checkpoint_interval=2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-4)
+    assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-5)  # measured 5.6e-7
     assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*")) == ["step_0000002",
                                                                                           "step_0000004"]
 
@@ -222,7 +325,9 @@ def test_plain_loss_under_fsdp2_matches_the_fused_loss_in_one_process(single, ca
     the head weight); the plain logits-then-loss path under FSDP2 gives the same run."""
     result = torchrun(2, args_for(tmp_path, cache, "train.loss_chunk_size=0"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_run(records(single), records(tmp_path), range(1, 11), rel=1e-5)
+    # two loss implementations round differently on top of the rank count: step 6's grad norm (the
+    # spike of the comment at LAYER_STATS_REL) differs by 1.12e-5 (fused loss on 2 ranks: 4.9e-6)
+    assert_same_run(records(single), records(tmp_path), range(1, 11), rel=3e-5)
 
 
 def test_cpu_ranks_without_fsdp2_cpu_support_are_a_config_error(monkeypatch):
