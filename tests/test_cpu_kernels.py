@@ -47,9 +47,10 @@ def run(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):
     return h.detach(), x.grad, weight.grad
 
 
-def inputs(dtype: torch.dtype, shape=(3, 37, 2 * 344), scale: float = 1.0):
+def inputs(dtype: torch.dtype, shape=(3, 37, 2 * 344), scale: float = 1.0,
+           x_rms: float | torch.Tensor = 3.0):
     torch.manual_seed(0)
-    x = (torch.randn(shape) * 3).to(dtype)
+    x = (torch.randn(shape) * x_rms).to(dtype)
     weight = (torch.rand(shape[-1]) + 0.5) * scale
     dh = torch.randn(*shape[:-1], shape[-1] // 2).to(dtype)
     return x, weight, dh
@@ -159,10 +160,10 @@ def test_sdd_feed_forward_matches_unfused_composition(kernel, compile):
 # ---------------------------------------------------------------------------- RMSNorm x gain
 
 
-def norm_reference(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, groups: int):
+def norm_reference(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, groups: int, eps: float = EPS):
     xd, wd = x.double().requires_grad_(), weight.double().requires_grad_()
     parts = xd.unflatten(-1, (groups, -1))
-    y = (parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + EPS)).flatten(-2) * wd
+    y = (parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * wd
     y.backward(dy.double())
     return y.detach(), xd.grad, wd.grad
 
@@ -197,6 +198,26 @@ def test_norm_matches_float64_and_pytorch_path(kernel, dtype, shape, groups):
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(single[0], got[0]) and torch.equal(single[1], got[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_eps_counts_where_the_mean_square_is_near_it(kernel, monkeypatch, dtype):
+    """Rows of RMS 1e-2 and 1e-3 (mean square 10x and 0.1x eps): the C kernels and the PyTorch paths
+    add eps as the formula does, in the norm and the SDD SwiGLU, outputs and both gradients."""
+    x, weight, dh = inputs(dtype, shape=(2, 5, 2 * 64), x_rms=torch.tensor([1e-2, 1e-3]).view(2, 1, 1))
+    dy = torch.randn(x.shape).to(dtype)
+    for groups in (1, 2):
+        want = norm_reference(x, weight, dy, groups)
+        # without eps the result would be 5% (RMS 1e-2) to 3x (RMS 1e-3) off
+        assert relative_error(norm_reference(x, weight, dy, groups, eps=0.0)[0], want[0]) > 10 * TOLERANCE[dtype]
+        for norm in (cpu_rms_norm.cpu_rms_norm, rms_norm_torch):
+            for g, w in zip(norm_run(norm, x, weight, dy, groups), want):
+                assert relative_error(g, w) < TOLERANCE[dtype], (norm.__name__, groups)
+    for path in ("auto", "torch"):
+        monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", path)
+        for groups in (1, 2):
+            for g, w in zip(run(x, weight, dh, groups), reference(x, weight, dh, groups)):
+                assert relative_error(g, w) < TOLERANCE[dtype], (path, groups)
 
 
 def test_norm_backward_runs_the_kernel_of_its_forward(kernel, monkeypatch):

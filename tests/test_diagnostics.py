@@ -180,20 +180,24 @@ def test_planted_spike_is_skipped(tmp_path, data_cache, data_stream):
 
 
 def test_rollback_resumes_from_the_checkpoint_and_skips_the_bad_batch(tmp_path, data_cache, data_stream):
-    """Rolling back from the spike equals a run whose data never contained the bad batch."""
-    rolled, clean = tmp_path / "rolled", tmp_path / "clean"
-    data_stream("bad")
-    assert main(small_run(rolled, data_cache, *RUN, "diagnostics.spike.action=rollback")) == 0
+    """Rolling back from the spike, with batches read in the loop or prefetched (the default), equals a
+    run whose data never contained the bad batch."""
+    clean = tmp_path / "clean"
     data_stream("removed")
     assert main(small_run(clean, data_cache, *RUN, "diagnostics.spike.action=rollback")) == 0
-    (event,) = events(rolled)
-    assert event["step"] == SPIKE_AT and event["action"] == "rollback" and event["rolled_back_to"] == 10
-    assert event["skipped_positions"] == [(SPIKE_AT - 1) * GLOBAL_BATCH]
     assert events(clean) == []
-    assert losses(rolled) == losses(clean)  # bitwise, every step (the replayed ones are logged once)
-    a, b = final_weights(rolled), final_weights(clean)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    stats = [r["step"] for r in read_metrics(rolled / "layer_stats.jsonl")]
-    assert stats == [5, 10, 15, 20, 22]
-    meta = checkpoint.read_meta(checkpoint.latest(rolled))
-    assert meta["rollbacks"] == 1 and meta["data"]["skipped_positions"] == event["skipped_positions"]
+    data_stream("bad")
+    for prefetch in ("false", "true"):
+        rolled = tmp_path / f"rolled_prefetch_{prefetch}"
+        assert main(small_run(rolled, data_cache, *RUN, "diagnostics.spike.action=rollback",
+                              f"data.prefetch={prefetch}")) == 0
+        (event,) = events(rolled)
+        assert event["step"] == SPIKE_AT and event["action"] == "rollback" and event["rolled_back_to"] == 10
+        assert event["skipped_positions"] == [(SPIKE_AT - 1) * GLOBAL_BATCH]
+        assert losses(rolled) == losses(clean), prefetch  # bitwise, every step (the replayed ones are logged once)
+        a, b = final_weights(rolled), final_weights(clean)
+        assert all(torch.equal(a[k], b[k]) for k in a), prefetch
+        stats = [r["step"] for r in read_metrics(rolled / "layer_stats.jsonl")]
+        assert stats == [5, 10, 15, 20, 22]
+        meta = checkpoint.read_meta(checkpoint.latest(rolled))
+        assert meta["rollbacks"] == 1 and meta["data"]["skipped_positions"] == event["skipped_positions"]

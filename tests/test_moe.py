@@ -11,7 +11,7 @@ from conftest import CONFIGS, small_run
 from sdd_train.config import ModelConfig, MoEConfig, load_config
 from sdd_train.model import Transformer
 from sdd_train.model.moe import MoE, load_stats
-from sdd_train.train import checkpoint
+from sdd_train.train import checkpoint, trainer
 from sdd_train.train.__main__ import main
 from sdd_train.train.metrics import read_metrics
 
@@ -196,7 +196,11 @@ def test_top_k_above_experts_is_a_config_error(capsys):
     assert "model.moe.top_k: 65 is more than model.moe.n_experts=64" in capsys.readouterr().err
 
 
-def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path):
+def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path, monkeypatch):
+    """The loss falls, and each logged expert load is of every routed (token, choice) pair of the step:
+    both micro-batches, each pair once."""
+    loads = []  # the summed per-layer counts the trainer turns into the logged load_min/max/entropy
+    monkeypatch.setattr(trainer, "load_stats", lambda counts: loads.append(counts.clone()) or load_stats(counts))
     args = small_run(tmp_path, data_cache, "model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2",
                      "model.moe.expert_hidden=32", "model.block=sdd", "train.max_steps=30", "train.log_interval=10",
                      "train.eval_interval=30")
@@ -205,12 +209,12 @@ def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     last = records[-1]
     assert last["moe_lb_loss"] >= 0.99 and last["moe_router_z_loss"] > 0  # lb >= 1 up to sampling
-    for layer in (0, 1):
-        assert last[f"moe/layer_{layer}/load_min"] <= last[f"moe/layer_{layer}/load_max"]
+    assert [r["step"] for r in records] == [1, 10, 20, 30] and len(loads) == 2 * len(records)
+    assert [int(c.sum()) for c in loads] == [8 * 64 * 2] * len(loads)  # dropless: sequences x seq_len x top_k
+    for layer, counts in enumerate(loads[-2:]):
+        assert last[f"moe/layer_{layer}/load_min"] == int(counts.min())
+        assert last[f"moe/layer_{layer}/load_max"] == int(counts.max())
         assert 0 < last[f"moe/layer_{layer}/load_entropy"] <= 1
-        # dropless: the loads of one layer add up to every routed token of the step
-        per_step = 8 * 64 * 2
-        assert last[f"moe/layer_{layer}/load_min"] * 8 <= per_step <= last[f"moe/layer_{layer}/load_max"] * 8
     assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30
 
 

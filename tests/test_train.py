@@ -85,16 +85,33 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cache):
     assert la[6] < la[1] - 0.3  # and the runs did move
 
 
+def assert_all_checkpoints_finite(run_dir) -> None:
+    """Every checkpoint the run kept, not only the latest, holds finite weights."""
+    for path in checkpoint.checkpoint_dir(run_dir).glob("step_*"):
+        assert all(torch.isfinite(v).all() for v in checkpoint.read_model_state(path).values()), path.name
+
+
 def test_divergence_stops_with_exit_3_and_no_bad_checkpoint(tmp_path, data_cache, capsys):
+    """lr 1e6: step 1 is finite (and checkpointed), step 2's gradient is NaN: exit 3, step 1 stays the latest."""
     args = small_run(tmp_path, data_cache, "train.max_steps=30", "optim.lr=1e6", "optim.warmup_steps=0",
-                 "optim.grad_clip=0", "train.checkpoint_interval=1", "train.eval_interval=0", "model.block=post")
+                     "optim.grad_clip=0", "train.checkpoint_interval=1", "train.eval_interval=0", "model.block=post")
     assert main(args) == 3
     err = capsys.readouterr().err
     assert "not finite" in err and "diverged" in err
-    ckpt = checkpoint.latest(tmp_path)
-    if ckpt is not None:
-        state = checkpoint.read_model_state(ckpt)
-        assert all(torch.isfinite(v).all() for v in state.values())
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 1
+    assert_all_checkpoints_finite(tmp_path)
+
+
+def test_weights_that_overflow_are_not_checkpointed(tmp_path, data_cache, capsys):
+    """A good run resumed with lr 1e39: step 3's loss and gradient are finite but its update makes the
+    weights inf; the checkpoint of step 3 is refused (exit 3) and step 2's stays the latest."""
+    common = ["train.checkpoint_interval=1", "train.eval_interval=0"]
+    assert main(small_run(tmp_path, data_cache, *common, "train.max_steps=2")) == 0
+    assert main(small_run(tmp_path, data_cache, *common, "train.max_steps=4", "optim.lr=1e39",
+                          "optim.warmup_steps=0")) == 3
+    assert "step 3: the model has non-finite parameters; not checkpointing it" in capsys.readouterr().err
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 2
+    assert_all_checkpoints_finite(tmp_path)
 
 
 def test_z_loss_is_logged(tmp_path, data_cache):
