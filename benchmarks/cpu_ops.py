@@ -41,9 +41,8 @@ from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm  # noqa: E402
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu  # noqa: E402
 from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
-from sdd_train.model.layers import rms_norm_torch  # noqa: E402
-from sdd_train.train.distributed import init_world  # noqa: E402
-from sdd_train.train.loss import linear_cross_entropy, lm_loss  # noqa: E402
+from sdd_train.distributed.world import init_world  # noqa: E402
+from sdd_train.kernels import linear_cross_entropy, lm_loss, rms_norm_torch  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdd_train.train.metrics import read_metrics  # noqa: E402
+from sdd_train.diagnostics.summary import read_records  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def run(ranks: int, config: str, steps: int, skip: int, overrides: list[str], ro
                "-m", "sdd_train.train", *args]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "step_time" in r and r["step"] > skip]
+    records = [r for r in read_records(run_dir / "metrics.jsonl") if "step_time" in r and r["step"] > skip]
     step_s = statistics.median(r["step_time"] for r in records)
     tokens = records[0]["tokens_per_sec"] * records[0]["step_time"]
     return {"ranks": ranks, "step_s": step_s, "tokens_per_sec": tokens / step_s,

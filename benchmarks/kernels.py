@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdd_train.kernels.rms_norm import fused_rms_norm, triton_available  # noqa: E402
-from sdd_train.model.layers import rms_norm_torch  # noqa: E402
+from sdd_train.kernels import rms_norm_torch  # noqa: E402
+from sdd_train.kernels.triton_rms_norm import fused_rms_norm, triton_available  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
 ROWS = 4 * 4096  # one micro-batch of the dense 1B recipe

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdd_train.train.loss import linear_cross_entropy, lm_loss  # noqa: E402
+from sdd_train.kernels import linear_cross_entropy, lm_loss  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
 

@@ -36,9 +36,10 @@ from sdd_train.config import load_config  # noqa: E402
 from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
 from sdd_train.model import Transformer  # noqa: E402
 from sdd_train.train.optim import build_optimizer  # noqa: E402
-from sdd_train.train.distributed import init_world  # noqa: E402
-from sdd_train.train.parallelize import apply_compile  # noqa: E402
-from sdd_train.train.trainer import autocast, peak_tflops  # noqa: E402
+from sdd_train.distributed.parallelize import apply_compile  # noqa: E402
+from sdd_train.distributed.world import init_world  # noqa: E402
+from sdd_train.kernels import autocast  # noqa: E402
+from sdd_train.train.callbacks.speed import peak_tflops  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
 
@@ -102,8 +103,8 @@ class Candidate:
                     if self.block == HF_OLMO2:
                         loss = model(batch[:, :-1], batch[:, 1:].contiguous())
                     else:  # as the trainer does it
-                        loss, _, _ = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
-                                           loss_chunk=t.loss_chunk_size)
+                        loss = model(batch[:, :-1], targets=batch[:, 1:], z_loss=self.cfg.optim.z_loss,
+                                     loss_chunk=t.loss_chunk_size).loss
                 (loss / self.accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         self.optimizer.step()

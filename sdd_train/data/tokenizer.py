@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from sdd_train.data.sources import DataError
+
 UNK_ID, EOS_ID = 0, 1
 
 
@@ -76,12 +78,16 @@ class Tokenizer:
     def __init__(self, model_file: str | Path):
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
-            raise FileNotFoundError(f"{model_file}: tokenizer model not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+            raise DataError(f"{model_file}: tokenizer model not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{model_file}: not a readable SentencePiece model ({' '.join(str(e).split())}); pass"
+                            " a .model file written by 'sdd-data tokenizer' or sentencepiece") from None
         self.eos_id = self.sp.eos_id()
         if self.eos_id < 0:
-            raise ValueError(f"{model_file}: the tokenizer has no EOS piece; train one with eos_id set"
-                             " (sdd-data tokenizer does)")
+            raise DataError(f"{model_file}: the tokenizer has no EOS piece; train one with eos_id set"
+                            " (sdd-data tokenizer does)")
 
     @property
     def vocab_size(self) -> int:

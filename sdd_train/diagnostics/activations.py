@@ -12,6 +12,8 @@ import contextlib
 import torch
 from torch import nn
 
+from sdd_train.kernels import autocast
+
 
 @contextlib.contextmanager
 def captured_hidden_states(model: nn.Module):
@@ -48,11 +50,12 @@ def similarity_matrix(states: list[torch.Tensor], eps: float = 1e-12) -> torch.T
 
 @torch.no_grad()
 def activation_stats(model: nn.Module, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
-                     autocast: contextlib.AbstractContextManager | None = None) -> dict:
-    """``{"rms": [L+1], "similarity": [[L+1 x L+1]]}`` for one batch (index 0 is the embedding output)."""
+                     precision: str = "fp32") -> dict:
+    """``{"rms": [L+1], "similarity": [[L+1 x L+1]]}`` for one batch (index 0 is the embedding output),
+    the forward in the run's ``precision``."""
     was_training = model.training
     model.eval()
-    with captured_hidden_states(model) as states, (autocast or contextlib.nullcontext()):
+    with captured_hidden_states(model) as states, autocast(tokens.device, precision):
         model(tokens, doc_ids)
     model.train(was_training)
     return {"rms": residual_rms(states), "similarity": similarity_matrix(states).tolist()}

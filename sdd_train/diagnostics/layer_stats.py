@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from sdd_train.train.distributed import all_reduce_sum
+from sdd_train.distributed.world import all_reduce_sum
 
 LINEAR_FAMILIES = ("att_proj", "attn_out", "ff_proj", "ff_out", "expert_proj", "expert_out", "router")
 

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from sdd_train.config import ConfigError
 from sdd_train.diagnostics import plots
 from sdd_train.diagnostics.activations import activation_stats
-from sdd_train.diagnostics.sweep import format_cell, read_records, results, summarise, write_table
+from sdd_train.diagnostics.summary import format_cell, read_records, results, summarise, write_table
 
 DEPTH_KEY = "model.n_layers"
 
@@ -38,10 +38,9 @@ def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
 @torch.no_grad()
 def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dict[str, Any]:
     """Activation statistics of a checkpoint on the run's fixed held-out batch (the in-loop one)."""
-    from sdd_train.eval.inference import LOCAL_WORLD, load_model, local_run_data
+    from sdd_train.checkpoint import read_meta
+    from sdd_train.eval.inference import load_model, local_run_data
     from sdd_train.eval.validation import build_eval_sets
-    from sdd_train.train.checkpoint import read_meta
-    from sdd_train.train.trainer import autocast
 
     loaded = load_model(checkpoint or run_dir)
     cfg = loaded.cfg
@@ -49,8 +48,7 @@ def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dic
     if not sets:
         raise ConfigError(f"{run_dir}: no validation split holds one sequence of {cfg.train.seq_len + 1} tokens")
     batch = sets[0].batches[0]
-    ctx = autocast(LOCAL_WORLD.device, cfg.train.precision)
-    stats = activation_stats(loaded.model, batch["inputs"], batch.get("doc_ids"), ctx)
+    stats = activation_stats(loaded.model, batch["inputs"], batch.get("doc_ids"), cfg.train.precision)
     return {"step": read_meta(loaded.source)["step"], "checkpoint": str(loaded.source), **stats}
 
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import torch
 
+from sdd_train.checkpoint import read_model_state, resolve_checkpoint
 from sdd_train.config import ConfigError, RunConfig, load_config
 from sdd_train.data.dataset import PreparedDataset
+from sdd_train.data.run_data import open_run_data
 from sdd_train.data.tokenizer import Tokenizer
+from sdd_train.distributed.world import World
 from sdd_train.model import Transformer
-from sdd_train.train.distributed import World
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -30,9 +32,7 @@ LOCAL_WORLD = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu
 
 def local_run_data(cfg: RunConfig) -> tuple[list[PreparedDataset], list[str]]:
     """A run's training datasets and their names, opened quietly in this one process."""
-    from sdd_train.train.trainer import open_run_data
-
-    return open_run_data(cfg, LOCAL_WORLD, log=lambda *a, **k: None)
+    return open_run_data(cfg, log=lambda *a, **k: None)
 
 
 def run_tokenizer(cfg: RunConfig) -> Tokenizer:
@@ -40,12 +40,19 @@ def run_tokenizer(cfg: RunConfig) -> Tokenizer:
     return local_run_data(cfg)[0][0].tokenizer
 
 
+def load_exported(folder: Path, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the :class:`Transformer` of an exported folder."""
+    from safetensors.torch import load_file
+
+    cfg = load_config(Path(folder) / "config.yaml")
+    model = Transformer(cfg.model)
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors"), device=device))
+    return model.to(device)
+
+
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> LoadedModel:
     """``path``: a run directory (latest checkpoint, or ``step``), one checkpoint directory, or an
     ``sdd-export`` folder. The model is returned in eval mode, fp32, on ``device``."""
-    from sdd_train.train.checkpoint import read_model_state
-    from sdd_train.train.export import load_exported, resolve_checkpoint
-
     path = Path(path)
     if (path / "model.safetensors").is_file():
         cfg = load_config(path / "config.yaml")

@@ -24,7 +24,8 @@ import torch
 from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import open_datasets, val_batches
-from sdd_train.train.distributed import World, all_reduce_sum
+from sdd_train.distributed.world import World, all_reduce_sum
+from sdd_train.kernels import autocast
 
 
 @dataclass
@@ -57,15 +58,14 @@ def build_eval_sets(cfg: RunConfig, datasets: list[PreparedDataset], names: list
 
 
 @torch.no_grad()
-def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
-                  autocast_ctx=None, loss_chunk: int = 0) -> dict[str, float]:
+def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World, precision: str = "fp32",
+                  loss_chunk: int = 0) -> dict[str, float]:
     """``val/<name>/loss`` and ``val/<name>/ppl`` per set, and ``val_loss``: the token mean over all sets.
 
-    ``loss_chunk`` > 0 (``train.loss_chunk_size``): the fused head + loss, as in training, so the full
-    logits never exist here either; 0: logits, then the plain loss.
+    ``precision``: the run's (``train.precision``), so the loss is computed as the training step
+    computes it. ``loss_chunk`` > 0 (``train.loss_chunk_size``): the fused head + loss, as in
+    training, so the full logits never exist here either; 0: logits, then the plain loss.
     """
-    import contextlib
-
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(sets), 2, dtype=torch.float64, device=world.device)  # [loss sum, tokens]
@@ -76,8 +76,8 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
             # every rank runs the same number of forwards (FSDP2 gathers parameters collectively)
             batch = s.batches[index] if index < len(s.batches) else s.batches[0]
             batch = {k: v.to(world.device) for k, v in batch.items()}
-            with autocast_ctx or contextlib.nullcontext():  # as the training step computes its loss
-                _, ce, _ = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"], loss_chunk=loss_chunk)
+            with autocast(world.device, precision):
+                ce = model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"], loss_chunk=loss_chunk).ce
             if index < len(s.batches):
                 n = batch["targets"].numel()
                 sums[i, 0] += ce.double() * n
@@ -98,15 +98,13 @@ def evaluate_sets(model: torch.nn.Module, sets: list[EvalSet], world: World,
 def evaluate_checkpoint(path: str | Path, step: int | None = None) -> dict[str, float]:
     """Offline: the validation losses of a checkpoint, with the batches the training loop used."""
     from sdd_train.eval.inference import LOCAL_WORLD, load_model, local_run_data
-    from sdd_train.train.trainer import autocast
 
     loaded = load_model(path, step)
     cfg = loaded.cfg
     sets = build_eval_sets(cfg, *local_run_data(cfg), cfg.train.eval_batches)
     if not sets:
         raise ConfigError(f"{path}: no validation set holds a full sequence of {cfg.train.seq_len + 1} tokens")
-    return evaluate_sets(loaded.model, sets, LOCAL_WORLD, autocast(LOCAL_WORLD.device, cfg.train.precision),
-                         cfg.train.loss_chunk_size)
+    return evaluate_sets(loaded.model, sets, LOCAL_WORLD, cfg.train.precision, cfg.train.loss_chunk_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sdd_train.kernels.rms_norm import NORM_KERNEL_ENV
+from sdd_train.kernels.triton_rms_norm import NORM_KERNEL_ENV
 
 log = logging.getLogger(__name__)
 

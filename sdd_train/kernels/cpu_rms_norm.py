@@ -1,6 +1,6 @@
 """RMSNorm x gain on CPU in eager mode, forward and backward each one C kernel (``cpu_kernels.c``).
 
-Why: the PyTorch path (:func:`sdd_train.model.layers.rms_norm_torch`) makes a few passes over each
+Why: the PyTorch path (:func:`sdd_train.kernels.norm.rms_norm_torch`) makes a few passes over each
 block of rows (upcast, statistics, scale; the backward's row sums, input gradient and the gain's
 column sum); the kernel reads a row once while it is in L1 (the forward also writes ``y``, the
 backward ``dx`` and per-thread partial gain sums). A tiny eager block: `pre` ~10%, `sdd` (five
@@ -64,5 +64,5 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int 
     lib = kernel_for(x)
     if lib is None:
         raise RuntimeError(f"cpu_rms_norm: no CPU kernel for a {x.dtype} tensor on {x.device} here (see the log); "
-                           "use sdd_train.model.layers.rms_norm, which falls back to PyTorch")
+                           "use sdd_train.kernels.rms_norm, which falls back to PyTorch")
     return _CPURMSNorm.apply(x, weight, eps, groups, lib)

@@ -21,6 +21,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`compute_dtype` (the same tensor when it already is)."""
+    return x.to(compute_dtype(x.dtype))
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in here: autocast's on ``x``'s device when it is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The precision policy of every forward (training, validation, statistics), one process or many:
+    ``bf16`` autocasts matmuls to bf16 over fp32 parameters (FSDP2 gathers them in fp32 too, see
+    :mod:`sdd_train.distributed.parallelize`); norms, RoPE, softmax and the loss compute in fp32
+    inside their kernels. ``fp32`` is plain fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def autocast_off(fn: Callable) -> Callable:
     """Decorate an autograd.Function's ``forward`` / ``backward`` (``ctx`` first, then tensors) to run
     with autocast disabled on the device of its first tensor argument."""

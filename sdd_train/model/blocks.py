@@ -17,7 +17,8 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.feed_forward import build_feed_forward
-from sdd_train.model.layers import Attention, AttentionMask, RMSNorm
+from sdd_train.kernels import AttentionMask
+from sdd_train.model.layers import Attention, RMSNorm
 
 BLOCKS: dict[str, type[Block]] = {}
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
-from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
+from sdd_train.kernels import sdd_swiglu
 from sdd_train.model.layers import SDDLinear, linear
 from sdd_train.model.moe import MoE
 
@@ -21,8 +21,8 @@ class SwiGLU(nn.Module):
     """``ff_out(silu(gate) * up)`` with up and gate from one fused projection of width 2*hidden.
 
     With ``sdd=True`` both projections are SDD layers (the paper's F_sdd); the fused up+gate
-    vector gets one norm (reference) or one per branch (``model.sdd_ffn_norm=per_branch``). On
-    CPU that norm and the SwiGLU run as one C kernel each way (:mod:`sdd_train.kernels.cpu_sdd_swiglu`).
+    vector gets one norm (reference) or one per branch (``model.sdd_ffn_norm=per_branch``), fused
+    with the SwiGLU in :func:`sdd_train.kernels.sdd_swiglu`.
     """
 
     def __init__(self, cfg: ModelConfig, sdd: bool):
@@ -33,7 +33,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.ff_proj
-        if isinstance(proj, SDDLinear) and x.device.type == "cpu":
+        if isinstance(proj, SDDLinear):
             return self.ff_out(sdd_swiglu(F.linear(x, proj.weight), proj.alpha, proj.eps, proj.norm_groups))
         up, gate = proj(x).chunk(2, dim=-1)
         return self.ff_out(F.silu(gate) * up)

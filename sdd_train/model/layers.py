@@ -8,109 +8,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
-from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
-from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm, use_cpu_norm
-from sdd_train.kernels.precision import autocast_off, compute_dtype
-from sdd_train.kernels.rms_norm import fused_rms_norm, use_fused_norm
-
-try:  # optional: pip install flash-attn (GPU only)
-    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on the environment
-    flash_attn_func = flash_attn_varlen_func = None
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in :func:`compute_dtype` (the same tensor when it already is)."""
-    return x.to(compute_dtype(x.dtype))
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2) + eps), the mean taken within each of ``groups`` equal chunks.
-
-    In eager mode this is one fused kernel: Triton on CUDA (:mod:`sdd_train.kernels.rms_norm`), C on
-    CPU (:mod:`sdd_train.kernels.cpu_rms_norm`); elsewhere, and inside torch.compile (where inductor
-    fuses it), :func:`rms_norm_torch`.
-    """
-    if use_fused_norm(x):
-        return fused_rms_norm(x, weight, eps, groups)
-    if use_cpu_norm(x):
-        return cpu_rms_norm(x, weight, eps, groups)
-    return rms_norm_torch(x, weight, eps, groups)
-
-
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
-    """:func:`rms_norm` in PyTorch ops (the fallback, and what torch.compile fuses)."""
-    return _RMSNormFunction.apply(x, weight, eps, groups)
-
-
-# Rows per step of the PyTorch-path norm on CPU: each elementwise op then streams ~2 MiB of fp32
-# that stays in cache for the next op, instead of the whole [tokens, width] tensor through memory
-# (the tiny model's SwiGLU-width SDD norm, fwd+bwd on the 2-core dev machine: 7.4 ms, ~20 ms on
-# whole tensors or as composite ops; benchmarks/cpu_ops.py).
-_CPU_BLOCK_ELEMENTS = 1 << 19
-
-
-def _row_blocks(x: torch.Tensor, rows: int, width: int) -> list[slice]:
-    """The blocks of rows the norm works through: one (the whole tensor) on GPUs, which stream
-    anyway, and inside torch.compile, where inductor fuses it and where no size arithmetic may
-    reach the graph (torch 2.11's dynamo fails on it once shapes turn symbolic)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return [slice(None)]
-    step = max(_CPU_BLOCK_ELEMENTS // width, 1)
-    return [slice(s, s + step) for s in range(0, rows, step)]
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: autograd through the composite ops runs ~3x as many
-    elementwise kernels and keeps an upcast copy of the input; this keeps ``x`` in its own dtype and
-    one inverse RMS per row and group. Computes in fp32 (fp64 stays fp64), on CPU in cache-sized
-    blocks of rows with in-place ops."""
-
-    @staticmethod
-    @autocast_off
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int) -> torch.Tensor:
-        x2 = x.reshape(-1, groups, x.shape[-1] // groups)
-        n, _, d = x2.shape
-        dtype = compute_dtype(x.dtype)
-        w = weight.to(dtype).view(groups, d)
-        y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        rstd = torch.empty(n, groups, 1, dtype=dtype, device=x.device)
-        for rows in _row_blocks(x, n, x.shape[-1]):
-            xf = x2[rows].to(dtype, copy=True)
-            r = torch.linalg.vecdot(xf, xf).unsqueeze_(-1).mul_(1.0 / d).add_(eps).rsqrt_()
-            rstd[rows] = r
-            y[rows] = xf.mul_(r).mul_(w)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, dy: torch.Tensor):
-        x2, weight, rstd = ctx.saved_tensors
-        n, groups, d = x2.shape
-        dtype = rstd.dtype
-        w = weight.to(dtype).view(groups, d)
-        dy2 = dy.reshape(x2.shape)
-        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        dw = torch.zeros(groups, d, dtype=dtype, device=x2.device) if ctx.needs_input_grad[1] else None
-        for rows in _row_blocks(x2, n, groups * d):
-            r = rstd[rows]
-            x_hat = x2[rows].to(dtype, copy=True).mul_(r)
-            dyf = dy2[rows].to(dtype, copy=True)
-            if dw is not None:
-                dw += (dyf * x_hat).sum(0)
-            wdy = dyf.mul_(w)
-            # d/dx of w * x * rstd: rstd * (w dy - x_hat * mean(x_hat * w dy))
-            mean = torch.linalg.vecdot(x_hat, wdy).unsqueeze_(-1).mul_(1.0 / d)
-            dx[rows] = wdy.sub_(x_hat.mul_(mean)).mul_(r)
-        return dx.view(dy.shape), (dw.flatten().to(weight.dtype) if dw is not None else None), None, None
+from sdd_train.kernels import AttentionMask, causal_attention, rms_norm, upcast
 
 
 class RMSNorm(nn.Module):
@@ -186,95 +90,6 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- attention
-
-# SDPA takes grouped k/v directly from torch 2.5 on (torch.__version__ compares with (major, minor)).
-_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] document ids -> [B, 1, S, S] boolean mask: causal and within the same document."""
-    s = doc_ids.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal).unsqueeze(1)
-
-
-@dataclass(frozen=True)
-class DocumentSpans:
-    """Packed documents in flash-attn's varlen form: ``cu_seqlens`` [n_docs + 1] int32 offsets of
-    the documents in the flattened [B * S] batch (every row starts a new span). ``doc_ids`` is kept
-    for the SDPA fallback (e.g. fp32 on CUDA), which needs the dense mask."""
-
-    cu_seqlens: torch.Tensor
-    doc_ids: torch.Tensor
-
-
-def document_spans(doc_ids: torch.Tensor) -> DocumentSpans:
-    """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change."""
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    offsets = starts.flatten().nonzero().flatten()
-    end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
-    return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), doc_ids)
-
-
-AttentionMask = torch.Tensor | DocumentSpans | None
-
-
-def flash_attn_usable(t: torch.Tensor) -> bool:
-    """flash-attn is installed and ``t`` is on CUDA (it also needs half precision, checked per call)."""
-    return flash_attn_func is not None and t.is_cuda
-
-
-def attention_mask(doc_ids: torch.Tensor | None, backend: str) -> AttentionMask:
-    """The document mask in the form the attention backend will take: spans for flash-attn,
-    a dense boolean mask for SDPA. Built once per forward, outside the (compiled) blocks."""
-    if doc_ids is None:
-        return None
-    if backend != "sdpa" and flash_attn_usable(doc_ids):
-        return document_spans(doc_ids)
-    return document_mask(doc_ids)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                     mask: AttentionMask = None) -> torch.Tensor:
-    """Causal GQA attention on [B, S, H, D] inputs, returning [B, S, H, D].
-
-    ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
-    scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
-    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA.
-    ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a
-    dense boolean mask (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA:
-    flash-attn takes fewer k/v heads natively, SDPA with ``enable_gqa``.
-    """
-    flash_ok = (flash_attn_usable(q) and q.dtype in (torch.float16, torch.bfloat16)
-                and (mask is None or isinstance(mask, DocumentSpans)))
-    if backend != "sdpa" and flash_ok:
-        if mask is None:
-            return flash_attn_func(q, k, v, causal=True)
-        b, s = q.shape[:2]
-        # max_seqlen only bounds the kernel's grid: S is always enough and keeps shapes static
-        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask.cu_seqlens,
-                                     mask.cu_seqlens, s, s, causal=True)
-        return out.unflatten(0, (b, s))
-    if backend == "flash":
-        raise RuntimeError(
-            "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
-            " KV cache; use 'auto' or 'sdpa'"
-        )
-    if backend == "auto" and mask is None and cpu_attention_usable(q, k):
-        return cpu_causal_attention(q, k, v)
-    if isinstance(mask, DocumentSpans):
-        mask = document_mask(mask.doc_ids)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
-    if q.shape[1] != k.shape[1]:
-        if _SDPA_HAS_GQA:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
-            return out.transpose(1, 2)
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)
-
 
 class KVCache:
     """Keys and values of the positions seen so far, for incremental decoding (all layers, one batch).

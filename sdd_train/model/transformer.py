@@ -14,11 +14,34 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sdd_train.config import ModelConfig
+from sdd_train.config import ConfigError, ModelConfig
+from sdd_train.kernels import attention_mask, linear_cross_entropy, lm_loss
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
-from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, attention_mask, init_full_, rope_cache,
-                                   trunc_normal_, xavier_normal_)
-from sdd_train.train.loss import linear_cross_entropy, lm_loss
+from sdd_train.model.feed_forward import FEED_FORWARDS
+from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache, trunc_normal_,
+                                   xavier_normal_)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The names only the model's registries know (the rest of ``model.*`` is checked with the config)."""
+    if cfg.block not in BLOCKS:
+        raise ConfigError(f"model.block: '{cfg.block}' is not one of {', '.join(sorted(BLOCKS))}")
+    if cfg.ffn not in FEED_FORWARDS:
+        raise ConfigError(f"model.ffn: '{cfg.ffn}' is not one of {', '.join(sorted(FEED_FORWARDS))}")
+
+
+@dataclass
+class LossOutput:
+    """A forward with targets. ``loss`` is what backward runs on: the token-mean cross-entropy plus
+    the weighted logits z-loss and, for an MoE, the weighted load-balancing and router z-losses
+    (``model.moe.*_weight``, each averaged over layers); the rest are its parts for logging."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    z_loss: torch.Tensor | None = None  # mean logsumexp(logits)^2, when optim.z_loss > 0
+    moe_lb_loss: torch.Tensor | None = None
+    moe_router_z_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None  # [layers, experts] (token, expert) pairs routed to each expert
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,7 @@ class ParamCounts:
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        check_model_config(cfg)
         self.cfg = cfg
         block_cls: type[Block] = BLOCKS[cfg.block]
         self.block_cls = block_cls
@@ -48,7 +72,7 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
-        # set by sdd_train.train.parallelize.apply_compile: the chunked loss's softmax goes through torch.compile
+        # set by sdd_train.distributed.parallelize.apply_compile: the chunked loss's softmax is compiled too
         self.compiled_loss = False
         self.init_weights()
 
@@ -59,22 +83,31 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096):
-        """tokens [B, S] -> logits [B, S, vocab_size].
+        """tokens [B, S] -> logits [B, S, vocab_size], or with ``targets`` [B, S] a :class:`LossOutput`.
 
         ``doc_ids`` [B, S] confines attention to documents. With a ``cache`` (:meth:`new_cache`)
-        the tokens continue the cached positions and their keys / values are added to it. With
-        ``targets`` [B, S] it returns ``(loss, cross-entropy, z-loss or None)`` instead, computed
-        ``loss_chunk`` tokens at a time so the full logits never exist (inside the root forward, so
-        FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
+        the tokens continue the cached positions and their keys / values are added to it. The loss
+        is computed ``loss_chunk`` tokens at a time so the full logits never exist (inside the root
+        forward, so FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
         """
         x = self.hidden_states(tokens, doc_ids, cache)[-1]
         if targets is None:
             return self.head(x)
         if loss_chunk <= 0:
-            return lm_loss(self.head(x), targets, z_loss)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk, compiled=self.compiled_loss)
+            total, ce, z = lm_loss(self.head(x), targets, z_loss)
+        else:
+            if self.final_norm is not None:
+                x = self.final_norm(x)
+            total, ce, z = linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk,
+                                                compiled=self.compiled_loss)
+        out = LossOutput(total, ce, z)
+        aux = self.moe_aux()
+        if aux:
+            moe = self.cfg.moe
+            out.loss = total + moe.lb_loss_weight * aux["lb_loss"] + moe.z_loss_weight * aux["router_z_loss"]
+            out.moe_lb_loss, out.moe_router_z_loss = aux["lb_loss"], aux["router_z_loss"]
+            out.expert_load = torch.stack(self.moe_load())
+        return out
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -182,6 +215,17 @@ class Transformer(nn.Module):
                           if n.startswith(("ff_proj", "ff_out")))
             inactive = experts * (m.n_experts - m.top_k) // m.n_experts
         return ParamCounts(total=total, embedding=self.embed.weight.numel(), inactive_experts=inactive)
+
+    def describe(self, seq_len: int) -> str:
+        """Shape, scheme, parameter counts and training FLOPs per token, as printed at start-up."""
+        m, counts = self.cfg, self.param_counts()
+        ffn = (f"moe {m.moe.n_experts} experts top-{m.moe.top_k} x {m.moe.expert_hidden}" if m.ffn == "moe"
+               else f"ffn={m.ffn_hidden}")
+        active = f", {counts.active:,} active (MoE, without the embedding lookup)" if m.ffn == "moe" else ""
+        return (f"model: block={m.block} init={self.init_scheme} d={m.d_model} L={m.n_layers}"
+                f" heads={m.n_heads}/{m.n_kv_heads} {ffn} vocab={m.vocab_size}\n"
+                f"params: {counts.total:,} total, {counts.non_embedding:,} non-embedding{active};"
+                f" {self.flops_per_token(seq_len) / 1e9:.3f} GFLOPs/token (train, seq {seq_len})")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x (active non-embedding params + the LM-head matmul) + attention.

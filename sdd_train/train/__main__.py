@@ -10,8 +10,7 @@ import os
 import sys
 
 from sdd_train.config import ConfigError, load_config, to_yaml
-
-EXIT_CONFIG, EXIT_DIVERGED = 2, 3
+from sdd_train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             from sdd_train.model import Transformer
-            from sdd_train.train.trainer import describe
 
             print(to_yaml(cfg))
             with torch.device("meta"):
-                print(describe(Transformer(cfg.model), cfg))
-            return 0
-        from sdd_train.train.trainer import TrainingDiverged, train
+                print(Transformer(cfg.model).describe(cfg.train.seq_len))
+            return EXIT_OK
+        from sdd_train.train.errors import TrainingDiverged
+        from sdd_train.train.launch import train
 
         try:
             run_dir = train(cfg)
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         report(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     report(f"run directory: {run_dir}")
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

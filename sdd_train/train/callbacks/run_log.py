@@ -1,18 +1,26 @@
-"""Where metrics go: ``metrics.jsonl`` (one JSON object per record), Weights & Biases, the console line.
+"""The run log: every record to its ``<stream>.jsonl`` in the run directory, to Weights & Biases, and
+(metrics and validation) as a console line, with a progress bar on a terminal.
 
-Only rank 0 writes; every value it writes is already global (reduced over ranks by the trainer).
+Only rank 0 writes; every value it writes is already global (reduced over ranks by its producer).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sdd_train.config import ConfigError, LoggingConfig
+from sdd_train.config import ConfigError, LoggingConfig, RunConfig, as_dict
+from sdd_train.distributed.world import World
+from sdd_train.train.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from sdd_train.train.train_module import StepOutput
+    from sdd_train.train.trainer import Trainer
 
 
 class MetricsLog:
@@ -106,10 +114,6 @@ class WandbLog:
         self.run.finish()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -137,3 +141,54 @@ def format_line(record: dict[str, Any], max_steps: int) -> str:
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(fmt(value))
     return " | ".join(parts)
+
+
+def _progress_bar(cfg: RunConfig, world: World, initial: int):
+    """A tqdm bar on rank 0 when stdout is a terminal (log lines then print above it)."""
+    if not (cfg.logging.progress_bar and world.is_main and sys.stdout.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.train.max_steps, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+
+class RunLogCallback(Callback):
+    name = "run_log"
+
+    def __init__(self) -> None:
+        self.out: RunLog | None = None
+        self.bar = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        cfg, world = trainer.cfg, trainer.world
+        self.bar = _progress_bar(cfg, world, trainer.step)
+        if not world.is_main:
+            return
+        wandb = (WandbLog(cfg.logging, trainer.run_dir, cfg.name, as_dict(cfg)) if cfg.logging.wandb != "disabled"
+                 else None)
+        self.out = RunLog(trainer.run_dir, trainer.step, wandb, self.bar.write if self.bar is not None else trainer.log)
+
+    def on_record(self, trainer: Trainer, stream: str, record: dict[str, Any], console: bool,
+                  wandb_record: dict[str, Any] | None) -> None:
+        if self.out is not None:
+            line = format_line(record, trainer.cfg.train.max_steps) if console else None
+            self.out.write(stream, record, line, wandb_record)
+
+    def post_train_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_rollback(self, trainer: Trainer, step: int) -> None:
+        if self.out is not None:
+            self.out.rollback(step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.out is not None:
+            self.out.close()

@@ -4,7 +4,7 @@ One kernel serves every norm of the model: the block norms, QK-norm (per head or
 projection) and the SDD norm that follows a projection (``alpha * rms(V x)``), including its
 per-branch variant (``groups`` equal chunks normalised separately). Statistics are fp32 whatever
 the input dtype; the output has the input's dtype, as in the PyTorch path of
-:func:`sdd_train.model.layers.rms_norm`.
+:func:`sdd_train.kernels.norm.rms_norm`.
 
 Why a kernel: eager PyTorch upcasts the bf16 input to fp32, squares, reduces, scales, multiplies
 by the gain and casts back, one pass over memory per op (the backward likewise). The kernel reads

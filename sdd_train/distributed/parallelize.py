@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
 from sdd_train.model import Transformer
-from sdd_train.train.distributed import World, data_parallel_shape
+from sdd_train.distributed.world import World, data_parallel_shape
 
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
@@ -50,11 +50,14 @@ def apply_compile(model: Transformer) -> None:
     model.compiled_loss = True
 
 
-def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision: str) -> None:
+def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
     """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
 
-    With bf16, parameters are all-gathered in bf16 and gradients reduced in fp32; the sharded
-    master weights and optimizer state stay fp32.
+    Parameters are all-gathered in fp32 and gradients reduced in fp32: the one precision policy
+    (:func:`sdd_train.kernels.autocast`) is bf16 autocast over fp32 parameters, so a sharded step
+    computes what one process computes. (A bf16 all-gather would halve its traffic but make the
+    embedding output, the residual stream and the norm gains bf16, another model numerically;
+    FSDP2 would also cast the blocks' fp32 RoPE table to bf16 on the way in.)
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -64,8 +67,7 @@ def apply_fsdp(model: Transformer, par: ParallelConfig, world: World, precision:
         mesh = init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
         mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
-                              reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
         reshard = par.reshard_after_forward and i < len(model.blocks) - 1
@@ -84,14 +86,13 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
     return setting if setting is not None else device.type == "cuda"
 
 
-def parallelize(model: Transformer, par: ParallelConfig, world: World, precision: str, compile: bool | None
-                ) -> list[int]:
+def parallelize(model: Transformer, par: ParallelConfig, world: World, compile: bool | None) -> list[int]:
     """AC, then compile, then FSDP2 (only in a world of more than one). Returns the checkpointed blocks."""
     chosen = apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
     if compile_enabled(compile, world.device):
         apply_compile(model)
     if world.distributed:
-        apply_fsdp(model, par, world, precision)
+        apply_fsdp(model, par, world)
     return chosen
 
 

@@ -31,7 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sdd_train.train.distributed import World, barrier
+from sdd_train.config import ConfigError
+from sdd_train.distributed.world import World, barrier
 
 # DCP warns on every single-process save/load, even when asked for one explicitly.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
@@ -81,6 +82,19 @@ def latest(run_dir: Path) -> Path | None:
             return path
     done = _complete(root)
     return done[-1] if done else None
+
+
+def resolve_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
+    if step is None:
+        ckpt = latest(run_dir)
+        if ckpt is None:
+            raise ConfigError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+        return ckpt
+    ckpt = checkpoint_dir(run_dir) / f"step_{step:07d}"
+    if not (ckpt / "meta.json").is_file():
+        raise ConfigError(f"--step: no complete checkpoint {ckpt}")
+    return ckpt
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from sdd_train.config import ConfigError, ParallelConfig
-from sdd_train.train.host_memory import keep_freed_memory
+from sdd_train.distributed.host_memory import keep_freed_memory
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The output folder holds ``model.safetensors`` (full fp32 tensors, names as in
 ``Transformer.state_dict()``), ``config.yaml`` (the run's resolved config) and ``tokenizer.model``,
-enough to rebuild the model in any process with ``load_exported`` (or ``sdd_train.eval.inference.load_model``). Works for checkpoints written by any number of ranks.
+enough to rebuild the model in any process with :func:`sdd_train.eval.inference.load_model`. Works for checkpoints written by any number of ranks.
 """
 
 from __future__ import annotations
@@ -14,21 +14,9 @@ from pathlib import Path
 
 import torch
 
+from sdd_train.checkpoint import read_meta, read_model_state, resolve_checkpoint
 from sdd_train.config import ConfigError, load_config
-from sdd_train.train.checkpoint import checkpoint_dir, latest, read_meta, read_model_state
-
-
-def resolve_checkpoint(run_dir: Path, step: int | None) -> Path:
-    """The checkpoint of ``step`` (default: the latest complete one) of a run directory."""
-    if step is None:
-        ckpt = latest(run_dir)
-        if ckpt is None:
-            raise ConfigError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
-        return ckpt
-    ckpt = checkpoint_dir(run_dir) / f"step_{step:07d}"
-    if not (ckpt / "meta.json").is_file():
-        raise ConfigError(f"--step: no complete checkpoint {ckpt}")
-    return ckpt
+from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
 
 
 def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> Path:
@@ -44,22 +32,8 @@ def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> P
     meta = read_meta(ckpt)
     save_file(state, str(out / "model.safetensors"), metadata={"step": str(meta["step"]), "format": "pt"})
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
-    from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
-
     shutil.copyfile(run_tokenizer(load_config(run_dir / "config.yaml")).model_file, out / TOKENIZER_FILE)
     return out
-
-
-def load_exported(folder: Path, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the :class:`Transformer` of an exported folder."""
-    from safetensors.torch import load_file
-
-    from sdd_train.model import Transformer
-
-    cfg = load_config(Path(folder) / "config.yaml")
-    model = Transformer(cfg.model)
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors"), device=device))
-    return model.to(device)
 
 
 def main(argv: list[str] | None = None) -> int:

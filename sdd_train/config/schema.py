@@ -1,0 +1,231 @@
+"""The typed schema of a run config: one dataclass per section, defaults and what each key means.
+
+:mod:`sdd_train.config.loading` reads YAML into it; :mod:`sdd_train.config.validation` checks the
+cross-field rules the types cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration or usage error; the message names the key and what is allowed."""
+
+
+@dataclass
+class InitConfig:
+    # 'auto' takes the block scheme's own scheme (megatron for pre/post/reordered/spannorm,
+    # sdd for sdd/sdd_pre, deepnorm for deepnorm).
+    scheme: str = "auto"
+    # Base std sigma; null means 1/sqrt(2.5 * d_model) (OLMo2).
+    std: float | None = None
+    # Multiplies every std (the paper's "init std x 0.1" ablation is std_multiplier=0.1).
+    std_multiplier: float = 1.0
+    # Under the sdd scheme every weight, the embedding and the MoE router included, uses
+    # sdd_std_multiplier * sigma (0.1 in the reference run script; the paper's text says 1).
+    sdd_std_multiplier: float = 0.1
+    # Megatron init: output projections get sigma/sqrt(2L) (SpanNorm's "ScaleInit"); false keeps sigma.
+    depth_scaled_output: bool = True
+
+
+@dataclass
+class SpanNormConfig:
+    # Multiplier on the residual x that spans the block: x' = N(beta*x + A(.) + F(.)).
+    residual_scale: float = 1.0
+
+
+@dataclass
+class MoEConfig:
+    """Used when model.ffn=moe: dropless token-choice routing over n_experts SwiGLU experts."""
+
+    n_experts: int = 64
+    top_k: int = 8
+    expert_hidden: int = 512  # per SwiGLU branch of each expert
+    renormalize: bool = False  # combine weights: raw top-k probabilities (SPEC) or renormalised to sum 1
+    lb_loss_weight: float = 0.01  # load balancing, averaged over layers
+    z_loss_weight: float = 0.001  # router z-loss, averaged over layers
+    grouped_mm: str = "auto"  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
+    # Multiplies the SDD experts' output gain in the forward (the parameter keeps its 1/sqrt(2L) init).
+    # 1 is the formula; the reference code's sparse ops compute expert_hidden / n_experts here (docs/paper.md).
+    sdd_out_gain_scale: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_hidden: int = 688  # per SwiGLU branch
+    vocab_size: int = 8192  # embedding rows (padded); must cover the tokenizer
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    block: str = "pre"
+    # none | head (per-head, gain shared across heads) | full (over all q / k features, OLMo2) | auto
+    qk_norm: str = "auto"
+    # SDD up+gate projection: one norm over the fused vector (reference) or one per branch.
+    sdd_ffn_norm: str = "fused"
+    ffn: str = "dense"  # dense (SwiGLU) | moe (model.moe)
+    attention_backend: str = "auto"  # auto | sdpa | flash
+    init: InitConfig = field(default_factory=InitConfig)
+    spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DatasetConfig:
+    path: str = "???"  # a directory written by 'sdd-data prepare'
+    weight: float = 1.0  # mixing weight: this dataset's share of every epoch is weight / sum(weights)
+    name: str | None = None  # for messages; default: the directory name
+
+
+@dataclass
+class EvalSetConfig:
+    name: str = "???"  # logged as val/<name>/loss
+    path: str = "???"  # a directory written by 'sdd-data prepare' (same tokenizer as the training data)
+    split: str = "val"  # val (its held-out documents) | train (its main split)
+
+
+@dataclass
+class DataConfig:
+    # 'stdlib': the embedded default corpus built from this Python's standard library sources.
+    # 'prepared': the datasets listed under data.datasets.
+    source: str = "stdlib"
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    # Named validation sets; empty: the held-out split of every training dataset, named after it.
+    eval_sets: list[EvalSetConfig] = field(default_factory=list)
+    doc_mask: bool = False  # attention stays within documents (EOS-separated) instead of spanning them
+    prefetch: bool = True  # read the next step's batches in a background thread
+    # stdlib corpus only:
+    tokenizer_vocab_size: int = 8192
+    max_corpus_bytes: int = 12_000_000
+    val_fraction: float = 0.01
+    cache_dir: str | None = None  # null: $SDD_TRAIN_CACHE or ~/.cache/sdd_train
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_gains: bool = True  # weight decay on norm gains and SDD alphas (reference: yes)
+    decay_embeddings: bool = False  # weight decay on the token embedding (reference dense: no)
+    # Schedule: linear warmup from warmup_start * lr to lr, then a cosine down to alpha_f * lr at the horizon,
+    # then constant. Evaluated at the steps (tokens) done including the current one, as OLMo's scheduler.
+    warmup_steps: int = 2000
+    warmup_tokens: float | None = None  # the warmup in tokens instead (replaces warmup_steps when set)
+    warmup_start: float = 0.0  # lr of the warmup's start as a fraction of lr (OLMo's warmup_min_lr / lr)
+    horizon_steps: int | None = None  # where the cosine reaches alpha_f * lr; null: train.max_steps
+    horizon_tokens: float | None = None  # the horizon in tokens instead (the reference's t_max)
+    alpha_f: float = 0.1  # cosine decays to alpha_f * lr
+    grad_clip: float = 1.0  # global norm; 0 disables
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); 0 disables
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    seq_len: int = 256
+    global_batch_size: int = 32  # sequences per optimizer step
+    micro_batch_size: int = 16  # sequences per forward/backward
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool | None = None  # torch.compile each block (fullgraph); null: on with CUDA, off on CPU
+    # > 0: LM head + cross-entropy fused, this many tokens at a time: the full logits never exist,
+    # and the softmax gradient is formed in the forward pass (faster than autograd's on CPU too);
+    # 0: the model returns logits, then the plain loss
+    loss_chunk_size: int = 4096
+    seed: int = 0
+    log_interval: int = 10
+    eval_interval: int = 100  # 0 disables in-loop validation
+    eval_batches: int = 4
+    checkpoint_interval: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2  # the newest N interval checkpoints are kept
+    permanent_checkpoint_interval: int = 0  # also keep every M-th step forever; 0 disables
+    async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
+    nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
+    max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
+    peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism over all ranks: FSDP2 (dp_replicate=1) or HSDP (replicate x shard)."""
+
+    dp_replicate: int = 1  # replica groups; > 1 is HSDP
+    dp_shard: int = -1  # ranks per shard group; -1: world_size / dp_replicate
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
+    activation_checkpointing: str = "none"  # none | full | every_n
+    ac_every: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
+    defer_grad_sync: bool = True  # reduce-scatter gradients once per step, not per micro-batch
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | online | offline (offline needs no network; sync later)
+    wandb_project: str = "sdd_train"
+    wandb_entity: str | None = None
+    wandb_group: str | None = None
+    progress_bar: bool = True  # a tqdm bar on rank 0 when stdout is a terminal
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike detection against rolling statistics of the recent finite steps."""
+
+    action: str = "log"  # none | log (record the event) | skip (drop the update) | rollback (reload, skip the data)
+    window: int = 100  # steps in the rolling mean / std
+    min_history: int = 20  # no verdicts before this many steps are in the window
+    loss_sigmas: float = 6.0  # spike: loss > mean + loss_sigmas * std; 0 disables
+    grad_norm_sigmas: float = 6.0  # spike: grad norm > mean + grad_norm_sigmas * std; 0 disables
+    min_increase: float = 0.1  # ... and at least this fraction above the rolling mean (ignores noise on plateaus)
+    skip_batches: int = 1  # rollback: global batches skipped from the offending one on
+    max_rollbacks: int = 5  # rollback: after this many the action falls back to skip
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Stability diagnostics written next to metrics.jsonl (see docs/diagnostics.md)."""
+
+    # Per-layer gradient / parameter / update norms of every parameter family, every N steps; 0 disables.
+    layer_stats_interval: int = 100
+    # Residual-stream RMS and the layer-by-layer cosine similarity on a fixed held-out batch; 0 disables.
+    activation_interval: int = 1000
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+
+
+@dataclass
+class CallbackConfig:
+    """A user callback added by import path (docs/callbacks.md)."""
+
+    path: str = "???"  # 'package.module:ClassName' (or 'package.module.ClassName')
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its constructor
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str | None = None  # null: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    callbacks: list[CallbackConfig] = field(default_factory=list)  # after the built-in ones, in this order
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path("runs") / self.name

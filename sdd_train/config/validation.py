@@ -1,0 +1,150 @@
+"""Cross-field rules of a run config that its types cannot express, each failing with the key's name."""
+
+from __future__ import annotations
+
+import math
+
+from sdd_train.config.schema import ConfigError, OptimConfig, RunConfig, TrainConfig
+
+
+def _choice(key: str, value: str, allowed: list[str] | tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that the type system cannot express. The names of block schemes and
+    feed-forwards belong to the model's registries and are checked where the model is built
+    (:func:`sdd_train.model.check_model_config`)."""
+    m, t, o, d, par = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.parallel
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
+        _positive(f"model.{key}", getattr(m, key))
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads: d_model={m.d_model} is not divisible by n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.n_heads: head_dim={m.head_dim} must be even for RoPE")
+    _choice("model.qk_norm", m.qk_norm, ["auto", "none", "head", "full"])
+    _choice("model.sdd_ffn_norm", m.sdd_ffn_norm, ["fused", "per_branch"])
+    _choice("model.attention_backend", m.attention_backend, ["auto", "sdpa", "flash"])
+    _choice("model.init.scheme", m.init.scheme, ["auto", "megatron", "sdd", "deepnorm"])
+    if m.init.std is not None:
+        _positive("model.init.std", m.init.std)
+    _positive("model.init.std_multiplier", m.init.std_multiplier)
+    _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
+    _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
+    _positive("model.moe.sdd_out_gain_scale", m.moe.sdd_out_gain_scale)
+    if m.ffn == "moe":
+        for key in ("n_experts", "top_k", "expert_hidden"):
+            _positive(f"model.moe.{key}", getattr(m.moe, key))
+        if m.moe.top_k > m.moe.n_experts:
+            raise ConfigError(f"model.moe.top_k: {m.moe.top_k} is more than model.moe.n_experts={m.moe.n_experts}")
+        _positive("model.moe.lb_loss_weight", m.moe.lb_loss_weight, allow_zero=True)
+        _positive("model.moe.z_loss_weight", m.moe.z_loss_weight, allow_zero=True)
+        _choice("model.moe.grouped_mm", m.moe.grouped_mm, ["auto", "loop"])
+
+    _choice("data.source", d.source, ["stdlib", "prepared"])
+    if d.source == "prepared" and not d.datasets:
+        raise ConfigError("data.datasets: data.source=prepared needs at least one dataset"
+                          " ({path: DIR, weight: 1.0}, prepared with 'sdd-data prepare')")
+    for i, ds in enumerate(d.datasets):
+        if not ds.path:
+            raise ConfigError(f"data.datasets.{i}.path: missing; the directory of a prepared dataset")
+        _positive(f"data.datasets.{i}.weight", ds.weight)
+    for i, es in enumerate(d.eval_sets):
+        if not es.name or "/" in es.name or not es.path:
+            raise ConfigError(f"data.eval_sets.{i}: needs a name (without '/') and the path of a prepared dataset")
+        _choice(f"data.eval_sets.{i}.split", es.split, ["val", "train"])
+    eval_names = [es.name for es in d.eval_sets]
+    if len(set(eval_names)) != len(eval_names):
+        raise ConfigError(f"data.eval_sets: names must be unique, got {', '.join(eval_names)}")
+    if d.tokenizer_vocab_size < 300:
+        raise ConfigError(f"data.tokenizer_vocab_size: must be >= 300 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
+    if d.source == "stdlib" and m.vocab_size < d.tokenizer_vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than data.tokenizer_vocab_size={d.tokenizer_vocab_size};"
+            " the embedding must cover every token id"
+        )
+    _positive("data.max_corpus_bytes", d.max_corpus_bytes)
+    if not 0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+
+    _positive("optim.lr", o.lr)
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {list(o.betas)}")
+    _positive("optim.eps", o.eps)
+    for key in ("weight_decay", "grad_clip", "z_loss", "warmup_steps"):
+        _positive(f"optim.{key}", getattr(o, key), allow_zero=True)
+    if not 0 <= o.alpha_f <= 1:
+        raise ConfigError(f"optim.alpha_f: must be in [0, 1], got {o.alpha_f}")
+    _validate_schedule(o, t)
+
+    for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    for key in ("eval_interval", "eval_batches", "checkpoint_interval", "loss_chunk_size"):
+        _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of"
+            f" train.micro_batch_size={t.micro_batch_size}"
+        )
+    _choice("train.precision", t.precision, ["bf16", "fp32"])
+    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    _positive("train.permanent_checkpoint_interval", t.permanent_checkpoint_interval, allow_zero=True)
+    _choice("train.nonfinite", t.nonfinite, ["stop", "skip"])
+    _positive("train.max_nonfinite_skips", t.max_nonfinite_skips)
+    if t.peak_tflops is not None:
+        _positive("train.peak_tflops", t.peak_tflops)
+
+    _positive("parallel.dp_replicate", par.dp_replicate)
+    if par.dp_shard != -1:
+        _positive("parallel.dp_shard", par.dp_shard)
+    _choice("parallel.activation_checkpointing", par.activation_checkpointing, ["none", "full", "every_n"])
+    _positive("parallel.ac_every", par.ac_every)
+    _choice("logging.wandb", cfg.logging.wandb, ["disabled", "online", "offline"])
+    diag, spike = cfg.diagnostics, cfg.diagnostics.spike
+    _positive("diagnostics.layer_stats_interval", diag.layer_stats_interval, allow_zero=True)
+    _positive("diagnostics.activation_interval", diag.activation_interval, allow_zero=True)
+    _choice("diagnostics.spike.action", spike.action, ["none", "log", "skip", "rollback"])
+    for key in ("window", "min_history", "skip_batches"):
+        _positive(f"diagnostics.spike.{key}", getattr(spike, key))
+    for key in ("loss_sigmas", "grad_norm_sigmas", "min_increase", "max_rollbacks"):
+        _positive(f"diagnostics.spike.{key}", getattr(spike, key), allow_zero=True)
+    if spike.min_history > spike.window:
+        raise ConfigError(f"diagnostics.spike.min_history: {spike.min_history} exceeds diagnostics.spike.window="
+                          f"{spike.window}; the window never holds that many steps")
+    for i, cb in enumerate(cfg.callbacks):
+        if not cb.path or ":" not in cb.path and "." not in cb.path:
+            raise ConfigError(f"callbacks.{i}.path: '{cb.path}' is not an import path like 'package.module:Class'")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
+
+
+def _validate_schedule(o: OptimConfig, t: TrainConfig) -> None:
+    if not 0 <= o.warmup_start < 1:
+        raise ConfigError(f"optim.warmup_start: must be in [0, 1) (a fraction of optim.lr), got {o.warmup_start}")
+    if o.warmup_tokens is not None:
+        _positive("optim.warmup_tokens", o.warmup_tokens, allow_zero=True)
+    if o.horizon_steps is not None and o.horizon_tokens is not None:
+        raise ConfigError("optim.horizon_tokens: set either optim.horizon_steps or optim.horizon_tokens, not both")
+    tokens_per_step = t.global_batch_size * t.seq_len
+    warmup = o.warmup_tokens if o.warmup_tokens is not None else o.warmup_steps * tokens_per_step
+    for key, horizon in (("horizon_steps", o.horizon_steps), ("horizon_tokens", o.horizon_tokens)):
+        if horizon is None:
+            continue
+        _positive(f"optim.{key}", horizon)
+        tokens = horizon * tokens_per_step if key == "horizon_steps" else horizon
+        if tokens <= warmup:
+            raise ConfigError(f"optim.{key}: the horizon ({horizon:g}) must lie beyond the warmup"
+                              f" ({warmup:g} tokens = {warmup / tokens_per_step:g} steps)")

@@ -1,0 +1,112 @@
+"""Causal attention: which implementation runs (flash-attn, the CPU batched-matmul kernel, SDPA),
+and the document masks each takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
+
+try:  # optional: pip install flash-attn (GPU only)
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the environment
+    flash_attn_func = flash_attn_varlen_func = None
+
+
+# SDPA takes grouped k/v directly from torch 2.5 on (torch.__version__ compares with (major, minor)).
+_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] document ids -> [B, 1, S, S] boolean mask: causal and within the same document."""
+    s = doc_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).logical_and(causal).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class DocumentSpans:
+    """Packed documents in flash-attn's varlen form: ``cu_seqlens`` [n_docs + 1] int32 offsets of
+    the documents in the flattened [B * S] batch (every row starts a new span). ``doc_ids`` is kept
+    for the SDPA fallback (e.g. fp32 on CUDA), which needs the dense mask."""
+
+    cu_seqlens: torch.Tensor
+    doc_ids: torch.Tensor
+
+
+def document_spans(doc_ids: torch.Tensor) -> DocumentSpans:
+    """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()
+    end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
+    return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), doc_ids)
+
+
+AttentionMask = torch.Tensor | DocumentSpans | None
+
+
+def flash_attn_usable(t: torch.Tensor) -> bool:
+    """flash-attn is installed and ``t`` is on CUDA (it also needs half precision, checked per call)."""
+    return flash_attn_func is not None and t.is_cuda
+
+
+def attention_mask(doc_ids: torch.Tensor | None, backend: str) -> AttentionMask:
+    """The document mask in the form the attention backend will take: spans for flash-attn,
+    a dense boolean mask for SDPA. Built once per forward, outside the (compiled) blocks."""
+    if doc_ids is None:
+        return None
+    if backend != "sdpa" and flash_attn_usable(doc_ids):
+        return document_spans(doc_ids)
+    return document_mask(doc_ids)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+                     mask: AttentionMask = None) -> torch.Tensor:
+    """Causal GQA attention on [B, S, H, D] inputs, returning [B, S, H, D].
+
+    ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
+    scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
+    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA.
+    ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a
+    dense boolean mask (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA:
+    flash-attn takes fewer k/v heads natively, SDPA with ``enable_gqa``.
+    """
+    flash_ok = (flash_attn_usable(q) and q.dtype in (torch.float16, torch.bfloat16)
+                and (mask is None or isinstance(mask, DocumentSpans)))
+    if backend != "sdpa" and flash_ok:
+        if mask is None:
+            return flash_attn_func(q, k, v, causal=True)
+        b, s = q.shape[:2]
+        # max_seqlen only bounds the kernel's grid: S is always enough and keeps shapes static
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask.cu_seqlens,
+                                     mask.cu_seqlens, s, s, causal=True)
+        return out.unflatten(0, (b, s))
+    if backend == "flash":
+        raise RuntimeError(
+            "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
+            " KV cache; use 'auto' or 'sdpa'"
+        )
+    if backend == "auto" and mask is None and cpu_attention_usable(q, k):
+        return cpu_causal_attention(q, k, v)
+    return sdpa_causal_attention(q, k, v, mask)
+
+
+def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask = None
+                          ) -> torch.Tensor:
+    """:func:`causal_attention` through PyTorch's ``scaled_dot_product_attention`` (GQA natively from
+    torch 2.5, by repeating k/v heads before); document spans become the equivalent dense mask."""
+    if isinstance(mask, DocumentSpans):
+        mask = document_mask(mask.doc_ids)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
+    if q.shape[1] != k.shape[1]:
+        if _SDPA_HAS_GQA:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
+            return out.transpose(1, 2)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)

@@ -1,0 +1,78 @@
+"""Checkpoints: every ``train.checkpoint_interval`` steps, every ``permanent_checkpoint_interval``
+(kept forever), at the last step, and on SIGTERM / SIGUSR1 (Slurm preemption), after which the run
+stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed."""
+
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sdd_train.checkpoint import checkpoint_dir
+from sdd_train.distributed.world import all_reduce_max
+from sdd_train.train.callbacks.base import Callback
+from sdd_train.train.errors import TrainingDiverged
+
+if TYPE_CHECKING:
+    from sdd_train.train.train_module import StepOutput
+    from sdd_train.train.trainer import Trainer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def all_finite(model: torch.nn.Module) -> bool:
+    """Every parameter on every rank is finite (one all-reduce)."""
+    bad = torch.zeros((), device=next(model.parameters()).device)
+    for p in model.parameters():
+        local = p.to_local() if type(p).__name__ == "DTensor" else p
+        if not torch.isfinite(local).all():
+            bad.fill_(1.0)
+            break
+    return all_reduce_max(bad).item() == 0
+
+
+class CheckpointCallback(Callback):
+    name = "checkpointing"
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        t = trainer.cfg.train
+        stopping = self._stop_requested(trainer)
+        interval = t.checkpoint_interval and step % t.checkpoint_interval == 0
+        permanent = t.permanent_checkpoint_interval and step % t.permanent_checkpoint_interval == 0
+        if interval or permanent or step == t.max_steps or stopping:
+            if not all_finite(trainer.module.model):
+                raise TrainingDiverged(f"step {step}: the model has non-finite parameters; not checkpointing it."
+                                       f" The last good checkpoint (if any) is in {checkpoint_dir(trainer.run_dir)}")
+            path = trainer.save_checkpoint()
+            if step == t.max_steps:
+                trainer.log(f"checkpoint: {path}")
+        if stopping:
+            name = signal.Signals(stopping).name
+            trainer.log(f"stopped by {name} at step {step}; checkpoint {checkpoint_dir(trainer.run_dir)}."
+                        " Re-run the same command to resume.")
+            trainer.request_stop(name)
+
+    def _stop_requested(self, trainer: Trainer) -> int:
+        """The signal number if any rank received SIGTERM/SIGUSR1 (all ranks agree), else 0."""
+        flag = torch.tensor(float(self.received or 0), device=trainer.world.device)
+        return int(all_reduce_max(flag).item()) if trainer.world.distributed else int(flag.item())
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        trainer.checkpointer.wait()  # an async save in flight completes before the process ends
+
+    def close(self, trainer: Trainer) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

@@ -1,0 +1,122 @@
+"""Stability: non-finite steps (stop or skip) and loss spikes (log, skip, or roll back and leave the
+offending batches out of the data stream)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sdd_train.checkpoint import checkpoint_dir
+from sdd_train.config import RunConfig
+from sdd_train.diagnostics.spikes import Spike, SpikeDetector
+from sdd_train.train.callbacks.base import Action, Callback
+from sdd_train.train.errors import TrainingDiverged
+
+if TYPE_CHECKING:
+    from sdd_train.train.train_module import StepOutput
+    from sdd_train.train.trainer import Trainer
+
+
+class StabilityCallback(Callback):
+    name = "stability"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.detector = SpikeDetector(cfg.diagnostics.spike)
+        self.skipped = 0  # non-finite steps whose update was dropped
+        self.spike_skips = 0  # spikes whose update was dropped
+        self.rollbacks = 0
+        self.consecutive = 0  # non-finite steps in a row
+        self.max_grad_norm = 0.0  # since the last metrics record: spikes between log steps stay visible
+        self._accepted: tuple[float, float] | None = None
+
+    def step_action(self, trainer: Trainer, step: int, out: StepOutput) -> Action | None:
+        if not out.finite:
+            self._nonfinite(trainer, step, out)
+            return Action.SKIP
+        self.max_grad_norm = max(self.max_grad_norm, out.grad_norm)
+        spikes = self.detector.check(out.loss, out.grad_norm) if self.detector.enabled else []
+        action = self._spike_action(trainer, step, out, spikes) if spikes else Action.APPLY
+        if action is Action.SKIP:
+            self.spike_skips += 1
+        self._accepted = (out.loss, out.grad_norm) if action is Action.APPLY else None
+        return action
+
+    def post_optim_step(self, trainer: Trainer, step: int) -> None:
+        if self._accepted is not None:  # only the values of applied updates enter the rolling window
+            self.detector.accept(*self._accepted)
+            self._accepted = None
+        self.consecutive = 0
+
+    def post_train_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        if not trainer.is_log_step(step) or not out.finite:
+            return
+        trainer.record_metric("grad_norm_max", self.max_grad_norm)
+        self.max_grad_norm = 0.0
+        for key, value in (("skipped_steps", self.skipped), ("spike_skips", self.spike_skips),
+                           ("rollbacks", self.rollbacks)):
+            if value:
+                trainer.record_metric(key, value)
+
+    # ------------------------------------------------------------------ non-finite steps
+
+    def _nonfinite(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        policy = self.cfg.train.nonfinite
+        message = f"step {step}: loss={out.loss} grad_norm={out.grad_norm} is not finite"
+        trainer.write("events", {"step": step, "event": "nonfinite", "action": policy, "loss": out.loss,
+                                 "grad_norm": out.grad_norm})
+        last_good = f"The last good checkpoint (if any) is in {checkpoint_dir(trainer.run_dir)}"
+        if policy == "stop":
+            raise TrainingDiverged(f"{message}; the run diverged. Lower optim.lr, raise optim.warmup_steps, try"
+                                   f" model.block=sdd, or set train.nonfinite=skip to drop such steps. {last_good}")
+        trainer.log(f"warning: {message}; update skipped (train.nonfinite=skip)")
+        self.skipped += 1
+        self.consecutive += 1
+        trainer.write("metrics", {"step": step, "loss": out.loss, "grad_norm": out.grad_norm, "skipped": True,
+                                  "skipped_steps": self.skipped}, console=True)
+        if self.consecutive >= self.cfg.train.max_nonfinite_skips:
+            raise TrainingDiverged(f"step {step}: {self.consecutive} consecutive non-finite steps; the run"
+                                   f" diverged. {last_good}")
+
+    # ------------------------------------------------------------------ loss spikes
+
+    def _spike_action(self, trainer: Trainer, step: int, out: StepOutput, spikes: list[Spike]) -> Action:
+        """Apply ``diagnostics.spike.action`` to a spike (a rollback is done here, before returning)."""
+        cfg = self.cfg.diagnostics.spike
+        action, note = cfg.action, ""
+        if action == "rollback" and self.rollbacks >= cfg.max_rollbacks:
+            action = "skip"
+            note = f"; {self.rollbacks} rollbacks already (diagnostics.spike.max_rollbacks), skipping instead"
+        position = trainer.position
+        event: dict[str, Any] = {
+            "step": step, "event": "loss_spike", "action": action, "loss": out.loss, "grad_norm": out.grad_norm,
+            "position": position,
+            "triggers": [{"metric": s.metric, "value": s.value, "mean": s.mean, "std": s.std,
+                          "threshold": s.threshold} for s in spikes]}
+        if action == "rollback":
+            rollbacks = self.rollbacks + 1  # the checkpoint's count is older than this one
+            gbs = self.cfg.train.global_batch_size
+            target = trainer.rollback({position + k * gbs for k in range(cfg.skip_batches)})
+            if target is None:
+                action, note = "skip", "; no checkpoint to roll back to, skipping instead"
+                event["action"] = action
+            else:
+                self.rollbacks = rollbacks
+                event["rolled_back_to"] = target
+                event["skipped_positions"] = sorted(p for p in trainer.excluded if p >= position)
+                note = f"; rolled back to step {target}, skipping {cfg.skip_batches} batch(es) from position {position}"
+        trainer.write("events", event)
+        trainer.log(f"warning: loss spike at step {step}: " + "; ".join(s.describe() for s in spikes)
+                    + f" -> {action}{note}")
+        return {"log": Action.APPLY, "skip": Action.SKIP, "rollback": Action.ROLLBACK}[action]
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"spike_detector": self.detector.state_dict(), "skipped_steps": self.skipped,
+                "spike_skips": self.spike_skips, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state.get("spike_detector", {}))
+        self.skipped = state.get("skipped_steps", 0)
+        self.spike_skips = state.get("spike_skips", 0)
+        self.rollbacks = state.get("rollbacks", 0)

@@ -1,0 +1,103 @@
+"""Starting a run: everything it needs is checked before anything is written, then it is assembled.
+
+The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
+scheme names, the run directory, the callbacks' import paths, the data (datasets, tokenizer and
+vocabulary, validation sets) and the model itself (built on the meta device). Each failure is a
+:class:`ConfigError` naming the key or file (exit code 2), and the run directory is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from sdd_train.checkpoint import Checkpointer
+from sdd_train.config import ConfigError, RunConfig, save_config
+from sdd_train.data.loader import MixtureLoader
+from sdd_train.data.run_data import open_run_data
+from sdd_train.data.sources import DataError
+from sdd_train.distributed.world import World, barrier, close_world, data_parallel_shape, init_world
+from sdd_train.eval.validation import EvalSet, build_eval_sets
+from sdd_train.model import check_model_config
+from sdd_train.train.callbacks import build_callbacks
+from sdd_train.train.callbacks.run_log import import_wandb
+from sdd_train.train.data_feed import DataFeed
+from sdd_train.train.train_module import TrainModule
+from sdd_train.train.trainer import Trainer
+
+
+def check_world(cfg: RunConfig, world: World) -> None:
+    """The checks that need the world size."""
+    t = cfg.train
+    data_parallel_shape(cfg.parallel, world.world_size)
+    per_step = world.world_size * t.micro_batch_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world.world_size})"
+            f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
+        )
+    if cfg.logging.wandb != "disabled" and world.is_main:
+        import_wandb(cfg.logging.wandb)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run directory can be created (or exists as a directory) and written."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "run_dir" if path == run_dir else f"run_dir: {path}, a parent of {run_dir},"
+                raise ConfigError(f"{what} is a file, not a directory; set run_dir (or name) to a directory")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"run_dir: {path} is not writable; set run_dir to a directory you can write")
+            return
+
+
+def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Trainer:
+    t = cfg.train
+    check_world(cfg, world)
+    check_model_config(cfg.model)
+    run_dir = cfg.resolved_run_dir
+    check_run_dir(run_dir)
+    callbacks = build_callbacks(cfg)
+    datasets, names = open_run_data(cfg, log=log, is_main=world.is_main, barrier=barrier)
+    tokenizer = datasets[0].tokenizer
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's"
+                          f" {tokenizer.vocab_size} pieces ({tokenizer.model_file})")
+    weights = [d.weight for d in cfg.data.datasets] if cfg.data.source == "prepared" else [1.0]
+    loader = MixtureLoader([d.train for d in datasets], weights, t.seq_len, t.seed, tokenizer.eos_id, names,
+                           cfg.data.doc_mask)
+    eval_sets = _eval_sets(cfg, datasets, names, log)
+    module = TrainModule(cfg, world)
+    # ---- everything checked: nothing was written to the run directory before this line
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    checkpointer = Checkpointer(run_dir, world, keep=t.keep_checkpoints, permanent_every=t.permanent_checkpoint_interval,
+                                async_save=t.async_checkpoint)
+    feed = DataFeed(loader, t, world, cfg.data.prefetch)
+    return Trainer(cfg, world, module, feed, loader, callbacks, checkpointer, eval_sets,
+                   [d.fingerprint for d in datasets], log)
+
+
+def _eval_sets(cfg: RunConfig, datasets, names: list[str], log: Callable[..., None]) -> list[EvalSet]:
+    """The validation sets (their first batch is also the fixed batch of the activation statistics)."""
+    t = cfg.train
+    if not ((t.eval_batches and t.eval_interval) or cfg.diagnostics.activation_interval):
+        return []
+    sets = build_eval_sets(cfg, datasets, names, max(t.eval_batches, 1))
+    if not sets:
+        log(f"warning: no validation split holds {t.seq_len + 1} tokens; in-loop validation is off")
+    return sets
+
+
+def train(cfg: RunConfig, log: Callable[..., None] = print) -> Path:
+    """Train ``cfg`` to ``train.max_steps`` (resuming if a checkpoint exists); return the run directory."""
+    world = init_world(cfg.train.device)
+    try:
+        return build_trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).fit()
+    except DataError as e:  # bad data is a usage error (exit 2), found before anything is written
+        raise ConfigError(f"data: {e}") from None
+    finally:
+        close_world()

@@ -1,0 +1,128 @@
+"""The train module: the model and its optimizer, and the math of one training step.
+
+It builds the model on the meta device, parallelises it (activation checkpointing, compile,
+FSDP2 with more than one rank), materialises and initialises it identically for every world size,
+and runs a step: the forward and backward of this rank's micro-batches under the run's precision
+(:func:`sdd_train.kernels.autocast`), the global gradient norm and clipping, the optimizer update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from sdd_train.config import RunConfig
+from sdd_train.distributed.parallelize import parallelize
+from sdd_train.distributed.world import World, all_reduce_sum
+from sdd_train.kernels import autocast
+from sdd_train.kernels.precision import bf16_products_of_bf16_values
+from sdd_train.model import Transformer
+from sdd_train.model.moe import load_stats
+from sdd_train.train.optim import build_optimizer
+
+
+@dataclass
+class StepOutput:
+    """One training step, global over ranks: what callbacks see and what the run log records."""
+
+    loss: float  # token-mean cross-entropy over the global batch
+    grad_norm: float = math.nan  # global, before clipping
+    lr: float = math.nan
+    step_time: float = math.nan  # seconds, from reading the batch to the end of the update
+    metrics: dict[str, float] = field(default_factory=dict)  # z_loss, moe_lb_loss, moe_router_z_loss
+    expert_load: torch.Tensor | None = None  # [layers, experts] routed pairs summed over the step and ranks
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+    def expert_load_metrics(self) -> dict[str, float]:
+        """``moe/layer_<i>/load_min|load_max|load_entropy`` (empty for dense models)."""
+        if self.expert_load is None:
+            return {}
+        return {f"moe/layer_{i}/{k}": v for i, layer in enumerate(self.expert_load)
+                for k, v in load_stats(layer).items()}
+
+
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of all gradients (exact over FSDP shards), then clip to ``max_norm`` if finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
+        total = total.full_tensor()
+    if max_norm < math.inf and torch.isfinite(total):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+class TrainModule:
+    def __init__(self, cfg: RunConfig, world: World):
+        t = cfg.train
+        self.cfg, self.world = cfg, world
+        if t.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+            torch.use_deterministic_algorithms(True)
+        # Built on the meta device, parallelised, then materialised and initialised: with FSDP2 no
+        # rank ever holds the full model, and the values are the same for every world size.
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        self.checkpointed_blocks = parallelize(model, cfg.parallel, world, t.compile)
+        model.to_empty(device=world.device)
+        torch.manual_seed(t.seed)
+        model.init_weights()
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+
+    def train_batch(self, micro_batches: Iterable[dict[str, torch.Tensor]], accum: int) -> StepOutput:
+        """Forward and backward of this rank's ``accum`` micro-batches, gradients accumulated.
+
+        Every micro-batch has the same token count, so the mean of the per-rank means is the token
+        mean, and FSDP2 averages gradients over ranks: the loss is scaled by 1 / accum here.
+        """
+        t, o, world = self.cfg.train, self.cfg.optim, self.world
+        sharded = world.distributed
+        # [cross-entropy, logits z-loss, MoE load balancing, MoE router z-loss], summed over micro-batches
+        sums = torch.zeros(4, device=world.device)
+        loads: torch.Tensor | None = None
+        # under bf16 on CPU the step's fp32 products of bf16 values run in oneDNN's bf16 mode, exactly
+        with bf16_products_of_bf16_values(world.device) if t.precision == "bf16" else contextlib.nullcontext():
+            for micro, batch in enumerate(micro_batches):
+                if sharded and self.cfg.parallel.defer_grad_sync:
+                    self.model.set_requires_gradient_sync(micro == accum - 1)
+                with autocast(world.device, t.precision):
+                    out = self.model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
+                                     z_loss=o.z_loss, loss_chunk=t.loss_chunk_size)
+                parts = [out.ce.detach(), out.z_loss.detach() if out.z_loss is not None else out.ce.new_zeros(())]
+                if out.expert_load is not None:
+                    parts += [out.moe_lb_loss.detach(), out.moe_router_z_loss.detach()]
+                    loads = out.expert_load if loads is None else loads + out.expert_load
+                (out.loss / accum).backward()
+                sums[: len(parts)] += torch.stack(parts).float()
+        means = (all_reduce_sum(sums) / (accum * world.world_size)).tolist()
+        metrics: dict[str, float] = {}
+        if o.z_loss > 0:
+            metrics["z_loss"] = means[1]
+        if loads is not None:
+            metrics["moe_lb_loss"], metrics["moe_router_z_loss"] = means[2], means[3]
+            loads = all_reduce_sum(loads)
+        return StepOutput(loss=means[0], metrics=metrics, expert_load=loads)
+
+    def clip_grad_norm(self) -> float:
+        """The global pre-clip gradient norm; gradients are clipped to ``optim.grad_clip`` when it is finite."""
+        return grad_norm_and_clip(self.params, self.max_norm).item()
+
+    def optim_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
