@@ -7,8 +7,8 @@ import torch
 
 from conftest import small_model_cfg
 from sdd_train.model import Transformer
-from sdd_train.model import layers
-from sdd_train.train.parallelize import apply_compile
+from sdd_train.kernels import attention
+from sdd_train.distributed.parallelize import apply_compile
 
 
 @pytest.mark.parametrize("block", ["sdd", "pre"])
@@ -55,17 +55,17 @@ def test_sdpa_fallback_without_gqa_support(monkeypatch):
     """Older torch (no enable_gqa) repeats k/v heads; both paths agree."""
     q = torch.randn(2, 9, 4, 8)
     k, v = torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
-    native = layers.causal_attention(q, k, v, "sdpa")
-    monkeypatch.setattr(layers, "_SDPA_HAS_GQA", False)
-    torch.testing.assert_close(layers.causal_attention(q, k, v, "sdpa"), native)
+    native = attention.causal_attention(q, k, v, "sdpa")
+    monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
+    torch.testing.assert_close(attention.causal_attention(q, k, v, "sdpa"), native)
 
 
 def test_flash_backend_without_flash_attn_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(layers, "flash_attn_func", None)
+    monkeypatch.setattr(attention, "flash_attn_func", None)
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="flash-attn"):
-        layers.causal_attention(q, q, q, "flash")
-    torch.testing.assert_close(layers.causal_attention(q, q, q, "auto"), layers.causal_attention(q, q, q, "sdpa"))
+        attention.causal_attention(q, q, q, "flash")
+    torch.testing.assert_close(attention.causal_attention(q, q, q, "auto"), attention.causal_attention(q, q, q, "sdpa"))
 
 
 def _reference_flash_attn_func(q, k, v, causal):
@@ -91,14 +91,14 @@ def _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_s
 @pytest.fixture
 def flash_attn_reference(monkeypatch):
     """The flash-attn path of :func:`causal_attention`, wired to the reference implementation above."""
-    monkeypatch.setattr(layers, "flash_attn_func", _reference_flash_attn_func)
-    monkeypatch.setattr(layers, "flash_attn_varlen_func", _reference_flash_attn_varlen_func)
-    monkeypatch.setattr(layers, "flash_attn_usable", lambda t: True)
+    monkeypatch.setattr(attention, "flash_attn_func", _reference_flash_attn_func)
+    monkeypatch.setattr(attention, "flash_attn_varlen_func", _reference_flash_attn_varlen_func)
+    monkeypatch.setattr(attention, "flash_attn_usable", lambda t: True)
 
 
 def test_document_spans():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3], [3, 4, 4, 4, 5, 5]])
-    spans = layers.document_spans(doc_ids)
+    spans = attention.document_spans(doc_ids)
     # a new span at every id change and at every row start (row 2 starts with the id row 1 ended on)
     assert spans.cu_seqlens.tolist() == [0, 2, 5, 6, 12, 13, 16, 18] and spans.cu_seqlens.dtype == torch.int32
 
@@ -113,7 +113,7 @@ def test_flash_attn_path_with_gqa_and_documents_equals_sdpa(flash_attn_reference
     sdpa.load_state_dict(flash.state_dict())
     tokens = torch.randint(0, 97, (3, 16))
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 16, [3] * 7 + [4] * 2 + [5] * 7])
-    assert isinstance(layers.attention_mask(doc_ids, "flash"), layers.DocumentSpans)
+    assert isinstance(attention.attention_mask(doc_ids, "flash"), attention.DocumentSpans)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for ids in (None, doc_ids):
             torch.testing.assert_close(flash(tokens, ids), sdpa(tokens, ids), rtol=0, atol=3e-2)  # a misplaced boundary: ~1
@@ -125,24 +125,24 @@ def test_document_spans_fall_back_to_a_dense_mask_in_fp32(flash_attn_reference):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]])
-    spans = layers.attention_mask(doc_ids, "auto")
-    want = layers.causal_attention(q, k, v, "sdpa", layers.document_mask(doc_ids))
-    torch.testing.assert_close(layers.causal_attention(q, k, v, "auto", spans), want)
+    spans = attention.attention_mask(doc_ids, "auto")
+    want = attention.causal_attention(q, k, v, "sdpa", attention.document_mask(doc_ids))
+    torch.testing.assert_close(attention.causal_attention(q, k, v, "auto", spans), want)
     with pytest.raises(RuntimeError, match="half-precision"):
-        layers.causal_attention(q, k, v, "flash", spans)
+        attention.causal_attention(q, k, v, "flash", spans)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or layers.flash_attn_func is None, reason="needs CUDA and flash-attn")
+@pytest.mark.skipif(not torch.cuda.is_available() or attention.flash_attn_func is None, reason="needs CUDA and flash-attn")
 def test_flash_attn_matches_sdpa_on_gpu():
     q = torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16)
     k, v = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16), torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(layers.causal_attention(q, k, v, "flash"), layers.causal_attention(q, k, v, "sdpa"),
+    torch.testing.assert_close(attention.causal_attention(q, k, v, "flash"), attention.causal_attention(q, k, v, "sdpa"),
                                rtol=2e-2, atol=2e-2)
     doc_ids = torch.cat([torch.zeros(2, 50), torch.ones(2, 78)], dim=1).cuda()
-    spans, dense = layers.attention_mask(doc_ids, "flash"), layers.document_mask(doc_ids)
-    torch.testing.assert_close(layers.causal_attention(q, k, v, "flash", spans),
-                               layers.causal_attention(q, k, v, "sdpa", dense), rtol=2e-2, atol=2e-2)
+    spans, dense = attention.attention_mask(doc_ids, "flash"), attention.document_mask(doc_ids)
+    torch.testing.assert_close(attention.causal_attention(q, k, v, "flash", spans),
+                               attention.causal_attention(q, k, v, "sdpa", dense), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

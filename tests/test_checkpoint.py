@@ -9,11 +9,13 @@ import torch
 
 from conftest import small_run
 from sdd_train.model import transformer
-from sdd_train.train import checkpoint
+from sdd_train import checkpoint
+from sdd_train.checkpoint import storage
 from sdd_train.train.__main__ import main
-from sdd_train.train.export import export, load_exported
-from sdd_train.train.export import main as export_main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.eval.export import export
+from sdd_train.eval.inference import load_exported
+from sdd_train.eval.export import main as export_main
+from sdd_train.diagnostics.summary import read_records
 
 EXTRA = ["optim.warmup_steps=3", "model.block=sdd", "train.precision=fp32", "train.eval_interval=0",
          "train.max_steps=10", "train.checkpoint_interval=5"]
@@ -24,7 +26,7 @@ def run(run_dir: Path, cache: Path, *extra: str) -> int:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def reference(data_cache, tmp_path_factory) -> Path:
 
 
 def test_crash_during_save_keeps_previous_checkpoint(reference, data_cache, tmp_path, monkeypatch):
-    real_save, calls = checkpoint.dcp.save, []
+    real_save, calls = storage.dcp.save, []
 
     def crash_on_second_save(*args, **kwargs):
         calls.append(1)
@@ -43,7 +45,7 @@ def test_crash_during_save_keeps_previous_checkpoint(reference, data_cache, tmp_
         if len(calls) == 2:
             raise OSError("disk vanished")  # ... but the checkpoint was never finalised
 
-    monkeypatch.setattr(checkpoint.dcp, "save", crash_on_second_save)
+    monkeypatch.setattr(storage.dcp, "save", crash_on_second_save)
     with pytest.raises(OSError, match="disk vanished"):
         run(tmp_path, data_cache)
     monkeypatch.undo()
@@ -112,11 +114,11 @@ class NaNAt:
 def test_nonfinite_step_is_skipped_and_counted(data_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(transformer, "lm_loss", NaNAt(calls={5}))  # step 3's first micro-batch (2 per step)
     assert run(tmp_path, data_cache, PLAIN_LOSS, "train.nonfinite=skip") == 0
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     skipped = [r for r in records if r.get("skipped")]
     assert [r["step"] for r in skipped] == [3]
     assert records[-1]["skipped_steps"] == 1
-    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["skipped_steps"] == 1
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["callbacks"]["stability"]["skipped_steps"] == 1
     state = checkpoint.read_model_state(checkpoint.latest(tmp_path))
     assert all(torch.isfinite(v).all() for v in state.values())
 
@@ -127,7 +129,8 @@ def test_too_many_consecutive_nonfinite_steps_stop(data_cache, tmp_path, monkeyp
                "train.checkpoint_interval=1") == 3
     assert "3 consecutive non-finite steps" in capsys.readouterr().err
     meta = checkpoint.read_meta(checkpoint.latest(tmp_path))
-    assert (meta["step"], meta["skipped_steps"]) == (4, 2)  # the run stops at step 5, before saving it
+    # the run stops at step 5, before saving it
+    assert (meta["step"], meta["callbacks"]["stability"]["skipped_steps"]) == (4, 2)
 
 
 def test_nonfinite_stop_is_the_default(data_cache, tmp_path, monkeypatch, capsys):

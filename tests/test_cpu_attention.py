@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from conftest import small_model_cfg
 from sdd_train.kernels import cpu_attention
-from sdd_train.model import Transformer, layers
+from sdd_train.kernels import attention
+from sdd_train.model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,16 +91,16 @@ def test_auto_backend_dispatch_on_cpu(monkeypatch):
     """'auto' on CPU takes it for unmasked sequences within MAX_SCORES; 'sdpa', a mask, or more
     scores than MAX_SCORES go to SDPA, with the same result."""
     calls = []
-    real = layers.cpu_causal_attention
-    monkeypatch.setattr(layers, "cpu_causal_attention", lambda *a: calls.append(1) or real(*a))
+    real = attention.cpu_causal_attention
+    monkeypatch.setattr(attention, "cpu_causal_attention", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 9, 4, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
-    auto = layers.causal_attention(q, k, v, "auto")
+    auto = attention.causal_attention(q, k, v, "auto")
     assert calls == [1]
-    sdpa = layers.causal_attention(q, k, v, "sdpa")
-    masked = layers.causal_attention(q, k, v, "auto", layers.document_mask(torch.zeros(2, 9, dtype=torch.long)))
+    sdpa = attention.causal_attention(q, k, v, "sdpa")
+    masked = attention.causal_attention(q, k, v, "auto", attention.document_mask(torch.zeros(2, 9, dtype=torch.long)))
     monkeypatch.setattr(cpu_attention, "MAX_SCORES", 2 * 4 * 9 * 9 - 1)
-    long = layers.causal_attention(q, k, v, "auto")
+    long = attention.causal_attention(q, k, v, "auto")
     assert calls == [1]
     for other in (sdpa, masked, long):
         torch.testing.assert_close(auto, other, rtol=1e-5, atol=1e-6)

@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_model_cfg
-from sdd_train.kernels import cpu_kernels, cpu_rms_norm
+from sdd_train.kernels import cpu_kernels, cpu_rms_norm, norm, rms_norm, rms_norm_torch
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
 from sdd_train.model.feed_forward import SwiGLU
-from sdd_train.model import layers
-from sdd_train.model.layers import rms_norm, rms_norm_torch
 
 EPS = 1e-5
 # one bf16 rounding of the result (2^-9 relative, as a norm over many elements ~1.7e-3 here)
@@ -234,15 +232,15 @@ def test_norm_dispatch(kernel, monkeypatch):
     under torch.compile (one fused graph, no break) and with SDD_TRAIN_NORM_KERNEL=torch."""
     calls = []
     monkeypatch.setattr(cpu_rms_norm, "cpu_rms_norm", lambda *a: calls.append(a) or rms_norm_torch(*a))
-    monkeypatch.setattr(layers, "cpu_rms_norm", cpu_rms_norm.cpu_rms_norm)
+    monkeypatch.setattr(norm, "cpu_rms_norm", cpu_rms_norm.cpu_rms_norm)
     x, weight = torch.randn(6, 32), torch.ones(32)
-    layers.rms_norm(x, weight, EPS)
-    layers.rms_norm(x.bfloat16(), weight, EPS)
+    norm.rms_norm(x, weight, EPS)
+    norm.rms_norm(x.bfloat16(), weight, EPS)
     assert len(calls) == 2
-    layers.rms_norm(x.double(), weight.double(), EPS)
-    torch.compile(layers.rms_norm, fullgraph=True)(x, weight, EPS)
+    norm.rms_norm(x.double(), weight.double(), EPS)
+    torch.compile(norm.rms_norm, fullgraph=True)(x, weight, EPS)
     monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
-    layers.rms_norm(x, weight, EPS)
+    norm.rms_norm(x, weight, EPS)
     assert len(calls) == 2
 
 

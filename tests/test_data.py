@@ -24,9 +24,9 @@ from sdd_train.data.prepare import PrepareOptions, prepare, text_hash, val_thres
 from sdd_train.data.sources import DataError, Unit, iter_documents, list_units
 from sdd_train.data.tokenizer import Tokenizer, train_tokenizer
 from sdd_train.model import Transformer
-from sdd_train.train import checkpoint
+from sdd_train import checkpoint
 from sdd_train.train.__main__ import main as train_main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 
 SAMPLES = [
     "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\tTabbed\r\nline\n",
@@ -395,7 +395,7 @@ def test_training_on_a_mixture_of_prepared_datasets(two_datasets, tmp_path, data
                      "model.max_seq_len=32", "train.seq_len=32", "train.max_steps=25", "train.eval_interval=25",
                      "data.doc_mask=true", "train.checkpoint_interval=10")
     assert train_main(args) == 0
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     meta = checkpoint.read_meta(checkpoint.latest(tmp_path))
     assert meta["data"]["instances_consumed"] == 25 * 8

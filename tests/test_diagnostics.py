@@ -15,9 +15,9 @@ from sdd_train.diagnostics.activations import activation_stats, similarity_matri
 from sdd_train.diagnostics.layer_stats import LayerStats, family_of
 from sdd_train.diagnostics.spikes import SpikeDetector
 from sdd_train.model import Transformer
-from sdd_train.train import checkpoint
+from sdd_train import checkpoint
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 
 # --------------------------------------------------------------------------- activation statistics
 
@@ -146,11 +146,11 @@ def data_stream(monkeypatch):
 
 def events(run_dir):
     path = run_dir / "events.jsonl"
-    return read_metrics(path) if path.is_file() else []
+    return read_records(path) if path.is_file() else []
 
 
 def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -174,7 +174,7 @@ def test_planted_spike_is_skipped(tmp_path, data_cache, data_stream):
     assert main(small_run(tmp_path, data_cache, *RUN, "diagnostics.spike.action=skip")) == 0
     (event,) = events(tmp_path)
     assert event["step"] == SPIKE_AT and event["action"] == "skip"
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     assert records[-1]["step"] == 22 and records[-1]["spike_skips"] == 1
     assert "spike_skips" not in next(r for r in records if r["step"] == SPIKE_AT - 1)
 
@@ -197,7 +197,8 @@ def test_rollback_resumes_from_the_checkpoint_and_skips_the_bad_batch(tmp_path, 
         assert losses(rolled) == losses(clean), prefetch  # bitwise, every step (the replayed ones are logged once)
         a, b = final_weights(rolled), final_weights(clean)
         assert all(torch.equal(a[k], b[k]) for k in a), prefetch
-        stats = [r["step"] for r in read_metrics(rolled / "layer_stats.jsonl")]
+        stats = [r["step"] for r in read_records(rolled / "layer_stats.jsonl")]
         assert stats == [5, 10, 15, 20, 22]
         meta = checkpoint.read_meta(checkpoint.latest(rolled))
-        assert meta["rollbacks"] == 1 and meta["data"]["skipped_positions"] == event["skipped_positions"]
+        assert meta["callbacks"]["stability"]["rollbacks"] == 1
+        assert meta["data"]["skipped_positions"] == event["skipped_positions"]

@@ -18,10 +18,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from conftest import small_run
 from sdd_train.config import ConfigError
-from sdd_train.train import checkpoint
+from sdd_train import checkpoint
 from sdd_train.train.__main__ import main
-from sdd_train.train.distributed import cpu_fsdp_supported, init_world
-from sdd_train.train.metrics import read_metrics
+from sdd_train.distributed.world import cpu_fsdp_supported, init_world
+from sdd_train.diagnostics.summary import read_records
 
 EXTRA = ["model.n_layers=3", "train.micro_batch_size=2", "optim.warmup_steps=3", "model.block=sdd",
          "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5",
@@ -45,7 +45,7 @@ def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def records(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def fsdp2(cache, tmp_path_factory) -> Path:
 
 
 def layer_stats(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_metrics(run_dir / "layer_stats.jsonl")}
+    return {r["step"]: r for r in read_records(run_dir / "layer_stats.jsonl")}
 
 
 # fp32, 1 process against 2 ranks (torch 2.13, CPU): from the same weights (step 1, or one process
@@ -311,7 +311,7 @@ def test_validation_is_split_over_ranks_and_matches_one_process(cache, tmp_path)
     assert main(args_for(one, cache, *extra)) == 0
     result = torchrun(2, args_for(two, cache, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
-    v1, v2 = ({r["step"]: r for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r} for d in (one, two))
+    v1, v2 = ({r["step"]: r for r in read_records(d / "metrics.jsonl") if "val_loss" in r} for d in (one, two))
     assert v1.keys() == v2.keys() == {2, 4}
     for step in v1:
         keys = [k for k in v1[step] if k.startswith("val")]

@@ -102,7 +102,7 @@ def test_sdd_generate_cli_with_stop_string(run, tmp_path, capsys):
     greedy = capsys.readouterr().out
     assert generate_main([str(run), "--prompt", "def ", "--max-new-tokens", "20", "--no-cache"]) == 0
     assert capsys.readouterr().out == greedy
-    from sdd_train.train.export import export
+    from sdd_train.eval.export import export
 
     folder = export(run, tmp_path / "export")  # a consolidated export carries its tokenizer
     assert generate_main([str(folder), "--prompt", "def ", "--max-new-tokens", "20"]) == 0
@@ -288,7 +288,7 @@ def test_validation_with_the_fused_loss_equals_the_plain_loss():
 
 def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     from sdd_train.eval.validation import main as eval_main
-    from sdd_train.train.metrics import read_metrics
+    from sdd_train.diagnostics.summary import read_records
 
     from sdd_train.data.corpus import load_stdlib_corpus
 
@@ -298,7 +298,7 @@ def test_in_loop_validation_equals_offline_evaluation(data_cache, tmp_path):
     run_dir = tmp_path / "run"
     assert main(small_run(run_dir, data_cache, "train.max_steps=6", "train.precision=fp32", "train.eval_interval=3",
                           "train.eval_batches=3", sets)) == 0
-    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
+    records = [r for r in read_records(run_dir / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in records] == [3, 6]
     final = records[-1]
     # two different texts (after 6 steps the model has not memorised the seen one: their order is

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sdd_train.train.host_memory import ENV
+from sdd_train.distributed.host_memory import ENV
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="glibc malloc only")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 # Allocate, fill and free a 64 MiB tensor a few times; print the minor page faults of the last round.
 PROBE = """
 import resource, sys, torch
-from sdd_train.train.distributed import init_world
+from sdd_train.distributed.world import init_world
 init_world("cpu")
 faults = []
 for _ in range(4):

@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from conftest import small_model_cfg
-from sdd_train.kernels import rms_norm as kernels
-from sdd_train.model import Transformer, layers
+from sdd_train.kernels import norm
+from sdd_train.kernels import triton_rms_norm as kernels
+from sdd_train.model import Transformer
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton (pip install triton)")
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -108,7 +109,7 @@ def test_interpreted_model_with_fused_norms_equals_pytorch_path(monkeypatch, blo
 
     plain_logits, plain_grads = run()
     calls = []
-    monkeypatch.setattr(layers, "use_fused_norm", lambda x: calls.append(x.shape) or True)
+    monkeypatch.setattr(norm, "use_fused_norm", lambda x: calls.append(x.shape) or True)
     fused_logits, fused_grads = run()
     assert len(calls) >= 2 * 4 + 1  # at least the block norms, QK-norms and the final norm ran fused
     torch.testing.assert_close(fused_logits, plain_logits, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,8 @@ from conftest import TINY, small_run
 from sdd_train.config import load_config
 from sdd_train.model import Transformer
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import format_line, read_metrics
+from sdd_train.diagnostics.summary import read_records
+from sdd_train.train.callbacks.run_log import format_line
 
 
 
@@ -22,7 +23,7 @@ def test_wandb_offline_and_mfu(data_cache, tmp_path, monkeypatch):
     run_id = (tmp_path / "wandb_id").read_text()
     assert offline[0].name.endswith(run_id)
 
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     cfg = load_config(TINY, args[1:])
     flops = Transformer(cfg.model).flops_per_token(cfg.train.seq_len)
     for r in records:

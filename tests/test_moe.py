@@ -11,9 +11,10 @@ from conftest import CONFIGS, small_run
 from sdd_train.config import ModelConfig, MoEConfig, load_config
 from sdd_train.model import Transformer
 from sdd_train.model.moe import MoE, load_stats
-from sdd_train.train import checkpoint, trainer
+from sdd_train import checkpoint
+from sdd_train.train import train_module
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 
 MOE_PAPER = str(CONFIGS / "moe_paper.yaml")
 
@@ -200,12 +201,12 @@ def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path, monkeypatch)
     """The loss falls, and each logged expert load is of every routed (token, choice) pair of the step:
     both micro-batches, each pair once."""
     loads = []  # the summed per-layer counts the trainer turns into the logged load_min/max/entropy
-    monkeypatch.setattr(trainer, "load_stats", lambda counts: loads.append(counts.clone()) or load_stats(counts))
+    monkeypatch.setattr(train_module, "load_stats", lambda counts: loads.append(counts.clone()) or load_stats(counts))
     args = small_run(tmp_path, data_cache, "model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2",
                      "model.moe.expert_hidden=32", "model.block=sdd", "train.max_steps=30", "train.log_interval=10",
                      "train.eval_interval=30")
     assert main(args) == 0
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     last = records[-1]
     assert last["moe_lb_loss"] >= 0.99 and last["moe_router_z_loss"] > 0  # lb >= 1 up to sampling
@@ -238,7 +239,7 @@ def test_grouped_mm_matches_loop_on_gpu():
 
 def test_moe_blocks_compile_as_one_graph_and_match_eager():
     from conftest import small_model_cfg
-    from sdd_train.train.parallelize import apply_compile
+    from sdd_train.distributed.parallelize import apply_compile
 
     torch.manual_seed(0)
     cfg = small_model_cfg("sdd", d_model=32, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))

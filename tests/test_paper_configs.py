@@ -12,7 +12,7 @@ from conftest import CONFIGS, SMALL_RUN
 from sdd_train.config import load_config
 from sdd_train.model import Transformer
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 
 PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
 
@@ -104,7 +104,7 @@ REDUCED = [*SMALL_RUN, "model.n_heads=4", "model.n_kv_heads=2", "model.moe.n_exp
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
 def test_paper_config_trains_at_reduced_size(path: Path, data_cache, tmp_path):
     assert main([str(path), *REDUCED, f"data.cache_dir={data_cache}", f"run_dir={tmp_path}"]) == 0
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss"] < 8 for r in records)
     # 256 warmup tokens at 256 a step: step 1 is the warmup's last, step 3 is on the cosine

@@ -8,8 +8,8 @@ import torch
 from conftest import small_model_cfg
 from sdd_train.config import ParallelConfig
 from sdd_train.model import Transformer
-from sdd_train.train.distributed import World
-from sdd_train.train.parallelize import checkpointed_blocks, parallelize
+from sdd_train.distributed.world import World
+from sdd_train.distributed.parallelize import checkpointed_blocks, parallelize
 
 ONE = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -17,7 +17,7 @@ ONE = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 def loss_and_grads(model: Transformer, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss (the fused chunked one; under compile its softmax kernel is compiled too) and gradients."""
     model.zero_grad()
-    loss, _, _ = model(tokens[:, :-1], targets=tokens[:, 1:], z_loss=1e-3)
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:], z_loss=1e-3).loss
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -35,7 +35,7 @@ def test_activation_checkpointing_gives_identical_gradients(mode, compile):
     cfg = small_model_cfg("sdd", n_layers=4)
     plain, wrapped = Transformer(cfg), Transformer(cfg)
     wrapped.load_state_dict(plain.state_dict())
-    chosen = parallelize(wrapped, ParallelConfig(activation_checkpointing=mode, ac_every=2), ONE, "fp32", compile)
+    chosen = parallelize(wrapped, ParallelConfig(activation_checkpointing=mode, ac_every=2), ONE, compile)
     assert chosen == ([0, 1, 2, 3] if mode == "full" else [0, 2])
     assert wrapped.compiled_loss == compile and not plain.compiled_loss
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
@@ -60,14 +60,14 @@ def test_activation_checkpointing_recomputes_forward():
     calls = []
     for i, block in enumerate(model.blocks):
         block.attention.register_forward_hook(lambda *a, i=i: calls.append(i))
-    parallelize(model, ParallelConfig(activation_checkpointing="every_n", ac_every=2), ONE, "fp32", False)
+    parallelize(model, ParallelConfig(activation_checkpointing="every_n", ac_every=2), ONE, False)
     model(torch.randint(0, cfg.vocab_size, (2, 8))).sum().backward()
     assert sorted(calls) == [0, 0, 1, 2, 2, 3]
 
 
 def test_compile_defaults_to_on_for_gpus_only():
     from sdd_train.config import TrainConfig
-    from sdd_train.train.parallelize import compile_enabled
+    from sdd_train.distributed.parallelize import compile_enabled
 
     assert TrainConfig().compile is None
     assert compile_enabled(None, torch.device("cuda")) and not compile_enabled(None, torch.device("cpu"))

@@ -17,7 +17,8 @@ from sdd_train.config import MoEConfig
 from sdd_train.kernels.precision import (BF16_PRODUCTS_MIN_TORCH, bf16_products_available,
                                          bf16_products_of_bf16_values)
 from sdd_train.model import Transformer
-from sdd_train.train import trainer as trainer_module
+from sdd_train.train import train_module
+from sdd_train.train.callbacks import evaluation
 from sdd_train.train.__main__ import main
 
 aten = torch.ops.aten
@@ -73,8 +74,8 @@ def test_fp32_products_of_a_bf16_step_multiply_bf16_values(case, loss):
         with Fp32Products() as products:
             with torch.autocast("cpu", torch.bfloat16):
                 if loss == "chunked":
-                    total, _, _ = model(tokens[:, :-1], docs if docs is None else docs[:, :-1], targets=tokens[:, 1:],
-                                        z_loss=1e-4, loss_chunk=8)
+                    total = model(tokens[:, :-1], docs if docs is None else docs[:, :-1], targets=tokens[:, 1:],
+                                  z_loss=1e-4, loss_chunk=8).loss
                 else:
                     logits = model(tokens[:, :-1], docs if docs is None else docs[:, :-1])
                     total = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
@@ -121,20 +122,20 @@ def test_trainer_uses_bf16_products_in_bf16_steps_only(tmp_path, data_cache, pre
     """The setting is on during a bf16 step's forward and backward, off in fp32 training and
     outside the step (evaluation, diagnostics)."""
     seen: dict[str, set] = {"step": set(), "eval": set()}
-    real_forward_backward = trainer_module.Trainer._forward_backward
+    real_autocast = train_module.autocast  # entered around every micro-batch's forward of a step
 
-    def forward_backward(self, *args):
+    def autocast(*args, **kwargs):
         seen["step"].add(torch.backends.mkldnn.matmul.fp32_precision)
-        return real_forward_backward(self, *args)
+        return real_autocast(*args, **kwargs)
 
-    real_evaluate = trainer_module.evaluate_sets
+    real_evaluate = evaluation.evaluate_sets
 
     def evaluate(*args, **kwargs):
         seen["eval"].add(torch.backends.mkldnn.matmul.fp32_precision)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module.Trainer, "_forward_backward", forward_backward)
-    monkeypatch.setattr(trainer_module, "evaluate_sets", evaluate)
+    monkeypatch.setattr(train_module, "autocast", autocast)
+    monkeypatch.setattr(evaluation, "evaluate_sets", evaluate)
     args = small_run(tmp_path / "run", data_cache, "train.max_steps=2", "train.eval_interval=2",
                      f"train.precision={precision}")
     outside = torch.backends.mkldnn.matmul.fp32_precision

@@ -10,9 +10,9 @@ import yaml
 
 from conftest import SMALL_RUN, TINY, small_run
 from sdd_train.diagnostics import report
-from sdd_train.diagnostics.sweep import main as sweep_main
+from sdd_train.sweeps.launch import main as sweep_main
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 
 
 def assert_png(path: Path) -> None:
@@ -23,7 +23,7 @@ def test_run_report_and_on_demand_activations_match_the_training_loop(tmp_path, 
     run = tmp_path / "run"
     assert main(small_run(run, data_cache, "train.max_steps=8", "train.precision=fp32", "train.eval_interval=4",
                           "diagnostics.layer_stats_interval=2", "diagnostics.activation_interval=4")) == 0
-    in_loop = read_metrics(run / "activations.jsonl")
+    in_loop = read_records(run / "activations.jsonl")
     assert [a["step"] for a in in_loop] == [4, 8]
     assert report.main([str(run), "--activations"]) == 0
     out = run / "report"

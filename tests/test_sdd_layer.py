@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reference import rms
-from sdd_train.model import layers
+from sdd_train.kernels import norm
 from sdd_train.model.layers import SDDLinear
 
 
@@ -76,10 +76,10 @@ def test_autocast_does_not_lower_the_norm_precision():
     x = (torch.randn(64, 256) * 3).bfloat16().requires_grad_()
     weight = (torch.rand(256) + 0.5).requires_grad_()
     dy = torch.randn(64, 256).bfloat16()
-    y = layers.rms_norm_torch(x, weight, 1e-5)
+    y = norm.rms_norm_torch(x, weight, 1e-5)
     grads = torch.autograd.grad(y, (x, weight), dy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ac = layers.rms_norm_torch(x, weight, 1e-5)
+        y_ac = norm.rms_norm_torch(x, weight, 1e-5)
         grads_ac = torch.autograd.grad(y_ac, (x, weight), dy)
     assert torch.equal(y_ac, y)
     for g_ac, g in zip(grads_ac, grads):
@@ -92,12 +92,12 @@ def test_pytorch_norm_in_cpu_row_blocks_matches_float64(monkeypatch, dtype, grou
     """The PyTorch-path norm (hand-written backward, CPU rows in cache-sized blocks): output, input
     and gain gradients against float64 autograd, over several blocks with a ragged last one and a
     strided input (a slice of a wider projection, as q and k are)."""
-    monkeypatch.setattr(layers, "_CPU_BLOCK_ELEMENTS", 3 * 40)  # 3 rows of width 40 per block
+    monkeypatch.setattr(norm, "_CPU_BLOCK_ELEMENTS", 3 * 40)  # 3 rows of width 40 per block
     torch.manual_seed(0)
     wide = (torch.randn(2, 7, 64) * 3).to(dtype)
     x = wide[..., 8:48].detach().requires_grad_()  # 14 rows of 40 = 4 full blocks + 2 rows
     weight = (torch.rand(40) + 0.5).requires_grad_()
-    y = layers.rms_norm_torch(x, weight, 1e-5, groups)
+    y = norm.rms_norm_torch(x, weight, 1e-5, groups)
     dy = torch.randn(y.shape).to(dtype)
     y.backward(dy)
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
@@ -114,12 +114,12 @@ def test_norm_compiles_with_symbolic_sizes():
     """A compiled norm whose input shape changes gets symbolic sizes (dynamo's automatic dynamic
     shapes): torch 2.11's dynamo failed on size arithmetic inside the norm's autograd function."""
     weight = torch.rand(32) + 0.5
-    norm = torch.compile(lambda x, w: layers.rms_norm_torch(x, w, 1e-5), fullgraph=True)
+    compiled = torch.compile(lambda x, w: norm.rms_norm_torch(x, w, 1e-5), fullgraph=True)
     for shape in [(2, 16, 32), (3, 16, 32), (3, 24, 32)]:
         x = torch.randn(shape, requires_grad=True)
         w = weight.clone().requires_grad_()
-        norm(x, w).square().sum().backward()
+        compiled(x, w).square().sum().backward()
         x64, w64 = x.detach().double().requires_grad_(), weight.double().requires_grad_()
-        layers.rms_norm_torch(x64, w64, 1e-5).square().sum().backward()
+        norm.rms_norm_torch(x64, w64, 1e-5).square().sum().backward()
         torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-4)

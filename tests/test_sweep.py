@@ -11,7 +11,8 @@ import yaml
 
 from conftest import SMALL_RUN, TINY
 from sdd_train.config import ConfigError
-from sdd_train.diagnostics.sweep import load_sweep, main
+from sdd_train.sweeps.grid import load_sweep
+from sdd_train.sweeps.launch import main
 
 
 def write_sweep(tmp_path: Path, cache: Path, axes: list, **extra) -> Path:

@@ -14,14 +14,14 @@ import torch
 
 from conftest import ALL_BLOCKS, TINY, small_run
 from sdd_train.config import load_config
-from sdd_train.train import checkpoint
+from sdd_train import checkpoint
 from sdd_train.train.__main__ import main
-from sdd_train.train.metrics import read_metrics
+from sdd_train.diagnostics.summary import read_records
 from sdd_train.train.optim import param_groups
 from sdd_train.model import Transformer
 
 def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
@@ -31,7 +31,7 @@ def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
     first, last = loss[1], sum(loss[s] for s in range(26, 31)) / 5
     assert first == pytest.approx(math.log(512), abs=0.6)
     assert last < first - 1.0, (block, first, last)
-    records = read_metrics(tmp_path / "metrics.jsonl")
+    records = read_records(tmp_path / "metrics.jsonl")
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(records[0])
     assert any("val_loss" in r for r in records)
     assert (tmp_path / "config.yaml").is_file()
@@ -80,7 +80,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data_cache):
     for step in la:
         assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-5)
     # Adam hides a gradient scale error from the losses; the logged (pre-clip) norm does not
-    ga, gb = ([r["grad_norm"] for r in read_metrics(d / "metrics.jsonl") if "grad_norm" in r] for d in (a, b))
+    ga, gb = ([r["grad_norm"] for r in read_records(d / "metrics.jsonl") if "grad_norm" in r] for d in (a, b))
     assert ga == pytest.approx(gb, rel=1e-4)
     assert la[6] < la[1] - 0.3  # and the runs did move
 
@@ -116,7 +116,7 @@ def test_weights_that_overflow_are_not_checkpointed(tmp_path, data_cache, capsys
 
 def test_z_loss_is_logged(tmp_path, data_cache):
     assert main(small_run(tmp_path, data_cache, "train.max_steps=2", "optim.z_loss=1e-4", "train.eval_interval=0")) == 0
-    record = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    record = read_records(tmp_path / "metrics.jsonl")[-1]
     assert record["z_loss"] > 0
 
 
@@ -144,8 +144,8 @@ SOFTMAX_KERNELS = ["eager", "eager-blocks-of-7", "compiled"]
 @pytest.mark.parametrize("kernel", SOFTMAX_KERNELS)
 def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss, kernel):
     """Chunks of 10 rows (the last one ragged: a second shape for the compiled kernel)."""
-    from sdd_train.train import loss as loss_module
-    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+    from sdd_train.kernels import cross_entropy as loss_module
+    from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 
     if kernel == "eager-blocks-of-7":
         monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)
@@ -167,7 +167,7 @@ def test_chunked_linear_cross_entropy_equals_the_plain_loss(monkeypatch, z_loss,
 def test_chunked_loss_computes_only_the_gradients_asked_for():
     """Without grad mode (evaluation) only the loss; with a frozen input only the weight gradient;
     the values those of the plain loss."""
-    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+    from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 
     torch.manual_seed(0)
     hidden, weight = torch.randn(2, 9, 16), torch.randn(50, 16, requires_grad=True)
@@ -188,8 +188,8 @@ def test_chunked_loss_under_bf16_autocast_is_as_accurate_as_the_plain_path(monke
     float64 as the plain autocast path's (chunks of 10)."""
     import torch.nn.functional as F
 
-    from sdd_train.train import loss as loss_module
-    from sdd_train.train.loss import linear_cross_entropy, lm_loss
+    from sdd_train.kernels import cross_entropy as loss_module
+    from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 
     if kernel == "eager-blocks-of-7":
         monkeypatch.setattr(loss_module, "_CPU_BLOCK_ELEMENTS", 7 * 50)

@@ -121,7 +121,8 @@ class Prefetcher:
         return self.pending.pop(key).result()
 
     def clear(self) -> None:
-        """Forget scheduled batches (after a rollback the loop asks for other positions)."""
+        """Forget scheduled batches: after a rollback or a resume the loop asks for other positions,
+        so what was read ahead would only hold memory (a position always reads the same batch)."""
         for future in self.pending.values():
             future.cancel()
         self.pending.clear()

@@ -18,7 +18,7 @@ from typing import Any
 from sdd_train.checkpoint import Checkpointer, latest
 from sdd_train.config import RunConfig, as_dict
 from sdd_train.data.loader import MixtureLoader
-from sdd_train.distributed.world import World, broadcast_object
+from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
 from sdd_train.eval.validation import EvalSet
 from sdd_train.train.callbacks import Action, Callback
 from sdd_train.train.data_feed import DataFeed
@@ -55,7 +55,11 @@ class Trainer:
             self.log(f"resume: from {resume} (step {self.step}, {self.position:,} instances consumed, written by"
                      f" {meta['world_size']} rank(s))")
         self.log(self.module.model.describe(t.seq_len))
-        par = f", FSDP2 over {self.world.world_size} ranks" if self.world.distributed else ""
+        par = ""
+        if self.world.distributed:
+            replicate, shard = data_parallel_shape(self.cfg.parallel, self.world.world_size)
+            par = (f", HSDP over {self.world.world_size} ranks ({replicate} replicas x {shard} shards)" if replicate > 1
+                   else f", FSDP2 over {self.world.world_size} ranks")
         blocks = self.module.checkpointed_blocks
         ac = f", activation checkpointing on {len(blocks)} blocks" if blocks else ""
         self.log(f"train: {t.max_steps} steps x {t.global_batch_size * t.seq_len:,} tokens ({self.feed.accum}"
