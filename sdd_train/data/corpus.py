@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from pathlib import Path
 
 from sdd_train.config import DataConfig
 from sdd_train.data.dataset import PreparedDataset
-from sdd_train.data.prepare import PrepareOptions, prepare
+from sdd_train.data.prepare import PrepareOptions, prepare, text_hash, val_threshold
 from sdd_train.data.tokenizer import train_tokenizer
+
+# The default corpus's validation split holds at least this many documents (and val_fraction of its text).
+MIN_VAL_DOCUMENTS = 8
 
 # Sub-packages left out: tests are huge and repetitive, the rest is not ordinary library code.
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__"}
@@ -47,17 +51,43 @@ def cache_root(cfg: DataConfig) -> Path:
 
 def _fingerprint(files: list[Path], cfg: DataConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"vocab": cfg.tokenizer_vocab_size, "val": cfg.val_fraction, "v": 3}).encode())
+    h.update(json.dumps({"vocab": cfg.tokenizer_vocab_size, "val": cfg.val_fraction, "v": 4}).encode())
     for p in files:
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
+def fair_val_fraction(texts: list[str], fraction: float, min_documents: int = MIN_VAL_DOCUMENTS) -> float:
+    """The val fraction to prepare ``texts`` with so that the held-out documents are a fair sample:
+    at least ``fraction`` of the text (in bytes) and ``min_documents`` documents (a tenth of them
+    for fewer than 10 x ``min_documents``), taken as every prepared dataset takes them, in the
+    order of their text hashes (``fraction`` itself where its hash threshold already holds that
+    much; never every document)."""
+    ranked = sorted((text_hash(t), len(t.encode("utf-8", errors="surrogatepass"))) for t in texts)
+    total = sum(size for _, size in ranked)
+    threshold = val_threshold(fraction)
+    min_documents = min(min_documents, max(1, len(ranked) // 10))
+    held = held_bytes = 0
+    for h, size in ranked[:-1]:  # at least one document stays in train
+        if h >= threshold and held >= min_documents and held_bytes >= fraction * total:
+            break
+        held, held_bytes, last = held + 1, held_bytes + size, h
+    if held == 0 or last < threshold:
+        return fraction
+    chosen = (last + 1) / 2**64
+    while val_threshold(chosen) <= last:  # a float just above the last held-out hash
+        chosen = math.nextafter(chosen, 1.0)
+    return chosen
+
+
 def load_stdlib_corpus(cfg: DataConfig, log=print) -> PreparedDataset:
     """Build (once) and open the default corpus: a tokenizer trained on it, then ``sdd-data prepare``.
 
-    One document per file; validation documents are chosen as in any prepared dataset.
+    One document per file; validation documents are chosen as in any prepared dataset, by their
+    text hashes, with a fraction raised where needed to hold out a fair sample
+    (:func:`fair_val_fraction`): the standard library has a few very large files, and a 1%
+    threshold alone can hold out a single small one.
     """
     files = stdlib_files(cfg.max_corpus_bytes)
     directory = cache_root(cfg) / f"stdlib-{_fingerprint(files, cfg)}"
@@ -65,12 +95,14 @@ def load_stdlib_corpus(cfg: DataConfig, log=print) -> PreparedDataset:
     if not (dataset / "metadata.json").is_file():
         log(f"data: building the default corpus from {len(files)} standard-library files"
             f" ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB) in {directory}")
+        # the documents as sdd-data prepare decodes them (bytes, not text mode: no newline translation)
+        texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
         tokenizer = directory / "tokenizer.model"
         if not tokenizer.is_file():
-            docs = (p.read_text(encoding="utf-8", errors="replace") for p in files)
-            train_tokenizer(docs, directory / "tokenizer", vocab_size=cfg.tokenizer_vocab_size)
+            train_tokenizer(texts, directory / "tokenizer", vocab_size=cfg.tokenizer_vocab_size)
+        fraction = fair_val_fraction(texts, cfg.val_fraction)
         # one process: the trainer has already started torch's threads, which fork would not survive
         prepare([str(p) for p in files], tokenizer, dataset, fmt="text",
-                opts=PrepareOptions(utf8_errors="replace", val_fraction=cfg.val_fraction), workers=1,
+                opts=PrepareOptions(utf8_errors="replace", val_fraction=fraction), workers=1,
                 progress=False, log=log)
     return PreparedDataset(dataset)
