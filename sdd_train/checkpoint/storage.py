@@ -1,15 +1,19 @@
-"""Atomic, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Atomic, verified, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
 Layout of ``RUN/checkpoints/``::
 
-    step_0000050/            a complete checkpoint: DCP shards + .metadata, rng/, meta.json
-    step_0000100.partial/    being written (or left by a crash); never loaded, removed later
+    step_0000050/            a complete checkpoint: DCP shards + .metadata, rng/, meta.json,
+                             manifest.json (every file's size and checksum)
+    step_0000100.partial/    being written (or left by a crash or a failed save); never loaded
+    step_0000080.corrupt/    failed verification or loading on resume; kept for inspection
     latest                   name of the newest complete checkpoint; moved last
 
-Every rank writes its shards into ``step_N.partial``; after a barrier rank 0 writes
-``meta.json`` (step, world size, trainer and data state), renames the directory and only then
-moves ``latest``. A kill at any moment therefore leaves the previous checkpoint loadable. DCP
-stores global shapes, so a checkpoint written by N ranks loads on M ranks (or one process).
+Every rank writes its shards into ``step_N.partial``; rank 0 writes ``meta.json`` (step, world
+size, trainer and data state); the ranks checksum the files between them and rank 0 writes
+``manifest.json``, renames the directory and only then moves ``latest``. A kill at any moment, or
+a save that fails (a full disk, a quota, permissions), leaves the previous checkpoint the one that
+loads: every step of a save that can fail is agreed on by all ranks, which then raise together.
+DCP stores global shapes, so a checkpoint written by N ranks loads on M ranks (or one process).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import inspect
 import json
 import os
 import random
+import re
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -28,17 +34,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from sdd_train.checkpoint.manifest import checkpoint_files, describe_files, problems_of, read_manifest, write_manifest
 from sdd_train.config import ConfigError
-from sdd_train.distributed.world import World, barrier
+from sdd_train.distributed.world import World, all_gather_object
 
 # DCP warns on every single-process save/load, even when asked for one explicitly.
 warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
 
 PARTIAL = ".partial"
+CORRUPT = ".corrupt"
 META = "meta.json"
+_COMPLETE_NAME = re.compile(r"step_\d+")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that fails verification or cannot be loaded (raised on every rank alike)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that failed (raised on every rank alike); the previous checkpoint is untouched."""
 
 
 def _single_process(fn, single: bool) -> dict[str, bool]:
@@ -53,7 +71,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def step_of(path: Path) -> int:
-    return int(Path(path).name.removeprefix("step_").removesuffix(PARTIAL))
+    return int(Path(path).name.removeprefix("step_").split(".")[0])
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -68,8 +86,13 @@ def write_atomic(path: Path, text: str) -> None:
 def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL)
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and _COMPLETE_NAME.fullmatch(p.name)
                   and (p / META).is_file())
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    return _complete(checkpoint_dir(run_dir))
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -97,6 +120,26 @@ def resolve_checkpoint(run_dir: Path, step: int | None) -> Path:
     return ckpt
 
 
+def verify_checkpoint(path: Path) -> list[str] | None:
+    """What is wrong with a checkpoint's files, in this process alone: [] when intact, None when it
+    cannot be verified here (:func:`sdd_train.checkpoint.manifest.read_manifest`)."""
+    try:
+        files = read_manifest(path)
+    except ValueError as e:
+        return [str(e)]
+    return None if files is None else problems_of(path, files)
+
+
+def verified(path: Path) -> Path:
+    """``path``, or a ConfigError naming what is corrupt (for the offline tools: one line, exit 2)."""
+    problems = verify_checkpoint(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{path}: corrupt checkpoint: {problems[0]}{more}; `sdd-ckpt verify {path}` lists every"
+                          " problem; use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)")
+    return path
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
@@ -120,7 +163,8 @@ class Checkpointer:
     """Saves and restores model + optimizer (sharded), RNG states (per rank) and trainer state.
 
     With ``async_save`` the shards are staged in memory and written by a background thread; the
-    checkpoint is finalised (meta.json, rename, ``latest``) at the next save or at :meth:`wait`.
+    checkpoint is finalised (meta.json, manifest, rename, ``latest``) at the next save or at
+    :meth:`wait`.
     """
 
     def __init__(self, run_dir: Path, world: World, keep: int, permanent_every: int = 0, async_save: bool = False):
@@ -133,30 +177,56 @@ class Checkpointer:
         # Background writes must not interleave with the training collectives on the default group.
         self._pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
+    def _agreed(self, action: Callable[[], Any], error: type[RuntimeError], what: str) -> list[Any]:
+        """Run ``action`` on every rank; every rank's result, or ``error`` raised on every rank when it
+        failed on any (so the ranks' collectives stay matched)."""
+        result, failure = None, None
+        try:
+            result = action()
+        except (Exception, CheckpointException) as e:  # a disk, DCP (a BaseException) or pickle error, reported
+            failure = f"rank {self.world.rank}: {type(e).__name__}: {' '.join(str(e).split())}"
+        outcomes = all_gather_object((result, failure))
+        failures = [f for _, f in outcomes if f is not None]
+        if failures:
+            raise error(f"{what}: {failures[0]}" + (f" (and {len(failures) - 1} other rank(s))" if len(failures) > 1
+                                                    else ""))
+        return [r for r, _ in outcomes]
+
     # ------------------------------------------------------------------ save
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              meta: dict[str, Any]) -> Path:
-        """Write the checkpoint of ``step``; returns its final path (complete once this returns, unless async)."""
+        """Write the checkpoint of ``step``; returns its final path (complete once this returns, unless
+        async). Raises :class:`CheckpointSaveError` on every rank when any part of it fails."""
         self.wait()
         final = self.root / f"step_{step:07d}"
         partial = final.with_name(final.name + PARTIAL)
+        what = f"checkpoint of step {step} not saved"
+        try:
+            self._agreed(lambda: self._prepare(partial), CheckpointSaveError, what)
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+            rng = partial / "rng" / f"rank_{self.world.rank}.pt"
+            self._agreed(lambda: torch.save(_rng_state(), rng), CheckpointSaveError, what)
+            meta = {**meta, "step": step, "world_size": self.world.world_size}
+            if self.async_save:
+                future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg,
+                                        **_single_process(dcp.async_save, not dist.is_initialized()))
+                self._pending = (future, final, meta)
+                return final
+            self._agreed(lambda: dcp.save(state, checkpoint_id=str(partial),
+                                          **_single_process(dcp.save, not dist.is_initialized())),
+                         CheckpointSaveError, what)
+            self._finalise(final, meta)
+        except CheckpointSaveError:
+            self._discard(partial)
+            raise
+        return final
+
+    def _prepare(self, partial: Path) -> None:
         if self.world.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             (partial / "rng").mkdir(parents=True)
-        barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        torch.save(_rng_state(), partial / "rng" / f"rank_{self.world.rank}.pt")
-        meta = {**meta, "step": step, "world_size": self.world.world_size}
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg,
-                                    **_single_process(dcp.async_save, not dist.is_initialized()))
-            self._pending = (future, final, meta)
-        else:
-            dcp.save(state, checkpoint_id=str(partial), **_single_process(dcp.save, not dist.is_initialized()))
-            self._finalise(final, meta)
-        return final
 
     def wait(self) -> None:
         """Finish a pending background save (a no-op when none is pending)."""
@@ -164,20 +234,42 @@ class Checkpointer:
             return
         future, final, meta = self._pending
         self._pending = None
-        future.result()
-        self._finalise(final, meta)
+        partial = final.with_name(final.name + PARTIAL)
+        try:
+            self._agreed(future.result, CheckpointSaveError, f"checkpoint of step {meta['step']} not saved")
+            self._finalise(final, meta)
+        except CheckpointSaveError:
+            self._discard(partial)
+            raise
 
     def _finalise(self, final: Path, meta: dict[str, Any]) -> None:
-        barrier()  # every rank's shards are on disk
-        if self.world.is_main:
-            partial = final.with_name(final.name + PARTIAL)
-            write_atomic(partial / META, json.dumps(meta, indent=1))
+        """meta.json, then every file's checksum (the ranks share the files), the manifest, the rename,
+        ``latest``: each step agreed on, so a failure anywhere leaves only a ``.partial`` directory."""
+        partial = final.with_name(final.name + PARTIAL)
+        what = f"checkpoint of step {meta['step']} not saved"
+        self._agreed(lambda: self.world.is_main and write_atomic(partial / META, json.dumps(meta, indent=1)),
+                     CheckpointSaveError, what)
+        files = checkpoint_files(partial)
+        mine = files[self.world.rank::self.world.world_size]
+        shares = self._agreed(lambda: describe_files(partial, mine), CheckpointSaveError, what)
+        described = {name: entry for share in shares for name, entry in share.items()}
+
+        def publish() -> None:
+            if not self.world.is_main:
+                return
+            write_manifest(partial, described)
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
             write_atomic(self.root / "latest", final.name)
             self._prune(protect=final)
-        barrier()
+
+        self._agreed(publish, CheckpointSaveError, what)
+
+    def _discard(self, partial: Path) -> None:
+        """Remove what a failed save wrote (frees the space a full disk needs)."""
+        if self.world.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
 
     def _prune(self, protect: Path) -> None:
         for p in self.root.glob(f"step_*{PARTIAL}"):  # no save is pending while a checkpoint is finalised
@@ -188,32 +280,64 @@ class Checkpointer:
             if p != protect:
                 shutil.rmtree(p, ignore_errors=True)
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ verify and load
+
+    def verify(self, path: Path) -> list[str] | None:
+        """:func:`verify_checkpoint` with the files shared among the ranks; the same answer on every rank."""
+        try:
+            files = read_manifest(path)
+        except ValueError as e:
+            return [str(e)]
+        if files is None:
+            return None
+        mine = sorted(files)[self.world.rank::self.world.world_size]
+        return [p for share in all_gather_object(problems_of(path, files, mine)) for p in share]
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore model and optimizer (resharding to this world as needed); return meta.json.
+        """Restore model and optimizer (resharding to this world as needed); return meta.json. Raises
+        :class:`CheckpointError` on every rank when the checkpoint cannot be read.
 
         RNG states are restored only when the world size matches the one that saved them.
         """
-        meta = read_meta(path)
+        what = f"{path}: cannot be loaded"
+        meta = self._agreed(lambda: read_meta(path), CheckpointError, what)[self.world.rank]
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, not dist.is_initialized()))
+        self._agreed(lambda: dcp.load(state, checkpoint_id=str(path),
+                                      **_single_process(dcp.load, not dist.is_initialized())), CheckpointError, what)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         rng = Path(path) / "rng" / f"rank_{self.world.rank}.pt"
         if meta["world_size"] == self.world.world_size and rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            states = self._agreed(lambda: torch.load(rng, weights_only=False), CheckpointError, what)
+            _set_rng_state(states[self.world.rank])
         return meta
+
+    def quarantine(self, path: Path) -> Path:
+        """Move a checkpoint that failed out of the way (``step_N.corrupt``), kept for inspection."""
+        target = path.with_name(path.name + CORRUPT)
+        n = 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}{CORRUPT}{n}"), n + 1
+        if self.world.is_main:
+            path.rename(target)
+        all_gather_object(None)  # the others wait for the rename
+        return target
 
 
 def read_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """The full (consolidated) model tensors of a checkpoint, in one process, on CPU."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    template = {
-        key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-        for key, md in metadata.state_dict_metadata.items()
-        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    state = {"model": template}
-    dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
+    """The full (consolidated) model tensors of a checkpoint, in one process, on CPU; a checkpoint
+    that cannot be read is a ConfigError naming it."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        template = {
+            key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+            for key, md in metadata.state_dict_metadata.items()
+            if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+        }
+        state = {"model": template}
+        dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
+    except (Exception, CheckpointException) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {reason}); use another"
+                          " checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return state["model"]

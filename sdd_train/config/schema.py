@@ -153,6 +153,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest N interval checkpoints are kept
     permanent_checkpoint_interval: int = 0  # also keep every M-th step forever; 0 disables
     async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
+    verify_checkpoints: bool = True  # check every file's checksum before loading a checkpoint (resume, rollback)
+    # A save that fails (full disk, quota, permissions): stop (exit 1) | retry (log it, save again at the
+    # next interval). The last step's save and a stop signal's always stop on failure.
+    checkpoint_failure: str = "stop"
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
     max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
     peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU

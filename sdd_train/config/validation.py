@@ -103,6 +103,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("train.device", t.device, ["auto", "cpu", "cuda"])
     _positive("train.permanent_checkpoint_interval", t.permanent_checkpoint_interval, allow_zero=True)
     _choice("train.nonfinite", t.nonfinite, ["stop", "skip"])
+    _choice("train.checkpoint_failure", t.checkpoint_failure, ["stop", "retry"])
     _positive("train.max_nonfinite_skips", t.max_nonfinite_skips)
     if t.peak_tflops is not None:
         _positive("train.peak_tflops", t.peak_tflops)

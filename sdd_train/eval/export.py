@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdd_train.checkpoint import read_meta, read_model_state, resolve_checkpoint
+from sdd_train.checkpoint import read_meta, read_model_state, resolve_checkpoint, verified
 from sdd_train.config import ConfigError, load_config
 from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
 
@@ -24,7 +24,7 @@ def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> P
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    ckpt = resolve_checkpoint(run_dir, step)
+    ckpt = verified(resolve_checkpoint(run_dir, step))
 
     state = {k: v.contiguous() for k, v in read_model_state(ckpt).items()}
     out = Path(out) if out is not None else run_dir / "export" / ckpt.name

@@ -1,6 +1,7 @@
 """``sdd-train CONFIG.yaml [dotted.key=value | group=name ...]`` (also ``python -m sdd_train.train``).
 
-Exit codes: 0 success, 2 configuration or usage error, 3 divergence (NaN/Inf), 1 anything else.
+Exit codes (:mod:`sdd_train.exit_codes`): 0 success, 2 configuration or usage error, 3 divergence
+(NaN/Inf), 1 anything else (a failed checkpoint save among them).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import sys
 
 from sdd_train.config import ConfigError, load_config, to_yaml
-from sdd_train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_OK
+from sdd_train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILURE, EXIT_OK
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.device("meta"):
                 print(Transformer(cfg.model).describe(cfg.train.seq_len))
             return EXIT_OK
+        from sdd_train.checkpoint import CheckpointSaveError
         from sdd_train.train.errors import TrainingDiverged
         from sdd_train.train.launch import train
 
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         except TrainingDiverged as e:
             report(f"error: {e}", file=sys.stderr)
             return EXIT_DIVERGED
+        except CheckpointSaveError as e:
+            report(f"error: {e}; the previous checkpoint is intact, re-run the command to resume from it",
+                   file=sys.stderr)
+            return EXIT_FAILURE
     except ConfigError as e:
         report(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdd_train.checkpoint import Checkpointer, latest
-from sdd_train.config import RunConfig, as_dict
+from sdd_train.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, complete_checkpoints
+from sdd_train.config import ConfigError, RunConfig, as_dict
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
 from sdd_train.eval.validation import EvalSet
@@ -40,15 +40,16 @@ class Trainer:
         self.start_step = 0  # the step this process started from
         self.stop_reason: str | None = None
         self._metrics: dict[str, Any] = {}  # recorded by callbacks during the current step
+        self._rejected: list[dict[str, Any]] = []  # checkpoints a restore set aside, for events.jsonl
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> Path:
         """Train to ``train.max_steps``, resuming from the latest checkpoint if there is one."""
         t = self.cfg.train
-        resume = broadcast_object(latest(self.run_dir))
-        if resume is not None:
-            meta = self.load_checkpoint(resume)
+        restored = self._restore_newest()
+        if restored is not None:
+            resume, meta = restored
             if meta.get("data", {}).get("fingerprints", self.data_fingerprints) != self.data_fingerprints:
                 self.log("warning: the training data changed since this checkpoint; continuing at the same"
                          " stream position")
@@ -70,6 +71,7 @@ class Trainer:
             return self.run_dir
         self.start_step = self.step
         self._call("on_fit_start")
+        self._record_rejections()
         try:
             while self.step < t.max_steps and self.stop_reason is None:
                 self._train_step()
@@ -165,16 +167,48 @@ class Trainer:
         return meta
 
     def rollback(self, exclude: set[int]) -> int | None:
-        """Reload the latest checkpoint and leave the global batches at ``exclude`` out of the stream
-        from now on; returns the step it went back to (None: there is no checkpoint)."""
+        """Reload the latest usable checkpoint and leave the global batches at ``exclude`` out of the
+        stream from now on; returns the step it went back to (None: there is no checkpoint)."""
         self.checkpointer.wait()
-        path = broadcast_object(latest(self.run_dir))
-        if path is None:
-            return None
         excluded = self.excluded | exclude
         self.module.zero_grad()
-        self.load_checkpoint(path)
+        if self._restore_newest() is None:
+            return None
         self.excluded |= excluded
+        self._record_rejections()
         self._call("on_rollback", self.step)
         return self.step
 
+    def _restore_newest(self) -> tuple[Path, dict[str, Any]] | None:
+        """Load the newest checkpoint that verifies and loads. One that fails is moved aside
+        (``step_N.corrupt``), logged and recorded in events.jsonl, and the one before it is tried;
+        when none is left a ConfigError names each one and why."""
+        verify, failures = self.cfg.train.verify_checkpoints, []
+        for path in broadcast_object(complete_checkpoints(self.run_dir)[::-1]):
+            problems = self.checkpointer.verify(path) if verify else []
+            if problems is None:
+                self.log(f"warning: {path} is not verified: it has no manifest (written before checksums were recorded)"
+                         " or its checksum algorithm is not installed (xxhash)")
+            if problems:
+                reason = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            else:
+                try:
+                    return path, self.load_checkpoint(path)
+                except CheckpointError as e:
+                    reason = str(e)
+            moved = self.checkpointer.quarantine(path)
+            failures.append(f"{path.name}: {reason}")
+            self.log(f"warning: checkpoint {path} is unusable ({reason}); moved to {moved.name}, trying the one"
+                     " before it")
+            self._rejected.append({"event": "checkpoint_rejected", "checkpoint": path.name, "moved_to": moved.name,
+                                   "reason": reason})
+        if failures:
+            raise ConfigError(f"{checkpoint_dir(self.run_dir)}: no usable checkpoint ({'; '.join(failures)}); the"
+                              " unusable ones are kept as step_*.corrupt; delete the run directory to start over")
+        return None
+
+    def _record_rejections(self) -> None:
+        """The checkpoints a restore set aside, in events.jsonl at the step the run continued from."""
+        for event in self._rejected:
+            self.write("events", {"step": self.step, **event})
+        self._rejected.clear()

@@ -1,6 +1,11 @@
 """Checkpoints: every ``train.checkpoint_interval`` steps, every ``permanent_checkpoint_interval``
 (kept forever), at the last step, and on SIGTERM / SIGUSR1 (Slurm preemption), after which the run
-stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed."""
+stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed.
+
+A save that fails (a full disk, a quota, permissions) leaves the previous checkpoint the latest;
+``train.checkpoint_failure`` decides: ``stop`` the run (exit 1), or ``retry`` at the next interval
+(logged, and recorded in events.jsonl). The last step's save and a stop signal's always stop on
+failure: there is no later chance."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sdd_train.checkpoint import checkpoint_dir
+from sdd_train.checkpoint import CheckpointSaveError, checkpoint_dir
 from sdd_train.distributed.world import all_reduce_max
 from sdd_train.train.callbacks.base import Callback
 from sdd_train.train.errors import TrainingDiverged
@@ -55,7 +60,16 @@ class CheckpointCallback(Callback):
             if not all_finite(trainer.module.model):
                 raise TrainingDiverged(f"step {step}: the model has non-finite parameters; not checkpointing it."
                                        f" The last good checkpoint (if any) is in {checkpoint_dir(trainer.run_dir)}")
-            path = trainer.save_checkpoint()
+            try:
+                path = trainer.save_checkpoint()
+            except CheckpointSaveError as e:
+                if t.checkpoint_failure == "stop" or step == t.max_steps or stopping:
+                    raise
+                trainer.write("events", {"step": step, "event": "checkpoint_failed", "action": "retry",
+                                         "error": str(e)})
+                trainer.log(f"warning: {e}; the previous checkpoint stays the latest, saving again at the next"
+                            " interval (train.checkpoint_failure=retry)")
+                return
             if step == t.max_steps:
                 trainer.log(f"checkpoint: {path}")
         if stopping:
@@ -70,7 +84,7 @@ class CheckpointCallback(Callback):
         return int(all_reduce_max(flag).item()) if trainer.world.distributed else int(flag.item())
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        trainer.checkpointer.wait()  # an async save in flight completes before the process ends
+        trainer.checkpointer.wait()  # an async save in flight completes (or fails) before the process ends
 
     def close(self, trainer: Trainer) -> None:
         for sig, handler in self._previous.items():

@@ -1,0 +1,315 @@
+"""Faults a long run meets: corrupt or truncated checkpoint files, a full disk during a save, a killed
+process, a dead rank. Each leaves a checkpoint that loads, and the run continues exactly (bitwise) as
+if nothing had happened. ``make soak`` (scripts/soak.py) repeats these many times; this is its short
+version."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_run
+from sdd_train import checkpoint
+from sdd_train.checkpoint import storage
+from sdd_train.checkpoint.__main__ import main as ckpt_main
+from sdd_train.checkpoint.manifest import ALGORITHM, MANIFEST, file_checksum
+from sdd_train.diagnostics.summary import read_records
+from sdd_train.distributed.world import cpu_fsdp_supported
+from sdd_train.eval.validation import main as eval_main
+from sdd_train.train.__main__ import main
+
+EXTRA = ["optim.warmup_steps=3", "model.block=sdd", "train.precision=fp32", "train.eval_interval=0",
+         "train.checkpoint_interval=2", "diagnostics.layer_stats_interval=0", "diagnostics.activation_interval=0"]
+
+
+def args(run_dir: Path, cache: Path, *extra: str) -> list[str]:
+    return small_run(run_dir, cache, *EXTRA, *extra)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [e for e in read_records(run_dir / "events.jsonl") if e["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def reference(data_cache, tmp_path_factory) -> Path:
+    """An uninterrupted run of 6 steps."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    assert main(args(run_dir, data_cache, "train.max_steps=6")) == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def at_step_4(data_cache, tmp_path_factory) -> Path:
+    """The same run stopped after step 4: checkpoints at steps 2 and 4 (each copied before use)."""
+    run_dir = tmp_path_factory.mktemp("at_step_4")
+    assert main(args(run_dir, data_cache, "train.max_steps=4")) == 0
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def test_every_checkpoint_records_the_checksum_of_every_file(at_step_4):
+    for ckpt in checkpoint.complete_checkpoints(at_step_4):
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+        assert sorted(manifest["files"]) == files
+        assert {"meta.json", ".metadata", "rng/rank_0.pt"} <= set(files) and any(f.endswith(".distcp") for f in files)
+        for name, entry in manifest["files"].items():
+            assert entry["size"] == (ckpt / name).stat().st_size
+            assert entry[ALGORITHM] == file_checksum(ckpt / name)
+
+
+def overwrite(path: Path, at: float = 0.5, size: int = 4096) -> None:
+    """4 KiB of other bytes in place (silent disk corruption), the file's size unchanged."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start:start + size] = bytes((b + 1) % 256 for b in data[start:start + size])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def shard(ckpt: Path) -> Path:
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+FAULTS = {
+    "shard_overwritten": lambda c: overwrite(shard(c)),
+    "shard_truncated": lambda c: truncate(shard(c)),
+    "dcp_metadata": lambda c: overwrite(c / ".metadata", at=0.0, size=64),
+    "rng_state": lambda c: truncate(c / "rng" / "rank_0.pt"),
+    "meta_json": lambda c: (c / "meta.json").write_text("{ not json"),
+    "manifest": lambda c: (c / MANIFEST).write_text("{ not json"),
+    "shard_missing": lambda c: shard(c).unlink(),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_run_resumes_bitwise(fault, reference, at_step_4, data_cache,
+                                                                             tmp_path, capsys):
+    run = copy_of(at_step_4, tmp_path)
+    bad = checkpoint.checkpoint_dir(run) / "step_0000004"
+    FAULTS[fault](bad)
+    assert eval_main([str(bad)]) == 2  # sdd-eval refuses it: one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1
+    assert ckpt_main(["verify", str(run)]) == 2
+    capsys.readouterr()
+    assert main(args(run, data_cache, "train.max_steps=6")) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {bad} is unusable" in out and "resume: from" in out
+    assert losses(run) == losses(reference)  # steps 3-6 retrained from step 2's checkpoint, bitwise
+    rejected = events(run, "checkpoint_rejected")
+    assert [(e["checkpoint"], e["step"]) for e in rejected] == [("step_0000004", 2)]
+    assert (checkpoint.checkpoint_dir(run) / "step_0000004.corrupt").is_dir()  # kept for inspection
+    assert ckpt_main(["verify", str(run)]) == 0  # what is left, and the new step 4 and 6, are intact
+
+
+def test_no_usable_checkpoint_exits_2_naming_each(at_step_4, data_cache, tmp_path, capsys):
+    run = copy_of(at_step_4, tmp_path)
+    for ckpt in checkpoint.complete_checkpoints(run):
+        overwrite(shard(ckpt))
+    assert main(args(run, data_cache, "train.max_steps=6")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no usable checkpoint" in err and "step_0000002" in err and "step_0000004" in err
+    assert len(err.splitlines()) == 1
+    assert not checkpoint.complete_checkpoints(run)
+
+
+def test_verification_can_be_switched_off(at_step_4, data_cache, tmp_path, capsys):
+    """train.verify_checkpoints=false loads silently corrupted values as they are (and still falls back
+    from a checkpoint that cannot be read)."""
+    run = copy_of(at_step_4, tmp_path)
+    overwrite(shard(checkpoint.checkpoint_dir(run) / "step_0000004"), at=0.9, size=8)
+    assert main(args(run, data_cache, "train.max_steps=5", "train.verify_checkpoints=false")) == 0
+    assert "resume: from" in capsys.readouterr().out and not events(run, "checkpoint_rejected")
+    assert max(losses(run)) == 5
+
+
+def test_sdd_ckpt_lists_steps_tokens_sizes_and_status(at_step_4, tmp_path, capsys):
+    run = copy_of(at_step_4, tmp_path)
+    overwrite(shard(checkpoint.checkpoint_dir(run) / "step_0000002"))
+    truncate(shard(checkpoint.checkpoint_dir(run) / "step_0000004"))
+    assert ckpt_main(["list", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["checkpoint", "step", "tokens", "size", "status"]
+    two, four = lines[1].split(), lines[2].split()
+    assert two[:4] == ["step_0000002", "2", "1,024", two[3]] and "complete" in lines[1]  # sizes alone: intact
+    assert four[:3] == ["step_0000004", "4", "2,048"] and "CORRUPT" in lines[2] and "(latest)" in lines[2]
+    assert ckpt_main(["verify", str(checkpoint.checkpoint_dir(run) / "step_0000002")]) == 2
+    assert "checksum differs" in capsys.readouterr().out
+    assert ckpt_main(["verify", str(tmp_path / "nowhere")]) == 2
+
+
+# --------------------------------------------------------------------------- a save that fails
+
+
+def fail_writes_at(monkeypatch, save_number: int, exc: OSError):
+    """Make the checkpoint writes of the ``save_number``-th save raise ``exc`` (a full disk, a quota)."""
+    real, calls = storage.dcp.save, []
+
+    def save(*a, **kw):
+        calls.append(1)
+        if len(calls) == save_number:
+            raise exc
+        return real(*a, **kw)
+
+    monkeypatch.setattr(storage.dcp, "save", save)
+
+
+@pytest.mark.parametrize("policy", ["stop", "retry"])
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(policy, reference, data_cache, tmp_path, monkeypatch,
+                                                                 capsys):
+    run = tmp_path / "run"
+    fail_writes_at(monkeypatch, 2, OSError(errno.ENOSPC, "No space left on device"))
+    code = main(args(run, data_cache, "train.max_steps=6", f"train.checkpoint_failure={policy}"))
+    captured = capsys.readouterr()
+    assert not list(checkpoint.checkpoint_dir(run).glob("*.partial"))  # nothing half-written stays
+    if policy == "stop":
+        assert code == 1
+        assert "checkpoint of step 4 not saved" in captured.err and "No space left" in captured.err
+        assert len(captured.err.strip().splitlines()) == 1
+        assert checkpoint.latest(run).name == "step_0000002"
+        monkeypatch.undo()
+        assert main(args(run, data_cache, "train.max_steps=6")) == 0  # space again: resume from step 2
+    else:
+        assert code == 0
+        assert [e["step"] for e in events(run, "checkpoint_failed")] == [4]
+        assert "saving again at the next interval" in captured.out
+        assert [p.name for p in checkpoint.complete_checkpoints(run)] == ["step_0000002", "step_0000006"]
+    assert losses(run) == losses(reference)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 3 MiB tmpfs (root only): the run's checkpoints (~1.2 MiB each) fill it up."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here ({result.stderr.strip() or 'not root'}); "
+                    "the injected ENOSPC test covers the same path")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_real_full_filesystem(small_filesystem, reference, data_cache, capsys):
+    """A checkpoint every step until the filesystem is full: the saves that do not fit fail cleanly."""
+    run = small_filesystem / "run"
+    code = main(args(run, data_cache, "train.max_steps=6", "train.keep_checkpoints=100",
+                     "train.checkpoint_failure=retry", "train.checkpoint_interval=1"))
+    failed = events(run, "checkpoint_failed") if (run / "events.jsonl").is_file() else []
+    if code == 0:
+        assert failed, "the filesystem never filled up: make it smaller"
+    else:  # the last step's save cannot be retried
+        assert code == 1 and "No space left" in capsys.readouterr().err
+    assert not list(checkpoint.checkpoint_dir(run).glob("*.partial"))
+    for ckpt in checkpoint.complete_checkpoints(run):
+        assert checkpoint.verify_checkpoint(ckpt) == []  # every checkpoint that was completed is intact
+    good = {s: v for s, v in losses(run).items()}
+    assert good == {s: losses(reference)[s] for s in good}
+
+
+# --------------------------------------------------------------------------- killed processes
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_killed_at_random_moments_resumes_bitwise(reference, data_cache, tmp_path):
+    """SIGKILL at two random moments of the run (mid-step, mid-save or mid-log: wherever it lands),
+    then re-run to the end: every logged loss equals the uninterrupted run's."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sdd_train.train", *args(run, data_cache, "train.max_steps=6",
+                                                           "train.checkpoint_interval=1")]
+    rng = random.Random(0)
+    for step in (2, 4):
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_step(run, proc, step)
+        time.sleep(rng.uniform(0.0, 0.5))  # somewhere in the next step or its checkpoint
+        proc.kill()
+        proc.wait()
+    assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
+    assert losses(run) == losses(reference)
+    assert ckpt_main(["verify", str(run)]) == 0
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+@pytest.mark.skipif(not cpu_fsdp_supported(), reason="FSDP2 on CPU needs torch >= 2.7")
+def test_a_dead_rank_ends_the_job_and_the_rerun_resumes_bitwise(data_cache, tmp_path):
+    """SIGKILL one of two workers mid-run: torchrun ends the job at once (the survivor does not wait
+    out the collective timeout), and re-running resumes from the last checkpoint to the same losses."""
+    run, clean = tmp_path / "run", tmp_path / "clean"
+    extra = ["train.max_steps=8", "train.checkpoint_interval=2", "train.micro_batch_size=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "sdd_train.train"]
+    env = {**ENV, "SDD_TRAIN_DIST_TIMEOUT": "600"}
+    assert subprocess.run([*torchrun, *args(clean, data_cache, *extra)], env=env, capture_output=True,
+                          timeout=600).returncode == 0
+    proc = subprocess.Popen([*torchrun, *args(run, data_cache, *extra)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_step(run, proc, 3)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        killed_at = time.time()
+        os.kill(workers[1], signal.SIGKILL)
+        code = proc.wait(timeout=120)
+        assert code != 0 and time.time() - killed_at < 60  # far from the 600 s collective timeout
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert checkpoint.latest(run) is not None
+    result = subprocess.run([*torchrun, *args(run, data_cache, *extra)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(run) == losses(clean)
+    assert ckpt_main(["verify", str(run)]) == 0
+
+
+def test_finite_weights_in_every_kept_checkpoint(reference):
+    for ckpt in checkpoint.complete_checkpoints(reference):
+        assert all(torch.isfinite(v).all() for v in checkpoint.read_model_state(ckpt).values())
