@@ -5,7 +5,7 @@ The checksum is xxHash's XXH3-128 (``xxhash``, a dependency), which hashes at me
 2-core dev machine it adds a few percent to a save (docs/reliability.md); where ``xxhash`` cannot
 be imported, BLAKE2b-128 (standard library, several times slower). The manifest names its
 algorithm, and verification uses it. The files of a checkpoint are split among the ranks that
-wrote it (and that load it), so each hashes its share.
+wrote it (and that load it), so each hashes its share, several files at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,17 @@ def checkpoint_files(directory: Path) -> list[str]:
                   if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
 
 
+def _checksums(directory: Path, files: list[str], algorithms: list[str]) -> list[str]:
+    """The files' checksums, several at a time (xxhash and hashlib release the GIL while hashing)."""
+    workers = max(1, min(len(files), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda f, a: file_checksum(Path(directory) / f, a), files, algorithms))
+
+
 def describe_files(directory: Path, files: list[str]) -> dict[str, dict[str, Any]]:
     """``{file: {"size": bytes, ALGORITHM: hex}}`` of the given files of ``directory``."""
-    return {f: {"size": (Path(directory) / f).stat().st_size, ALGORITHM: file_checksum(Path(directory) / f)}
-            for f in files}
+    sums = _checksums(directory, files, [ALGORITHM] * len(files))
+    return {f: {"size": (Path(directory) / f).stat().st_size, ALGORITHM: h} for f, h in zip(files, sums)}
 
 
 def write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -91,14 +99,18 @@ def read_manifest(directory: Path) -> dict[str, dict[str, Any]] | None:
 def problems_of(directory: Path, files: dict[str, dict[str, Any]], check: list[str] | None = None) -> list[str]:
     """What is wrong with the ``check`` files (default: all) of ``directory`` against the manifest:
     missing, a different size, a different checksum. [] when they are intact."""
-    found = []
+    found, hash_these = [], []
     for name in files if check is None else check:
         expected, path = files[name], Path(directory) / name
         if not path.is_file():
             found.append(f"{name}: missing")
         elif path.stat().st_size != expected["size"]:
             found.append(f"{name}: {path.stat().st_size} bytes, the manifest says {expected['size']}")
-        elif file_checksum(path, _algorithm_of(expected)) != expected[_algorithm_of(expected)]:
+        else:
+            hash_these.append(name)
+    algorithms = [_algorithm_of(files[name]) for name in hash_these]
+    for name, algorithm, got in zip(hash_these, algorithms, _checksums(directory, hash_these, algorithms)):
+        if got != files[name][algorithm]:
             found.append(f"{name}: checksum differs from the manifest")
     return found
 

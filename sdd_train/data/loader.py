@@ -88,11 +88,15 @@ class MixtureLoader:
 
 def val_batches(split: TokenSplit, seq_len: int, batch_size: int, n_batches: int, eos_id: int, doc_mask: bool
                 ) -> list[dict[str, torch.Tensor]]:
-    """Up to ``n_batches`` fixed batches of consecutive windows from the start of a validation split."""
-    n = min(n_batches * batch_size, split.n_instances(seq_len))
+    """Up to ``n_batches`` fixed batches of windows spread evenly over a validation split (all of them
+    when it holds no more): the estimate covers the whole split, not its first documents, whose
+    losses can be far from the rest (they differ by a nat from document to document in code)."""
+    total = split.n_instances(seq_len)
+    n = min(n_batches * batch_size, total)
+    windows = [i * total // n for i in range(n)]
     out = []
     for first in range(0, n, batch_size):
-        chunk = np.stack([split.instance(i, seq_len) for i in range(first, min(first + batch_size, n))])
+        chunk = np.stack([split.instance(i, seq_len) for i in windows[first:first + batch_size]])
         batch = {"inputs": torch.from_numpy(chunk[:, :-1]), "targets": torch.from_numpy(chunk[:, 1:])}
         if doc_mask:
             batch["doc_ids"] = torch.from_numpy(doc_ids_of(chunk[:, :-1], eos_id))

@@ -3,7 +3,7 @@
 By default every training dataset contributes its held-out split, named after the dataset
 (``stdlib`` for the embedded corpus). ``data.eval_sets`` names other prepared datasets instead
 (``{name, path, split}``). Each set is ``train.eval_batches`` fixed batches of
-``micro_batch_size x seq_len`` windows from the start of its split (only full batches, so a
+``micro_batch_size x seq_len`` windows spread evenly over its split (only full batches, so a
 compiled model sees one shape). With N ranks, rank r evaluates batches r, r+N, ...; the sums of
 losses and token counts are all-reduced, so every world size gives the same numbers.
 
