@@ -377,15 +377,23 @@ def test_doc_ids_and_document_masked_attention(two_datasets):
     assert batch["doc_ids"].shape == batch["inputs"].shape
 
 
-def test_val_batches_are_fixed_windows(corpus_dir, tokenizer_model, tmp_path):
+def test_val_batches_are_fixed_windows_spread_over_the_split(corpus_dir, tokenizer_model, tmp_path):
     # a quarter held out, so that the val split holds several windows
     prepare([str(corpus_dir / "big.jsonl")], tokenizer_model, tmp_path / "ds", opts=PrepareOptions(val_fraction=0.25),
             progress=False, log=lambda *_: None)
     ds = PreparedDataset(tmp_path / "ds")
+    total = ds.val.n_instances(8)
+    assert total > 12
     batches = val_batches(ds.val, 8, 2, 3, ds.tokenizer.eos_id, doc_mask=False)
     assert len(batches) == 3
-    assert torch.equal(batches[1]["inputs"][0], torch.from_numpy(ds.val.read(16, 8)))
+    windows = [i * total // 6 for i in range(6)]  # evenly over the split, not its first 6 windows
+    rows = [row for b in batches for row in b["inputs"]]
+    for row, window in zip(rows, windows):
+        assert torch.equal(row, torch.from_numpy(ds.val.instance(window, 8)[:-1]))
+    assert windows[-1] >= total * 5 // 6 - 1
     assert torch.equal(batches[0]["targets"][:, :-1], batches[0]["inputs"][:, 1:])
+    every = val_batches(ds.val, 8, 2, total, ds.tokenizer.eos_id, doc_mask=False)  # asked for more: all of them
+    assert sum(len(b["inputs"]) for b in every) == total
 
 
 def test_training_on_a_mixture_of_prepared_datasets(two_datasets, tmp_path, data_cache):

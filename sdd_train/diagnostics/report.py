@@ -44,7 +44,8 @@ def checkpoint_activations(run_dir: Path, checkpoint: Path | None = None) -> dic
 
     loaded = load_model(checkpoint or run_dir)
     cfg = loaded.cfg
-    sets = build_eval_sets(cfg, *local_run_data(cfg), 1)
+    # the in-loop statistics' batch: the first of the validation sets the training loop builds
+    sets = build_eval_sets(cfg, *local_run_data(cfg), max(cfg.train.eval_batches, 1))
     if not sets:
         raise ConfigError(f"{run_dir}: no validation split holds one sequence of {cfg.train.seq_len + 1} tokens")
     batch = sets[0].batches[0]
