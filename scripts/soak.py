@@ -130,7 +130,7 @@ KINDS = ("shard_overwritten", "shard_truncated", "shard_missing", "dcp_metadata"
 def corruption(work: Path, steps: int, repeats: int, rng: random.Random,
                reference: dict[int, float]) -> dict[str, tuple[int, int, int]]:
     base = work / "base"
-    train(base, steps // 2)
+    train(base, steps // 2, f"optim.horizon_steps={steps}")  # the schedule of the whole run
     out = {}
     for kind in KINDS:
         lost = diff = 0

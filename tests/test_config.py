@@ -49,6 +49,9 @@ MALFORMED = [
     (["model.qk_norm=sometimes"], "model.qk_norm"),
     (["train.max_steps"], "train.max_steps"),  # no '='
     (["colour=red"], "colour"),  # neither a key nor a group
+    (["train.seed=-1"], "train.seed"),  # numpy's generator would refuse it at the first batch
+    (["name=.."], "name"),  # the run directory would be runs/.. itself
+    (["callbacks=[{path: '.relative:Cb'}]"], "callbacks.0.path"),  # a relative import
 ]
 
 

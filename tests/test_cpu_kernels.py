@@ -208,9 +208,9 @@ def test_eps_counts_where_the_mean_square_is_near_it(kernel, monkeypatch, dtype)
         want = norm_reference(x, weight, dy, groups)
         # without eps the result would be 5% (RMS 1e-2) to 3x (RMS 1e-3) off
         assert relative_error(norm_reference(x, weight, dy, groups, eps=0.0)[0], want[0]) > 10 * TOLERANCE[dtype]
-        for norm in (cpu_rms_norm.cpu_rms_norm, rms_norm_torch):
-            for g, w in zip(norm_run(norm, x, weight, dy, groups), want):
-                assert relative_error(g, w) < TOLERANCE[dtype], (norm.__name__, groups)
+        for kernel in (cpu_rms_norm.cpu_rms_norm, rms_norm_torch):
+            for g, w in zip(norm_run(kernel, x, weight, dy, groups), want):
+                assert relative_error(g, w) < TOLERANCE[dtype], (kernel.__name__, groups)
     for path in ("auto", "torch"):
         monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", path)
         for groups in (1, 2):

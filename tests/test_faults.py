@@ -21,12 +21,13 @@ import torch
 
 from conftest import small_run
 from sdd_train import checkpoint
-from sdd_train.checkpoint import storage
+from sdd_train.checkpoint import manifest, storage
 from sdd_train.checkpoint.__main__ import main as ckpt_main
 from sdd_train.checkpoint.manifest import ALGORITHM, MANIFEST, file_checksum
 from sdd_train.diagnostics.summary import read_records
 from sdd_train.distributed.world import cpu_fsdp_supported
 from sdd_train.eval.validation import main as eval_main
+from sdd_train.train.callbacks import Callback
 from sdd_train.train.__main__ import main
 
 EXTRA = ["optim.warmup_steps=3", "model.block=sdd", "train.precision=fp32", "train.eval_interval=0",
@@ -76,6 +77,23 @@ def test_every_checkpoint_records_the_checksum_of_every_file(at_step_4):
         for name, entry in manifest["files"].items():
             assert entry["size"] == (ckpt / name).stat().st_size
             assert entry[ALGORITHM] == file_checksum(ckpt / name)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 * 4096 + 7])
+def test_a_file_checksum_is_the_hash_of_its_bytes(size, tmp_path, monkeypatch):
+    """Mapped or read in chunks (chunks made small here), a file's checksum is the library's digest of
+    its whole content: another value would make every checkpoint unverifiable by other tools."""
+    import hashlib
+
+    import xxhash
+
+    monkeypatch.setattr(manifest, "_CHUNK", 4096)
+    content = random.Random(size).randbytes(size)
+    (tmp_path / "f").write_bytes(content)
+    assert file_checksum(tmp_path / "f", "xxh3_128") == xxhash.xxh3_128(content).hexdigest()
+    assert file_checksum(tmp_path / "f", "blake2b") == hashlib.blake2b(content, digest_size=16).hexdigest()
+    monkeypatch.setattr(manifest.mmap, "mmap", lambda *a, **k: (_ for _ in ()).throw(OSError("no mmap here")))
+    assert file_checksum(tmp_path / "f", "xxh3_128") == xxhash.xxh3_128(content).hexdigest()
 
 
 def overwrite(path: Path, at: float = 0.5, size: int = 4096) -> None:
@@ -147,6 +165,88 @@ def test_verification_can_be_switched_off(at_step_4, data_cache, tmp_path, capsy
     assert max(losses(run)) == 5
 
 
+def test_a_changed_model_config_stops_the_resume_and_moves_nothing(at_step_4, data_cache, tmp_path, capsys):
+    """Resuming with another model is the command's mistake, not the checkpoints': exit 2 naming the key,
+    every checkpoint and config.yaml left as they were, and the original command then resumes as if the
+    mistake had not happened (bitwise)."""
+    untouched = copy_of(at_step_4, tmp_path / "untouched")
+    assert main(args(untouched, data_cache, "train.max_steps=6")) == 0
+    run = copy_of(at_step_4, tmp_path)
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    before = files()
+    assert main(args(run, data_cache, "train.max_steps=6", "model.n_layers=3")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "step_0000004" in err and "model.n_layers: 2 -> 3" in err and len(err.splitlines()) == 1
+    assert files() == before  # checkpoints, config.yaml and logs as they were
+    assert main(args(run, data_cache, "train.max_steps=6")) == 0
+    assert losses(run) == losses(untouched) and max(losses(run)) == 6
+
+
+def test_a_changed_model_that_still_loads_is_named_in_a_warning(at_step_4, data_cache, tmp_path, capsys):
+    run = copy_of(at_step_4, tmp_path)
+    assert main(args(run, data_cache, "train.max_steps=5", "model.block=post")) == 0
+    assert "written with another model config (model.block: 'sdd' -> 'post')" in capsys.readouterr().out
+
+
+def test_an_unreadable_file_is_a_verification_problem(at_step_4, tmp_path, monkeypatch):
+    """A read error (EIO from a failing disk) marks the checkpoint corrupt instead of crashing the resume."""
+    run = copy_of(at_step_4, tmp_path)
+    ckpt = checkpoint.checkpoint_dir(run) / "step_0000004"
+    real = manifest.file_checksum
+
+    def failing(path, algorithm=manifest.ALGORITHM):
+        if Path(path).name == "meta.json":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(path, algorithm)
+
+    monkeypatch.setattr(manifest, "file_checksum", failing)
+    assert checkpoint.verify_checkpoint(ckpt) == ["meta.json: unreadable (Input/output error)"]
+
+
+class CrashAt(Callback):
+    """Raises before the given step: the run ends as a crash does, between log steps."""
+
+    name = "crash_at"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def pre_step(self, trainer, step: int) -> None:
+        if step == self.step:
+            raise RuntimeError("planted crash")
+
+
+def test_a_resume_between_log_steps_logs_what_an_uninterrupted_run_logs(data_cache, tmp_path, monkeypatch):
+    """Callback state that spans log steps (the largest gradient norm since the last record) is in the
+    checkpoint: crashed at step 4, resumed from step 2, with records at 1, 4 and 6, step 4's record is the
+    uninterrupted run's (its largest norm is step 2's)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(args(whole, data_cache, "train.max_steps=6", "train.log_interval=4")) == 0
+    with pytest.raises(RuntimeError, match="planted crash"):
+        main(args(parts, data_cache, "train.max_steps=6", "train.log_interval=4",
+                  "callbacks=[{path: 'test_faults:CrashAt', options: {step: 4}}]"))
+    assert main(args(parts, data_cache, "train.max_steps=6", "train.log_interval=4")) == 0
+    records = [[{k: r[k] for k in ("step", "loss", "grad_norm", "grad_norm_max")}
+                for r in read_records(run / "metrics.jsonl") if "grad_norm_max" in r] for run in (whole, parts)]
+    assert [r["step"] for r in records[0]] == [1, 4, 6] and records[1] == records[0]
+
+
+def test_latest_is_the_newest_complete_checkpoint_by_step(tmp_path):
+    """Not the marker (a kill between a rename and the marker's move leaves it one behind), and not the
+    name's order (step numbers outgrow the zero padding)."""
+    root = checkpoint.checkpoint_dir(tmp_path)
+    for step in (9_999_999, 10_000_000):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+        (root / f"step_{step:07d}" / "meta.json").write_text(json.dumps({"step": step}))
+    (root / "latest").write_text("step_9999999")
+    assert checkpoint.latest(tmp_path).name == "step_10000000"
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step_9999999", "step_10000000"]
+
+
 def test_sdd_ckpt_lists_steps_tokens_sizes_and_status(at_step_4, tmp_path, capsys):
     run = copy_of(at_step_4, tmp_path)
     overwrite(shard(checkpoint.checkpoint_dir(run) / "step_0000002"))
@@ -160,6 +260,10 @@ def test_sdd_ckpt_lists_steps_tokens_sizes_and_status(at_step_4, tmp_path, capsy
     assert ckpt_main(["verify", str(checkpoint.checkpoint_dir(run) / "step_0000002")]) == 2
     assert "checksum differs" in capsys.readouterr().out
     assert ckpt_main(["verify", str(tmp_path / "nowhere")]) == 2
+    (checkpoint.checkpoint_dir(run) / "step_0000002" / "meta.json").write_bytes(b"\xff{ not json")
+    capsys.readouterr()
+    assert ckpt_main(["list", str(run)]) == 0
+    assert "CORRUPT (meta.json unreadable)" in capsys.readouterr().out.splitlines()[1]
 
 
 # --------------------------------------------------------------------------- a save that fails

@@ -2,9 +2,9 @@
 integrity manifests (:mod:`.manifest`), and ``sdd-ckpt`` to list and verify them (:mod:`.__main__`)."""
 
 from sdd_train.checkpoint.storage import (CheckpointError, Checkpointer, CheckpointSaveError, checkpoint_dir,
-                                          complete_checkpoints, latest, read_meta, read_model_state,
+                                          complete_checkpoints, latest, model_changes, read_meta, read_model_state,
                                           resolve_checkpoint, step_of, verified, verify_checkpoint, write_atomic)
 
 __all__ = ["CheckpointError", "CheckpointSaveError", "Checkpointer", "checkpoint_dir", "complete_checkpoints",
-           "latest", "read_meta", "read_model_state", "resolve_checkpoint", "step_of", "verified", "verify_checkpoint",
+           "latest", "model_changes", "read_meta", "read_model_state", "resolve_checkpoint", "step_of", "verified", "verify_checkpoint",
            "write_atomic"]

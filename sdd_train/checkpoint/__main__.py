@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from sdd_train.checkpoint.manifest import MANIFEST, read_manifest
-from sdd_train.checkpoint.storage import CORRUPT, META, PARTIAL, checkpoint_dir, latest, verify_checkpoint
+from sdd_train.checkpoint.storage import CORRUPT, META, PARTIAL, checkpoint_dir, latest, step_of, verify_checkpoint
 from sdd_train.exit_codes import EXIT_CONFIG, EXIT_OK
 
 
@@ -51,7 +52,10 @@ def status_by_size(path: Path) -> str:
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
-    return sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: p.name) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = (p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+(\..*)?", p.name))
+    return sorted(found, key=lambda p: (step_of(p), p.name))
 
 
 def list_run(run_dir: Path) -> int:
@@ -62,11 +66,17 @@ def list_run(run_dir: Path) -> int:
     newest = latest(run_dir)
     print(f"{'checkpoint':<22} {'step':>8} {'tokens':>16} {'size':>11}  status")
     for path in checkpoints:
-        meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+        status = status_by_size(path)
+        try:
+            meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+        except (OSError, ValueError):
+            meta = None
+        if not isinstance(meta, dict):
+            meta, status = {}, status if CORRUPT in path.name else f"CORRUPT ({META} unreadable)"
         step = meta.get("step", "-")
-        tokens = f"{meta['tokens_seen']:,}" if "tokens_seen" in meta else "-"
+        tokens = f"{meta['tokens_seen']:,}" if isinstance(meta.get("tokens_seen"), int) else "-"
         mark = " (latest)" if newest is not None and path == newest else ""
-        print(f"{path.name:<22} {step:>8} {tokens:>16} {_human(_size(path)):>11}  {status_by_size(path)}{mark}")
+        print(f"{path.name:<22} {step:>8} {tokens:>16} {_human(_size(path)):>11}  {status}{mark}")
     return EXIT_OK
 
 

@@ -1,17 +1,18 @@
 """Checkpoint integrity: the size and checksum of every file, recorded in ``manifest.json`` before a
 checkpoint is marked complete, and checked before it is loaded.
 
-The checksum is xxHash's XXH3-128 (``xxhash``, a dependency), which hashes at memory speed: on the
-2-core dev machine it adds a few percent to a save (docs/reliability.md); where ``xxhash`` cannot
-be imported, BLAKE2b-128 (standard library, several times slower). The manifest names its
-algorithm, and verification uses it. The files of a checkpoint are split among the ranks that
-wrote it (and that load it), so each hashes its share, several files at a time.
+The checksum is xxHash's XXH3-128 (``xxhash``, a dependency), which hashes at memory speed (its
+cost next to a save is measured in docs/reliability.md); where ``xxhash`` cannot be imported,
+BLAKE2b-128 (standard library, slower). The manifest names its algorithm, and verification uses it.
+The files of a checkpoint are split among the ranks that save it (and that load it), so each hashes
+its share, several files at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +34,22 @@ ALGORITHM = "xxh3_128" if xxhash is not None else "blake2b"  # what new manifest
 
 
 def file_checksum(path: Path, algorithm: str = ALGORITHM) -> str:
-    """The checksum of a file's bytes, read in chunks into one reused buffer."""
+    """The checksum of a file's bytes. Hashed from a memory map (no copy out of the page cache, where
+    a just-written checkpoint's files are); where a file cannot be mapped (empty, or a filesystem
+    without mmap), read in chunks into one reused buffer. Both give the same digest."""
     digest = HASHES[algorithm]()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(view[:n])
+        try:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            buffer = bytearray(_CHUNK)
+            view = memoryview(buffer)
+            while n := f.readinto(buffer):
+                digest.update(view[:n])
+            return digest.hexdigest()
+        with mapped, memoryview(mapped) as view:
+            for start in range(0, len(view), _CHUNK):
+                digest.update(view[start:start + _CHUNK])
     return digest.hexdigest()
 
 
@@ -50,17 +60,28 @@ def checkpoint_files(directory: Path) -> list[str]:
                   if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
 
 
-def _checksums(directory: Path, files: list[str], algorithms: list[str]) -> list[str]:
-    """The files' checksums, several at a time (xxhash and hashlib release the GIL while hashing)."""
+def _checksums(directory: Path, files: list[str], algorithms: list[str]) -> list[str | OSError]:
+    """The files' checksums, several at a time (xxhash and hashlib release the GIL while hashing); the
+    error in place of the checksum of a file that could not be read."""
+    def checksum(name: str, algorithm: str) -> str | OSError:
+        try:
+            return file_checksum(Path(directory) / name, algorithm)
+        except OSError as e:
+            return e
+
     workers = max(1, min(len(files), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda f, a: file_checksum(Path(directory) / f, a), files, algorithms))
+        return list(pool.map(checksum, files, algorithms))
 
 
 def describe_files(directory: Path, files: list[str]) -> dict[str, dict[str, Any]]:
     """``{file: {"size": bytes, ALGORITHM: hex}}`` of the given files of ``directory``."""
-    sums = _checksums(directory, files, [ALGORITHM] * len(files))
-    return {f: {"size": (Path(directory) / f).stat().st_size, ALGORITHM: h} for f, h in zip(files, sums)}
+    described = {}
+    for name, checksum in zip(files, _checksums(directory, files, [ALGORITHM] * len(files))):
+        if isinstance(checksum, OSError):
+            raise checksum
+        described[name] = {"size": (Path(directory) / name).stat().st_size, ALGORITHM: checksum}
+    return described
 
 
 def write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
@@ -102,15 +123,22 @@ def problems_of(directory: Path, files: dict[str, dict[str, Any]], check: list[s
     found, hash_these = [], []
     for name in files if check is None else check:
         expected, path = files[name], Path(directory) / name
-        if not path.is_file():
+        try:
+            size = path.stat().st_size if path.is_file() else None
+        except OSError as e:
+            found.append(f"{name}: unreadable ({e.strerror or e})")
+            continue
+        if size is None:
             found.append(f"{name}: missing")
-        elif path.stat().st_size != expected["size"]:
-            found.append(f"{name}: {path.stat().st_size} bytes, the manifest says {expected['size']}")
+        elif size != expected["size"]:
+            found.append(f"{name}: {size} bytes, the manifest says {expected['size']}")
         else:
             hash_these.append(name)
     algorithms = [_algorithm_of(files[name]) for name in hash_these]
     for name, algorithm, got in zip(hash_these, algorithms, _checksums(directory, hash_these, algorithms)):
-        if got != files[name][algorithm]:
+        if isinstance(got, OSError):
+            found.append(f"{name}: unreadable ({got.strerror or got})")
+        elif got != files[name][algorithm]:
             found.append(f"{name}: checksum differs from the manifest")
     return found
 

@@ -86,8 +86,8 @@ def write_atomic(path: Path, text: str) -> None:
 def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and _COMPLETE_NAME.fullmatch(p.name)
-                  and (p / META).is_file())
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and _COMPLETE_NAME.fullmatch(p.name)
+                   and (p / META).is_file()), key=step_of)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -96,14 +96,9 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint, following ``latest`` when it names a complete one."""
-    root = checkpoint_dir(run_dir)
-    marker = root / "latest"
-    if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / META).is_file():
-            return path
-    done = _complete(root)
+    """The newest complete checkpoint. The ``latest`` marker file is for people and other tools: a
+    kill between a checkpoint's rename and the marker's move leaves it naming the one before."""
+    done = _complete(checkpoint_dir(run_dir))
     return done[-1] if done else None
 
 
@@ -144,6 +139,25 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
+def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
+    """How the resolved model config ``model`` differs from the one the checkpoint was written with,
+    as ``model.key: there -> here`` (keys the checkpoint's config lacks are not compared: they came
+    with a later version); [] when its meta.json cannot be read (loading will say why)."""
+    try:
+        written = read_meta(path)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    there, here = flat(written), flat(model)
+    return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k]]
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -173,24 +187,26 @@ class Checkpointer:
         self.keep = keep
         self.permanent_every = permanent_every
         self.async_save = async_save
-        self._pending: tuple[Future, Path, dict[str, Any]] | None = None
+        self._pending: tuple[Future, int, str] | None = None  # an async save: its future, step, meta.json
         # Background writes must not interleave with the training collectives on the default group.
         self._pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
-    def _agreed(self, action: Callable[[], Any], error: type[RuntimeError], what: str) -> list[Any]:
-        """Run ``action`` on every rank; every rank's result, or ``error`` raised on every rank when it
-        failed on any (so the ranks' collectives stay matched)."""
+    def _agreed(self, action: Callable[[], Any], error: type[Exception], what: str, share: bool = True) -> Any:
+        """Run ``action`` on every rank; every rank's result (``share``; else this rank's own, which
+        need not be picklable), or ``error`` raised on every rank when it failed on any (so the
+        ranks' collectives stay matched)."""
         result, failure = None, None
         try:
             result = action()
         except (Exception, CheckpointException) as e:  # a disk, DCP (a BaseException) or pickle error, reported
-            failure = f"rank {self.world.rank}: {type(e).__name__}: {' '.join(str(e).split())}"
-        outcomes = all_gather_object((result, failure))
+            reason = " ".join(str(e).split())  # DCP's errors carry each rank's traceback: the start says what
+            failure = f"rank {self.world.rank}: {type(e).__name__}: {reason[:300]}{'...' if len(reason) > 300 else ''}"
+        outcomes = all_gather_object((result if share else None, failure))
         failures = [f for _, f in outcomes if f is not None]
         if failures:
             raise error(f"{what}: {failures[0]}" + (f" (and {len(failures) - 1} other rank(s))" if len(failures) > 1
                                                     else ""))
-        return [r for r, _ in outcomes]
+        return [r for r, _ in outcomes] if share else result
 
     # ------------------------------------------------------------------ save
 
@@ -208,16 +224,20 @@ class Checkpointer:
             state = {"model": model_sd, "optimizer": optim_sd}
             rng = partial / "rng" / f"rank_{self.world.rank}.pt"
             self._agreed(lambda: torch.save(_rng_state(), rng), CheckpointSaveError, what)
-            meta = {**meta, "step": step, "world_size": self.world.world_size}
+            # Serialised now: callback state must be the state of this step, not of when an async save ends.
+            meta = self._agreed(lambda: json.dumps({**meta, "step": step, "world_size": self.world.world_size},
+                                                   indent=1), CheckpointSaveError, what, share=False)
             if self.async_save:
-                future = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._pg,
-                                        **_single_process(dcp.async_save, not dist.is_initialized()))
-                self._pending = (future, final, meta)
+                future = self._agreed(lambda: dcp.async_save(
+                    state, checkpoint_id=str(partial), process_group=self._pg,
+                    **_single_process(dcp.async_save, not dist.is_initialized())), CheckpointSaveError, what,
+                    share=False)
+                self._pending = (future, step, meta)
                 return final
             self._agreed(lambda: dcp.save(state, checkpoint_id=str(partial),
                                           **_single_process(dcp.save, not dist.is_initialized())),
                          CheckpointSaveError, what)
-            self._finalise(final, meta)
+            self._finalise(step, meta)
         except CheckpointSaveError:
             self._discard(partial)
             raise
@@ -232,25 +252,28 @@ class Checkpointer:
         """Finish a pending background save (a no-op when none is pending)."""
         if self._pending is None:
             return
-        future, final, meta = self._pending
+        future, step, meta = self._pending
         self._pending = None
-        partial = final.with_name(final.name + PARTIAL)
         try:
-            self._agreed(future.result, CheckpointSaveError, f"checkpoint of step {meta['step']} not saved")
-            self._finalise(final, meta)
+            self._agreed(future.result, CheckpointSaveError, f"checkpoint of step {step} not saved", share=False)
+            self._finalise(step, meta)
         except CheckpointSaveError:
-            self._discard(partial)
+            self._discard(self.root / f"step_{step:07d}{PARTIAL}")
             raise
 
-    def _finalise(self, final: Path, meta: dict[str, Any]) -> None:
+    def _finalise(self, step: int, meta: str) -> None:
         """meta.json, then every file's checksum (the ranks share the files), the manifest, the rename,
         ``latest``: each step agreed on, so a failure anywhere leaves only a ``.partial`` directory."""
+        final = self.root / f"step_{step:07d}"
         partial = final.with_name(final.name + PARTIAL)
-        what = f"checkpoint of step {meta['step']} not saved"
-        self._agreed(lambda: self.world.is_main and write_atomic(partial / META, json.dumps(meta, indent=1)),
-                     CheckpointSaveError, what)
-        files = checkpoint_files(partial)
-        mine = files[self.world.rank::self.world.world_size]
+        what = f"checkpoint of step {step} not saved"
+        self._agreed(lambda: self.world.is_main and write_atomic(partial / META, meta), CheckpointSaveError, what)
+        # Every file any rank sees, each hashed by one of the ranks that see it: on a shared filesystem a
+        # rank's directory listing may lag behind another rank's writes, never behind its own.
+        listings = [set(files) for files in self._agreed(lambda: checkpoint_files(partial), CheckpointSaveError, what)]
+        files = sorted(set().union(*listings))
+        owners = [[rank for rank, seen in enumerate(listings) if name in seen] for name in files]
+        mine = [name for i, (name, ranks) in enumerate(zip(files, owners)) if ranks[i % len(ranks)] == self.world.rank]
         shares = self._agreed(lambda: describe_files(partial, mine), CheckpointSaveError, what)
         described = {name: entry for share in shares for name, entry in share.items()}
 
@@ -306,10 +329,10 @@ class Checkpointer:
         self._agreed(lambda: dcp.load(state, checkpoint_id=str(path),
                                       **_single_process(dcp.load, not dist.is_initialized())), CheckpointError, what)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        rng = Path(path) / "rng" / f"rank_{self.world.rank}.pt"
-        if meta["world_size"] == self.world.world_size and rng.is_file():
-            states = self._agreed(lambda: torch.load(rng, weights_only=False), CheckpointError, what)
-            _set_rng_state(states[self.world.rank])
+        if meta["world_size"] == self.world.world_size:  # decided alike on every rank: each loads its own
+            rng = Path(path) / "rng" / f"rank_{self.world.rank}.pt"
+            _set_rng_state(self._agreed(lambda: torch.load(rng, weights_only=False), CheckpointError, what,
+                                        share=False))
         return meta
 
     def quarantine(self, path: Path) -> Path:
@@ -318,9 +341,9 @@ class Checkpointer:
         n = 1
         while target.exists():
             target, n = path.with_name(f"{path.name}{CORRUPT}{n}"), n + 1
-        if self.world.is_main:
-            path.rename(target)
-        all_gather_object(None)  # the others wait for the rename
+        self._agreed(lambda: self.world.is_main and path.rename(target), ConfigError,
+                     f"{path} failed verification or loading and cannot be set aside (make the run directory"
+                     " writable, or move it away yourself)", share=False)
         return target
 
 

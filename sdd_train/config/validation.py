@@ -126,10 +126,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"diagnostics.spike.min_history: {spike.min_history} exceeds diagnostics.spike.window="
                           f"{spike.window}; the window never holds that many steps")
     for i, cb in enumerate(cfg.callbacks):
-        if not cb.path or ":" not in cb.path and "." not in cb.path:
-            raise ConfigError(f"callbacks.{i}.path: '{cb.path}' is not an import path like 'package.module:Class'")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name: must be a non-empty name without '/', got '{cfg.name}'")
+        if not cb.path or ":" not in cb.path and "." not in cb.path or cb.path.startswith("."):
+            raise ConfigError(f"callbacks.{i}.path: '{cb.path}' is not an absolute import path like"
+                              " 'package.module:Class'")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"name: must be a non-empty name without '/' (nor '.' or '..'), got '{cfg.name}'")
+    if not 0 <= t.seed < 2**63:
+        raise ConfigError(f"train.seed: must be in [0, 2^63), got {t.seed}")
 
 
 def _validate_schedule(o: OptimConfig, t: TrainConfig) -> None:

@@ -12,8 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from sdd_train.checkpoint import read_meta, read_model_state, resolve_checkpoint, verified
 from sdd_train.config import ConfigError, load_config
 from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdd_train.checkpoint import Checkpointer
-from sdd_train.config import ConfigError, RunConfig, save_config
+from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
 from sdd_train.data.sources import DataError
@@ -70,10 +70,10 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
                            cfg.data.doc_mask)
     eval_sets = _eval_sets(cfg, datasets, names, log)
     module = TrainModule(cfg, world)
-    # ---- everything checked: nothing was written to the run directory before this line
+    # ---- everything checked: nothing was written to the run directory before this line (config.yaml
+    # follows once a resume has found a checkpoint that fits this config)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     checkpointer = Checkpointer(run_dir, world, keep=t.keep_checkpoints, permanent_every=t.permanent_checkpoint_interval,
                                 async_save=t.async_checkpoint)
     feed = DataFeed(loader, t, world, cfg.data.prefetch)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdd_train.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, complete_checkpoints
-from sdd_train.config import ConfigError, RunConfig, as_dict
+from sdd_train.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, complete_checkpoints, model_changes
+from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
 from sdd_train.eval.validation import EvalSet
@@ -55,6 +55,8 @@ class Trainer:
                          " stream position")
             self.log(f"resume: from {resume} (step {self.step}, {self.position:,} instances consumed, written by"
                      f" {meta['world_size']} rank(s))")
+        if self.world.is_main:
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self.log(self.module.model.describe(t.seq_len))
         par = ""
         if self.world.distributed:
@@ -127,9 +129,10 @@ class Trainer:
     # ------------------------------------------------------------------ for callbacks
 
     def is_log_step(self, step: int) -> bool:
-        """Steps with a metrics record: every ``train.log_interval``, the first of this process and the last."""
+        """Steps with a metrics record: the first, every ``train.log_interval`` and the last; the same in
+        a resumed run as in an uninterrupted one (records hold values accumulated since the last one)."""
         t = self.cfg.train
-        return step % t.log_interval == 0 or step in (t.max_steps, self.start_step + 1)
+        return step % t.log_interval == 0 or step in (1, t.max_steps)
 
     def record_metric(self, key: str, value: float) -> None:
         """A value for this step's metrics record (written on log steps, after ``post_train_step``)."""
@@ -180,22 +183,35 @@ class Trainer:
         return self.step
 
     def _restore_newest(self) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest checkpoint that verifies and loads. One that fails is moved aside
-        (``step_N.corrupt``), logged and recorded in events.jsonl, and the one before it is tried;
-        when none is left a ConfigError names each one and why."""
+        """Load the newest usable checkpoint. One whose files fail verification, or that cannot be read
+        and has no verified files to say it is intact, is moved aside (``step_N.corrupt``), logged and
+        recorded in events.jsonl, and the one before it is tried; when none is left a ConfigError names
+        each one and why. One that is intact but does not fit this run (another model config) is a
+        ConfigError that moves nothing: the run's command changed, not its checkpoints."""
         verify, failures = self.cfg.train.verify_checkpoints, []
         for path in broadcast_object(complete_checkpoints(self.run_dir)[::-1]):
-            problems = self.checkpointer.verify(path) if verify else []
-            if problems is None:
+            problems = self.checkpointer.verify(path) if verify else None
+            if verify and problems is None:
                 self.log(f"warning: {path} is not verified: it has no manifest (written before checksums were recorded)"
                          " or its checksum algorithm is not installed (xxhash)")
             if problems:
                 reason = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
             else:
+                changes = model_changes(path, as_dict(self.cfg)["model"])
                 try:
-                    return path, self.load_checkpoint(path)
+                    meta = self.load_checkpoint(path)
                 except CheckpointError as e:
+                    if changes or problems == []:
+                        why = (f"it was written with another model config ({', '.join(changes[:3])})" if changes else
+                               f"its files are intact but it does not fit this run ({e})")
+                        raise ConfigError(f"{path}: {why}; resume with the config it was written with (its"
+                                          " meta.json), or give this run another run_dir") from None
                     reason = str(e)
+                else:
+                    if changes:
+                        self.log(f"warning: {path} was written with another model config ({', '.join(changes)});"
+                                 " continuing with this run's")
+                    return path, meta
             moved = self.checkpointer.quarantine(path)
             failures.append(f"{path.name}: {reason}")
             self.log(f"warning: checkpoint {path} is unusable ({reason}); moved to {moved.name}, trying the one"

@@ -30,7 +30,7 @@ def load_callback(i: int, spec: CallbackConfig) -> Callback:
         module_name, _, attr = spec.path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
+    except (ImportError, AttributeError, ValueError, TypeError) as e:
         raise ConfigError(f"{key}: cannot import '{spec.path}' ({type(e).__name__}: {e}); is its package on the"
                           " Python path?") from None
     if not (isinstance(cls, type) and issubclass(cls, Callback)):

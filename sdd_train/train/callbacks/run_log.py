@@ -42,7 +42,9 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept))
+        tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: a kill here keeps the old log
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -113,10 +113,13 @@ class StabilityCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"spike_detector": self.detector.state_dict(), "skipped_steps": self.skipped,
-                "spike_skips": self.spike_skips, "rollbacks": self.rollbacks}
+                "spike_skips": self.spike_skips, "rollbacks": self.rollbacks, "consecutive_nonfinite": self.consecutive,
+                "max_grad_norm": self.max_grad_norm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state.get("spike_detector", {}))
         self.skipped = state.get("skipped_steps", 0)
         self.spike_skips = state.get("spike_skips", 0)
         self.rollbacks = state.get("rollbacks", 0)
+        self.consecutive = state.get("consecutive_nonfinite", 0)
+        self.max_grad_norm = state.get("max_grad_norm", 0.0)
