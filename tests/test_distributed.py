@@ -22,6 +22,8 @@ from sdd_train import checkpoint
 from sdd_train.train.__main__ import main
 from sdd_train.distributed.world import cpu_fsdp_supported, init_world
 from sdd_train.diagnostics.summary import read_records
+from sdd_train.distributed.parallelize import register_output_types
+from sdd_train.model import LossOutput
 
 EXTRA = ["model.n_layers=3", "train.micro_batch_size=2", "optim.warmup_steps=3", "model.block=sdd",
          "train.precision=fp32", "train.eval_interval=0", "train.max_steps=10", "train.checkpoint_interval=5",
@@ -337,3 +339,17 @@ def test_cpu_ranks_without_fsdp2_cpu_support_are_a_config_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"torch >= 2\.7"):
         init_world("cpu")
+
+
+def test_the_models_output_is_a_pytree_of_its_tensors():
+    """FSDP2 before torch 2.13 finds the tensors to hang its pre-backward all-gather on with pytree:
+    a LossOutput seen as one leaf left the root's resharded parameters freed in backward (a segfault
+    in every 2-rank run on torch 2.11, the GPU image's version; 2.13 looks into dataclasses itself)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    register_output_types()
+    register_output_types()  # idempotent: every FSDP model applies it
+    out = LossOutput(loss=torch.ones(()), ce=torch.zeros(()), expert_load=torch.ones(2, 3))
+    leaves, spec = tree_flatten(out)
+    assert [id(x) for x in leaves if isinstance(x, torch.Tensor)] == [id(out.loss), id(out.ce), id(out.expert_load)]
+    assert tree_unflatten(leaves, spec) == out

@@ -351,12 +351,14 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_killed_at_random_moments_resumes_bitwise(reference, data_cache, tmp_path):
+def test_killed_at_random_moments_resumes_bitwise(data_cache, tmp_path):
     """SIGKILL at two random moments of the run (mid-step, mid-save or mid-log: wherever it lands),
-    then re-run to the end: every logged loss equals the uninterrupted run's."""
-    run = tmp_path / "run"
+    then re-run to the end: every logged loss equals the uninterrupted run's (run with the same
+    thread count: on torch 2.11 one thread and two give other last bits)."""
+    run, uninterrupted = tmp_path / "run", tmp_path / "uninterrupted"
     cmd = [sys.executable, "-m", "sdd_train.train", *args(run, data_cache, "train.max_steps=6",
                                                            "train.checkpoint_interval=1")]
+    assert subprocess.run([*cmd, f"run_dir={uninterrupted}"], env=ENV, capture_output=True, timeout=300).returncode == 0
     rng = random.Random(0)
     for step in (2, 4):
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -365,7 +367,7 @@ def test_killed_at_random_moments_resumes_bitwise(reference, data_cache, tmp_pat
         proc.kill()
         proc.wait()
     assert subprocess.run(cmd, env=ENV, capture_output=True, timeout=300).returncode == 0
-    assert losses(run) == losses(reference)
+    assert losses(run) == losses(uninterrupted) and max(losses(run)) == 6
     assert ckpt_main(["verify", str(run)]) == 0
 
 

@@ -173,6 +173,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _reason(e: BaseException) -> str:
+    """An error's message on one line. DCP's errors carry each failing rank's traceback: there the
+    last line, the error the traceback ends in, says what went wrong."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[-1] if "Traceback" in str(e) and lines else " ".join(lines)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 class Checkpointer:
     """Saves and restores model + optimizer (sharded), RNG states (per rank) and trainer state.
 
@@ -199,8 +207,7 @@ class Checkpointer:
         try:
             result = action()
         except (Exception, CheckpointException) as e:  # a disk, DCP (a BaseException) or pickle error, reported
-            reason = " ".join(str(e).split())  # DCP's errors carry each rank's traceback: the start says what
-            failure = f"rank {self.world.rank}: {type(e).__name__}: {reason[:300]}{'...' if len(reason) > 300 else ''}"
+            failure = f"rank {self.world.rank}: {type(e).__name__}: {_reason(e)}"
         outcomes = all_gather_object((result if share else None, failure))
         failures = [f for _, f in outcomes if f is not None]
         if failures:

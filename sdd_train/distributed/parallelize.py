@@ -8,14 +8,16 @@ checkpoints) are identical with and without any of the three.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
-from sdd_train.model import Transformer
+from sdd_train.model import LossOutput, Transformer
 from sdd_train.distributed.world import World, data_parallel_shape
 
 
@@ -50,6 +52,25 @@ def apply_compile(model: Transformer) -> None:
     model.compiled_loss = True
 
 
+def _flatten_loss_output(out: LossOutput) -> tuple[list[Any], None]:
+    return [getattr(out, f.name) for f in dataclasses.fields(out)], None
+
+
+def _unflatten_loss_output(values: list[Any], _context: None) -> LossOutput:
+    return LossOutput(*values)
+
+
+def register_output_types() -> None:
+    """Make :class:`LossOutput` a pytree node. FSDP2 puts its pre-backward hook (which all-gathers a
+    module's parameters again before its backward) on the tensors of the module's output; before
+    torch 2.13 it finds them with pytree, which takes a dataclass for one opaque leaf, so the root's
+    resharded parameters (embedding, final norm, head) stayed freed in backward."""
+    from torch.utils import _pytree as pytree
+
+    if LossOutput not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(LossOutput, _flatten_loss_output, _unflatten_loss_output)
+
+
 def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
     """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
 
@@ -68,6 +89,7 @@ def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
     else:
         mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
     mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    register_output_types()
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
         reshard = par.reshard_after_forward and i < len(model.blocks) - 1
