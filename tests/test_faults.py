@@ -185,10 +185,20 @@ def test_a_changed_model_config_stops_the_resume_and_moves_nothing(at_step_4, da
     assert losses(run) == losses(untouched) and max(losses(run)) == 6
 
 
-def test_a_changed_model_that_still_loads_is_named_in_a_warning(at_step_4, data_cache, tmp_path, capsys):
+def test_a_model_with_fewer_tensors_than_the_checkpoint_is_refused(at_step_4, data_cache, tmp_path, capsys):
+    """DCP loads a model that lacks some of the checkpoint's tensors (fewer layers) without a word: the
+    tensors are compared first, and the resume stops (exit 2) naming one that has no place."""
     run = copy_of(at_step_4, tmp_path)
-    assert main(args(run, data_cache, "train.max_steps=5", "model.block=post")) == 0
-    assert "written with another model config (model.block: 'sdd' -> 'post')" in capsys.readouterr().out
+    assert main(args(run, data_cache, "train.max_steps=6", "model.n_layers=1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "blocks.1." in err and "in the checkpoint, not in this model" in err and "model.n_layers: 2 -> 1" in err
+    assert not list(checkpoint.checkpoint_dir(run).glob("*.corrupt"))
+
+
+def test_a_model_change_with_the_same_tensors_is_named_in_a_warning(at_step_4, data_cache, tmp_path, capsys):
+    run = copy_of(at_step_4, tmp_path)
+    assert main(args(run, data_cache, "train.max_steps=5", "model.rope_theta=20000")) == 0
+    assert "written with another model config (model.rope_theta: 10000.0 -> 20000.0)" in capsys.readouterr().out
 
 
 def test_an_unreadable_file_is_a_verification_problem(at_step_4, tmp_path, monkeypatch):

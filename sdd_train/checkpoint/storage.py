@@ -55,6 +55,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that fails verification or cannot be loaded (raised on every rank alike)."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A readable checkpoint whose model tensors are not this model's (names or shapes): the run's
+    config changed, the checkpoint is not damaged."""
+
+
 class CheckpointSaveError(RuntimeError):
     """A save that failed (raised on every rank alike); the previous checkpoint is untouched."""
 
@@ -156,6 +161,19 @@ def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
 
     there, here = flat(written), flat(model)
     return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k]]
+
+
+def _tensor_differences(path: Path, model_sd: dict[str, Any]) -> list[str]:
+    """How the checkpoint's model tensors (names, global shapes; from DCP's metadata) differ from
+    ``model_sd``'s (plain or sharded tensors)."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix("model."): tuple(md.size) for key, md in metadata.items()
+             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    here = {key: tuple(value.shape) for key, value in model_sd.items() if isinstance(value, torch.Tensor)}
+    return ([f"{k}: in the checkpoint, not in this model" for k in sorted(saved.keys() - here.keys())]
+            + [f"{k}: in this model, not in the checkpoint" for k in sorted(here.keys() - saved.keys())]
+            + [f"{k}: shape {list(saved[k])} in the checkpoint, {list(here[k])} here"
+               for k in sorted(saved.keys() & here.keys()) if saved[k] != here[k]])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -332,6 +350,10 @@ class Checkpointer:
         what = f"{path}: cannot be loaded"
         meta = self._agreed(lambda: read_meta(path), CheckpointError, what)[self.world.rank]
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        differences = self._agreed(lambda: _tensor_differences(path, model_sd), CheckpointError, what)[0]
+        if differences:  # DCP would load a model that lacks some of the checkpoint's tensors without a word
+            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+            raise CheckpointMismatch(f"{path}: its model is not this run's: {differences[0]}{more}")
         state = {"model": model_sd, "optimizer": optim_sd}
         self._agreed(lambda: dcp.load(state, checkpoint_id=str(path),
                                       **_single_process(dcp.load, not dist.is_initialized())), CheckpointError, what)

@@ -74,7 +74,8 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
     # follows once a resume has found a checkpoint that fits this config)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir, world, keep=t.keep_checkpoints, permanent_every=t.permanent_checkpoint_interval,
+    checkpointer = Checkpointer(run_dir, world, keep=t.keep_checkpoints,
+                                permanent_every=t.permanent_checkpoint_interval,
                                 async_save=t.async_checkpoint)
     feed = DataFeed(loader, t, world, cfg.data.prefetch)
     return Trainer(cfg, world, module, feed, loader, callbacks, checkpointer, eval_sets,

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdd_train.checkpoint import CheckpointError, Checkpointer, checkpoint_dir, complete_checkpoints, model_changes
+from sdd_train.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir, complete_checkpoints,
+                                  model_changes)
 from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
@@ -201,10 +202,10 @@ class Trainer:
                 try:
                     meta = self.load_checkpoint(path)
                 except CheckpointError as e:
-                    if changes or problems == []:
-                        why = (f"it was written with another model config ({', '.join(changes[:3])})" if changes else
-                               f"its files are intact but it does not fit this run ({e})")
-                        raise ConfigError(f"{path}: {why}; resume with the config it was written with (its"
+                    if isinstance(e, CheckpointMismatch) or problems == []:  # readable or intact: the run changed
+                        intact = "" if isinstance(e, CheckpointMismatch) else "its files are intact, but: "
+                        diff = f"; model config, checkpoint -> this run: {', '.join(changes[:3])}" if changes else ""
+                        raise ConfigError(f"{intact}{e}{diff}; resume with the config it was written with (its"
                                           " meta.json), or give this run another run_dir") from None
                     reason = str(e)
                 else:
