@@ -66,17 +66,19 @@ def list_run(run_dir: Path) -> int:
     newest = latest(run_dir)
     print(f"{'checkpoint':<22} {'step':>8} {'tokens':>16} {'size':>11}  status")
     for path in checkpoints:
-        status = status_by_size(path)
         try:
+            status, size = status_by_size(path), _human(_size(path))
             meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
-        except (OSError, ValueError):
+        except OSError as e:  # a permission or I/O error: this row says so, the others are still listed
+            status, size, meta = f"UNREADABLE ({e.strerror or e})", "-", {}
+        except ValueError:
             meta = None
         if not isinstance(meta, dict):
             meta, status = {}, status if CORRUPT in path.name else f"CORRUPT ({META} unreadable)"
-        step = meta.get("step", "-")
+        step = str(meta.get("step", "-"))
         tokens = f"{meta['tokens_seen']:,}" if isinstance(meta.get("tokens_seen"), int) else "-"
         mark = " (latest)" if newest is not None and path == newest else ""
-        print(f"{path.name:<22} {step:>8} {tokens:>16} {_human(_size(path)):>11}  {status}{mark}")
+        print(f"{path.name:<22} {step:>8} {tokens:>16} {size:>11}  {status}{mark}")
     return EXIT_OK
 
 

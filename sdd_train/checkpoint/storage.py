@@ -331,12 +331,17 @@ class Checkpointer:
     # ------------------------------------------------------------------ verify and load
 
     def verify(self, path: Path) -> list[str] | None:
-        """:func:`verify_checkpoint` with the files shared among the ranks; the same answer on every rank."""
+        """:func:`verify_checkpoint` with the files shared among the ranks; the same answer on every rank
+        (each reads the manifest, and they agree on what it says before they share the hashing)."""
         try:
-            files = read_manifest(path)
+            files, unreadable = read_manifest(path), None
         except ValueError as e:
-            return [str(e)]
-        if files is None:
+            files, unreadable = None, str(e)
+        views = all_gather_object((unreadable, files is None))
+        errors = [error for error, _ in views if error is not None]
+        if errors:
+            return errors[:1]
+        if any(unverifiable for _, unverifiable in views):  # e.g. xxhash missing on some node
             return None
         mine = sorted(files)[self.world.rank::self.world.world_size]
         return [p for share in all_gather_object(problems_of(path, files, mine)) for p in share]
@@ -389,7 +394,6 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
         state = {"model": template}
         dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
     except (Exception, CheckpointException) as e:
-        reason = " ".join(str(e).split())[:300]
-        raise ConfigError(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {reason}); use another"
+        raise ConfigError(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {_reason(e)}); use another"
                           " checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return state["model"]

@@ -184,11 +184,12 @@ class Trainer:
         return self.step
 
     def _restore_newest(self) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest usable checkpoint. One whose files fail verification, or that cannot be read
-        and has no verified files to say it is intact, is moved aside (``step_N.corrupt``), logged and
-        recorded in events.jsonl, and the one before it is tried; when none is left a ConfigError names
-        each one and why. One that is intact but does not fit this run (another model config) is a
-        ConfigError that moves nothing: the run's command changed, not its checkpoints."""
+        """Load the newest usable checkpoint. One whose files fail verification is moved aside
+        (``step_N.corrupt``), one that cannot be verified (no manifest, or verification off) and fails
+        to load is skipped where it is; either is logged and recorded in events.jsonl, and the one
+        before it is tried; when none is left a ConfigError names each one and why. One that does not
+        fit this run (other tensors, or intact files that fail to load) is a ConfigError that moves
+        nothing: the run's command or machine changed, not its checkpoints."""
         verify, failures = self.cfg.train.verify_checkpoints, []
         for path in broadcast_object(complete_checkpoints(self.run_dir)[::-1]):
             problems = self.checkpointer.verify(path) if verify else None
@@ -207,7 +208,12 @@ class Trainer:
                         diff = f"; model config, checkpoint -> this run: {', '.join(changes[:3])}" if changes else ""
                         raise ConfigError(f"{intact}{e}{diff}; resume with the config it was written with (its"
                                           " meta.json), or give this run another run_dir") from None
-                    reason = str(e)
+                    # No checksums to say whether its files or this machine (memory, a timeout) failed: left in place.
+                    failures.append(f"{path.name}: {e}")
+                    self.log(f"warning: checkpoint {path} cannot be loaded ({e}) and has no checksums to tell whether"
+                             " its files are damaged; left in place, trying the one before it")
+                    self._rejected.append({"event": "checkpoint_skipped", "checkpoint": path.name, "reason": str(e)})
+                    continue
                 else:
                     if changes:
                         self.log(f"warning: {path} was written with another model config ({', '.join(changes)});"
@@ -220,8 +226,8 @@ class Trainer:
             self._rejected.append({"event": "checkpoint_rejected", "checkpoint": path.name, "moved_to": moved.name,
                                    "reason": reason})
         if failures:
-            raise ConfigError(f"{checkpoint_dir(self.run_dir)}: no usable checkpoint ({'; '.join(failures)}); the"
-                              " unusable ones are kept as step_*.corrupt; delete the run directory to start over")
+            raise ConfigError(f"{checkpoint_dir(self.run_dir)}: no usable checkpoint ({'; '.join(failures)}); damaged"
+                              " ones are kept as step_*.corrupt; delete the run directory to start over")
         return None
 
     def _record_rejections(self) -> None:
