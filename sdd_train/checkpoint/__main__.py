@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from sdd_train.checkpoint.manifest import MANIFEST, read_manifest
+from sdd_train.checkpoint.manifest import MANIFEST, read_manifest, size_problem
 from sdd_train.checkpoint.storage import CORRUPT, META, PARTIAL, checkpoint_dir, latest, step_of, verify_checkpoint
 from sdd_train.exit_codes import EXIT_CONFIG, EXIT_OK
 
@@ -45,9 +45,10 @@ def status_by_size(path: Path) -> str:
         return f"CORRUPT ({e})"
     if files is None:
         return "complete, unverifiable (no manifest, or xxhash is not installed)"
-    wrong = [name for name, entry in files.items()
-             if not (path / name).is_file() or (path / name).stat().st_size != entry["size"]]
-    return f"CORRUPT ({len(wrong)} file(s) missing or of another size: {', '.join(wrong[:3])})" if wrong else "complete"
+    wrong = [name for name, entry in files.items() if size_problem(path, name, entry)]
+    if not wrong:
+        return "complete"
+    return f"CORRUPT ({len(wrong)} file(s) missing, unreadable or of another size: {', '.join(wrong[:3])})"
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

@@ -76,15 +76,10 @@ def describe_files(directory: Path, files: list[str]) -> dict[str, dict[str, Any
     return described
 
 
-def write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
-    """Written atomically (and synced): a manifest is whole or absent."""
-    path = Path(directory) / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"format": FORMAT, "algorithm": ALGORITHM, "files": files}, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+def manifest_text(files: dict[str, dict[str, Any]]) -> str:
+    """The content of ``manifest.json`` for the described files (written atomically by the caller:
+    a manifest is whole or absent)."""
+    return json.dumps({"format": FORMAT, "algorithm": ALGORITHM, "files": files}, indent=1, sort_keys=True)
 
 
 def read_manifest(directory: Path) -> dict[str, dict[str, Any]] | None:
@@ -109,23 +104,28 @@ def read_manifest(directory: Path) -> dict[str, dict[str, Any]] | None:
         raise ValueError(f"{path}: unreadable manifest ({e})") from None
 
 
+def size_problem(directory: Path, name: str, entry: dict[str, Any]) -> str | None:
+    """What is wrong with a file's presence or size against its manifest entry (None: nothing)."""
+    path = Path(directory) / name
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError as e:
+        return f"{name}: unreadable ({e.strerror or e})"
+    if size is None:
+        return f"{name}: missing"
+    return f"{name}: {size} bytes, the manifest says {entry['size']}" if size != entry["size"] else None
+
+
 def problems_of(directory: Path, files: dict[str, dict[str, Any]], check: list[str] | None = None) -> list[str]:
     """What is wrong with the ``check`` files (default: all) of ``directory`` against the manifest:
     missing, a different size, a different checksum. [] when they are intact."""
     found, hash_these = [], []
     for name in files if check is None else check:
-        expected, path = files[name], Path(directory) / name
-        try:
-            size = path.stat().st_size if path.is_file() else None
-        except OSError as e:
-            found.append(f"{name}: unreadable ({e.strerror or e})")
-            continue
-        if size is None:
-            found.append(f"{name}: missing")
-        elif size != expected["size"]:
-            found.append(f"{name}: {size} bytes, the manifest says {expected['size']}")
-        else:
+        problem = size_problem(directory, name, files[name])
+        if problem is None:
             hash_these.append(name)
+        else:
+            found.append(problem)
     algorithms = [_algorithm_of(files[name]) for name in hash_these]
     for name, algorithm, got in zip(hash_these, algorithms, _checksums(directory, hash_these, algorithms)):
         if isinstance(got, OSError):

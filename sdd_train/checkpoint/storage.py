@@ -38,7 +38,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from sdd_train.checkpoint.manifest import checkpoint_files, describe_files, problems_of, read_manifest, write_manifest
+from sdd_train.checkpoint.manifest import (MANIFEST, checkpoint_files, describe_files, manifest_text, problems_of,
+                                           read_manifest)
 from sdd_train.config import ConfigError
 from sdd_train.distributed.world import World, all_gather_object
 
@@ -130,12 +131,16 @@ def verify_checkpoint(path: Path) -> list[str] | None:
     return None if files is None else problems_of(path, files)
 
 
+def first_of(problems: list[str]) -> str:
+    """The first of a non-empty list of problems, and how many more there are (for one-line messages)."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def verified(path: Path) -> Path:
     """``path``, or a ConfigError naming what is corrupt (for the offline tools: one line, exit 2)."""
     problems = verify_checkpoint(path)
     if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{path}: corrupt checkpoint: {problems[0]}{more}; `sdd-ckpt verify {path}` lists every"
+        raise ConfigError(f"{path}: corrupt checkpoint: {first_of(problems)}; `sdd-ckpt verify {path}` lists every"
                           " problem; use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)")
     return path
 
@@ -163,12 +168,17 @@ def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
     return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k]]
 
 
-def _tensor_differences(path: Path, model_sd: dict[str, Any]) -> list[str]:
-    """How the checkpoint's model tensors (names, global shapes; from DCP's metadata) differ from
-    ``model_sd``'s (plain or sharded tensors)."""
+def _model_tensors(path: Path) -> dict[str, TensorStorageMetadata]:
+    """The checkpoint's model tensors by name (global size and dtype), from DCP's metadata."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    saved = {key.removeprefix("model."): tuple(md.size) for key, md in metadata.items()
-             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    return {key.removeprefix("model."): md for key, md in metadata.items()
+            if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+
+
+def _tensor_differences(path: Path, model_sd: dict[str, Any]) -> list[str]:
+    """How the checkpoint's model tensors (names, global shapes) differ from ``model_sd``'s (plain or
+    sharded tensors)."""
+    saved = {key: tuple(md.size) for key, md in _model_tensors(path).items()}
     here = {key: tuple(value.shape) for key, value in model_sd.items() if isinstance(value, torch.Tensor)}
     return ([f"{k}: in the checkpoint, not in this model" for k in sorted(saved.keys() - here.keys())]
             + [f"{k}: in this model, not in the checkpoint" for k in sorted(here.keys() - saved.keys())]
@@ -305,7 +315,7 @@ class Checkpointer:
         def publish() -> None:
             if not self.world.is_main:
                 return
-            write_manifest(partial, described)
+            write_atomic(partial / MANIFEST, manifest_text(described))
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
@@ -353,12 +363,11 @@ class Checkpointer:
         RNG states are restored only when the world size matches the one that saved them.
         """
         what = f"{path}: cannot be loaded"
-        meta = self._agreed(lambda: read_meta(path), CheckpointError, what)[self.world.rank]
+        meta = self._agreed(lambda: read_meta(path), CheckpointError, what, share=False)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         differences = self._agreed(lambda: _tensor_differences(path, model_sd), CheckpointError, what)[0]
         if differences:  # DCP would load a model that lacks some of the checkpoint's tensors without a word
-            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
-            raise CheckpointMismatch(f"{path}: its model is not this run's: {differences[0]}{more}")
+            raise CheckpointMismatch(f"{path}: its model is not this run's: {first_of(differences)}")
         state = {"model": model_sd, "optimizer": optim_sd}
         self._agreed(lambda: dcp.load(state, checkpoint_id=str(path),
                                       **_single_process(dcp.load, not dist.is_initialized())), CheckpointError, what)
@@ -385,13 +394,8 @@ def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The full (consolidated) model tensors of a checkpoint, in one process, on CPU; a checkpoint
     that cannot be read is a ConfigError naming it."""
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
-        template = {
-            key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-            for key, md in metadata.state_dict_metadata.items()
-            if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
-        }
-        state = {"model": template}
+        state = {"model": {key: torch.empty(md.size, dtype=md.properties.dtype)
+                           for key, md in _model_tensors(path).items()}}
         dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
     except (Exception, CheckpointException) as e:
         raise ConfigError(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {_reason(e)}); use another"

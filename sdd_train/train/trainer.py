@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdd_train.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir, complete_checkpoints,
-                                  model_changes)
+from sdd_train.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir,
+                                  complete_checkpoints, first_of, model_changes)
 from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
@@ -197,7 +197,7 @@ class Trainer:
                 self.log(f"warning: {path} is not verified: it has no manifest (written before checksums were recorded)"
                          " or its checksum algorithm is not installed (xxhash)")
             if problems:
-                reason = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                reason = first_of(problems)
             else:
                 changes = model_changes(path, as_dict(self.cfg)["model"])
                 try:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdd_train.checkpoint import write_atomic
 from sdd_train.config import ConfigError, LoggingConfig, RunConfig, as_dict
 from sdd_train.distributed.world import World
 from sdd_train.train.callbacks.base import Callback
@@ -42,9 +43,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-        tmp = self.path.with_name(self.path.name + ".tmp")  # replaced whole: a kill here keeps the old log
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.path)
+        write_atomic(self.path, "".join(k + "\n" for k in kept))  # a kill here keeps the old log
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
