@@ -5,8 +5,12 @@
 #                memory; with CUDA also benchmarks/gpu_suite.py: GPU tests, fused-norm kernels, dense 1B and MoE MFU)
 #   make soak    set up, then the fault-injection suite at length (kill -9, damaged checkpoints, a full disk, a dead
 #                rank; not part of CI): its table goes into docs/reliability.md
-#   make bench-gpu   only benchmarks/gpu_suite.py, with $(PYTHON) as it is (a GPU machine whose python already has
-#                a CUDA torch and this package's dependencies; nothing is installed)
+#   make wheelhouse  download into wheelhouse/ the wheels benchmarks/gpu_suite.py needs that the GPU image lacks
+#                (benchmarks/gpu_wheels.txt), for its python (GPU_PYTHON_VERSION=3.12, linux x86_64); carry the
+#                folder to the GPU machine with the checkout
+#   make bench-gpu   only benchmarks/gpu_suite.py, with $(PYTHON) as it is (a GPU machine whose python has a CUDA
+#                torch; no network needed): installs wheelhouse/ when there, with no index, into wheelhouse/site
+#                (the image's packages untouched), checks every import first (exit 2 naming all missing), then runs
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,8 +48,20 @@ bench: setup
 soak: setup
 	$(PY) scripts/soak.py $(SOAK_ARGS)
 
+WHEELHOUSE ?= wheelhouse
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+.PHONY: wheelhouse
+
+wheelhouse:
+	rm -rf $(WHEELHOUSE)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		-d $(WHEELHOUSE) -r benchmarks/gpu_wheels.txt
+	echo $(GPU_PYTHON_VERSION) > $(WHEELHOUSE)/python-version
+
 bench-gpu:
-	$(PYTHON) benchmarks/gpu_suite.py $(ARGS)
+	$(PYTHON) benchmarks/gpu_deps.py --wheelhouse $(WHEELHOUSE) benchmarks/gpu_suite.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
