@@ -8,6 +8,9 @@
 #   make wheelhouse  download into wheelhouse/ the wheels benchmarks/gpu_suite.py needs that the GPU image lacks
 #                (benchmarks/gpu_wheels.txt), for its python (GPU_PYTHON_VERSION=3.12, linux x86_64); carry the
 #                folder to the GPU machine with the checkout
+#   make bench-peers   benchmarks/step_time.py beside OLMo-core's and torchtitan's transformers at our shape, from
+#                their own venv .venv-peers (the extra `peers`, torch pinned as here: in .venv they would
+#                downgrade datasets and huggingface_hub under transformers)
 #   make bench-gpu   only benchmarks/gpu_suite.py, with $(PYTHON) as it is (a GPU machine whose python has a CUDA
 #                torch; no network needed): installs wheelhouse/ when there, with no index, into wheelhouse/site
 #                (the image's packages untouched), checks every import first (exit 2 naming all missing), then runs
@@ -59,6 +62,21 @@ wheelhouse:
 		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
 		-d $(WHEELHOUSE) -r benchmarks/gpu_wheels.txt
 	echo $(GPU_PYTHON_VERSION) > $(WHEELHOUSE)/python-version
+
+PEERS_VENV ?= .venv-peers
+PEERS ?= olmo-core torchtitan
+.PHONY: bench-peers
+
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	echo "$(TORCH_SPEC)" > $(PEERS_VENV)/constraints.txt
+	$(PEERS_VENV)/bin/python -m pip install --quiet -c $(PEERS_VENV)/constraints.txt "$(TORCH_SPEC)"
+	$(PEERS_VENV)/bin/python -m pip install --quiet -c $(PEERS_VENV)/constraints.txt -e ".[peers]" pytest
+	touch $@
+
+bench-peers: $(PEERS_VENV)/.installed
+	$(PEERS_VENV)/bin/python benchmarks/step_time.py --no-hf --peers $(PEERS) $(ARGS)
 
 bench-gpu:
 	$(PYTHON) benchmarks/gpu_deps.py --wheelhouse $(WHEELHOUSE) benchmarks/gpu_suite.py $(ARGS)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kernels import timer  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
-PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss")
+PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers")
 # The GPU targets: dense 1B sdd MFU, sdd / pre step time, fused-norm forward / copy, MoE MFU.
 DENSE_MFU, SDD_OVER_PRE, NORM_OVER_COPY, MOE_MFU = 0.50, 1.03, 1.2, 0.30
 
@@ -65,6 +65,16 @@ def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
         # 2 micro-batches of 4 x 4096 tokens, the chunked fused loss, compiled blocks
         return [step + ["--config", str(ROOT / "configs" / f"{config}.yaml"), "--blocks", *blocks,
                         "--modes", "compiled", "--steps", "10", "--set", "train.global_batch_size=8"]]
+    if part == "peers":  # OLMo-core's and torchtitan's transformers beside ours (their rows where they are installed)
+        step = [py, str(bench / "step_time.py"), "--no-hf", "--blocks", "pre", "sdd",
+                "--peers", "olmo-core", "torchtitan"]
+        if smoke:
+            return [step + ["--config", str(ROOT / "configs" / "tiny.yaml"), "--modes", "eager", "--steps", "1",
+                            "--warmup", "1", "--json", str(out / "peers_eager.json"), "--set",
+                            "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_len=32"]]
+        return [step + ["--config", str(ROOT / "configs" / "dense_1b.yaml"), "--sequential", "--modes", mode, "--steps",
+                        "10", "--json", str(out / f"peers_{mode}.json"), "--set", "train.global_batch_size=8"]
+                for mode in ("compiled", "eager")]
     if part == "loss":  # the dense 1B head: one micro-batch of 4 x 4096 tokens, d 2048, 100k vocabulary
         shape = ["--tokens", "256", "--d-model", "64", "--vocab", "1000", "--chunk", "64"] if smoke else \
             ["--tokens", "16384", "--d-model", "2048", "--vocab", "100352", "--chunk", "4096"]
@@ -162,6 +172,10 @@ def summary(out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
         if part == "dense" and sdd and pre:
             ratio = sdd["step_s"] / pre["step_s"]
             targets.append((f"dense sdd step <= {SDD_OVER_PRE}x pre ({ratio:.3f}x)", ratio <= SDD_OVER_PRE))
+    for path in sorted(out.glob("peers_*.json")):  # each peer's step / ours, same mode
+        peers = json.loads(path.read_text())
+        lines += [f"| {q['peer']} / {q['block']} ({q['mode']}) | {q['ratio_of_medians']:.2f}x | | | | |"
+                  for q in peers.get("ratios", [])]
     if loss := _load(out / "loss.json"):
         for r in loss["rows"]:
             lines.append(f"| loss {r['path']} ({loss['tokens']} x {loss['d_model']} -> {loss['vocab']})"
