@@ -173,6 +173,10 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # none | full | every_n
     ac_every: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
     defer_grad_sync: bool = True  # reduce-scatter gradients once per step, not per micro-batch
+    # Parameters gathered and computed in: fp32 | bf16 (the reference's FSDP "mixed": half the all-gather
+    # bytes; embedding output, residual stream and gains bf16). Master weights and gradient reduction stay
+    # fp32; one process computes what N ranks compute in both. bf16 needs train.precision=bf16.
+    param_dtype: str = "fp32"
 
 
 @dataclass

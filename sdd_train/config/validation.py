@@ -113,6 +113,10 @@ def validate(cfg: RunConfig) -> None:
         _positive("parallel.dp_shard", par.dp_shard)
     _choice("parallel.activation_checkpointing", par.activation_checkpointing, ["none", "full", "every_n"])
     _positive("parallel.ac_every", par.ac_every)
+    _choice("parallel.param_dtype", par.param_dtype, ["fp32", "bf16"])
+    if par.param_dtype == "bf16" and t.precision != "bf16":
+        raise ConfigError(f"parallel.param_dtype: bf16 parameters need train.precision=bf16 (got {t.precision});"
+                          " set train.precision=bf16 or parallel.param_dtype=fp32")
     _choice("logging.wandb", cfg.logging.wandb, ["disabled", "online", "offline"])
     diag, spike = cfg.diagnostics, cfg.diagnostics.spike
     _positive("diagnostics.layer_stats_interval", diag.layer_stats_interval, allow_zero=True)

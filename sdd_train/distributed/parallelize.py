@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
+from sdd_train.kernels.precision import PARAM_DTYPES
 from sdd_train.model import LossOutput, Transformer
+from sdd_train.distributed.param_cast import apply_param_cast
 from sdd_train.distributed.world import World, data_parallel_shape
 
 
@@ -74,11 +76,10 @@ def register_output_types() -> None:
 def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
     """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
 
-    Parameters are all-gathered in fp32 and gradients reduced in fp32: the one precision policy
-    (:func:`sdd_train.kernels.autocast`) is bf16 autocast over fp32 parameters, so a sharded step
-    computes what one process computes. (A bf16 all-gather would halve its traffic but make the
-    embedding output, the residual stream and the norm gains bf16, another model numerically;
-    FSDP2 would also cast the blocks' fp32 RoPE table to bf16 on the way in.)
+    Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.PARAM_DTYPES`)
+    and gradients reduced in fp32 into fp32 shards, the optimizer's master weights. One process gets
+    the same bf16 parameters from :func:`sdd_train.distributed.param_cast.apply_param_cast`. Forward
+    inputs are not cast: the blocks get the RoPE table in fp32 (FSDP2's default would cast it to bf16).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -88,7 +89,8 @@ def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
         mesh = init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
         mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[par.param_dtype], reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
     register_output_types()
     for i, block in enumerate(model.blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
@@ -109,12 +111,15 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
 
 
 def parallelize(model: Transformer, par: ParallelConfig, world: World, compile: bool | None) -> list[int]:
-    """AC, then compile, then FSDP2 (only in a world of more than one). Returns the checkpointed blocks."""
+    """AC, then compile, then FSDP2 (only in a world of more than one; one process casts parameters
+    as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
     chosen = apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
     if compile_enabled(compile, world.device):
         apply_compile(model)
     if world.distributed:
         apply_fsdp(model, par, world)
+    elif PARAM_DTYPES[par.param_dtype] != torch.float32:
+        apply_param_cast(model, [*model.blocks, model], PARAM_DTYPES[par.param_dtype])
     return chosen
 
 

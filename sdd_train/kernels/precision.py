@@ -33,11 +33,17 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# ``parallel.param_dtype``: the dtype parameters are gathered and computed in. The optimizer's master
+# weights and the gradient reduction stay fp32 in both (sdd_train/distributed/parallelize.py).
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The precision policy of every forward (training, validation, statistics), one process or many:
-    ``bf16`` autocasts matmuls to bf16 over fp32 parameters (FSDP2 gathers them in fp32 too, see
-    :mod:`sdd_train.distributed.parallelize`); norms, RoPE, softmax and the loss compute in fp32
-    inside their kernels. ``fp32`` is plain fp32."""
+    ``bf16`` autocasts matmuls to bf16, over fp32 parameters (``parallel.param_dtype=fp32``) or over
+    bf16 copies of them (``bf16``, which also makes the embedding output, the residual stream and
+    the gains bf16); norms, RoPE (its table stays fp32), softmax and the loss compute in fp32 inside
+    their kernels. ``fp32`` is plain fp32."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
