@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import CONFIGS, small_run
 from sdd_train.config import ModelConfig, MoEConfig, load_config
 from sdd_train.model import Transformer
-from sdd_train.model.moe import MoE, load_stats
+from sdd_train.model.moe import MoE
 from sdd_train import checkpoint
 from sdd_train.train import train_module
 from sdd_train.train.__main__ import main
@@ -171,8 +171,10 @@ def test_aux_losses_match_hand_computation():
         layer.router.weight.zero_()
     layer(torch.randn(8, 4, dtype=torch.float64))
     assert layer.aux["lb_loss"].item() == pytest.approx(1.0)
-    assert load_stats(torch.tensor([4, 4, 4, 4]))["load_entropy"] == pytest.approx(1.0)
-    assert load_stats(torch.tensor([16, 0, 0, 0])) == {"load_min": 0, "load_max": 16, "load_entropy": 0.0}
+    stats = train_module.expert_load_stats(torch.tensor([[4, 4, 4, 4], [16, 0, 0, 0]]))  # two layers' counts
+    assert stats.pop("moe/layer_0/load_entropy") == pytest.approx(1.0)
+    assert stats == {"moe/layer_0/load_min": 4, "moe/layer_0/load_max": 4, "moe/layer_1/load_min": 0,
+                     "moe/layer_1/load_max": 16, "moe/layer_1/load_entropy": 0.0}
 
 
 def test_paper_moe_hand_count():
@@ -200,8 +202,9 @@ def test_top_k_above_experts_is_a_config_error(capsys):
 def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path, monkeypatch):
     """The loss falls, and each logged expert load is of every routed (token, choice) pair of the step:
     both micro-batches, each pair once."""
-    loads = []  # the summed per-layer counts the trainer turns into the logged load_min/max/entropy
-    monkeypatch.setattr(train_module, "load_stats", lambda counts: loads.append(counts.clone()) or load_stats(counts))
+    loads = []  # the summed [layers, experts] counts the trainer turns into the logged load_min/max/entropy
+    stats = train_module.expert_load_stats
+    monkeypatch.setattr(train_module, "expert_load_stats", lambda counts: loads.append(counts.clone()) or stats(counts))
     args = small_run(tmp_path, data_cache, "model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2",
                      "model.moe.expert_hidden=32", "model.block=sdd", "train.max_steps=30", "train.log_interval=10",
                      "train.eval_interval=30")
@@ -210,9 +213,10 @@ def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path, monkeypatch)
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     last = records[-1]
     assert last["moe_lb_loss"] >= 0.99 and last["moe_router_z_loss"] > 0  # lb >= 1 up to sampling
-    assert [r["step"] for r in records] == [1, 10, 20, 30] and len(loads) == 2 * len(records)
-    assert [int(c.sum()) for c in loads] == [8 * 64 * 2] * len(loads)  # dropless: sequences x seq_len x top_k
-    for layer, counts in enumerate(loads[-2:]):
+    assert [r["step"] for r in records] == [1, 10, 20, 30] and len(loads) == len(records)
+    # dropless, in each layer: sequences x seq_len x top_k
+    assert [c.sum(-1).tolist() for c in loads] == [[8 * 64 * 2] * 2] * len(loads)
+    for layer, counts in enumerate(loads[-1]):
         assert last[f"moe/layer_{layer}/load_min"] == int(counts.min())
         assert last[f"moe/layer_{layer}/load_max"] == int(counts.max())
         assert 0 < last[f"moe/layer_{layer}/load_entropy"] <= 1

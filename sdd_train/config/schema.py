@@ -157,6 +157,10 @@ class TrainConfig:
     # A save that fails (full disk, quota, permissions): stop (exit 1) | retry (log it, save again at the
     # next interval). The last step's save and a stop signal's always stop on failure.
     checkpoint_failure: str = "stop"
+    # Under torchrun the ranks agree on a SIGTERM/SIGUSR1 every N steps (and at checkpoints): one
+    # all-reduce and a device read, so not every step; a signal is acted on within N steps. One
+    # process acts at the end of the step the signal arrives in.
+    signal_check_interval: int = 10
     nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
     max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
     peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU

@@ -88,7 +88,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.alpha_f: must be in [0, 1], got {o.alpha_f}")
     _validate_schedule(o, t)
 
-    for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints"):
+    for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints",
+                "signal_check_interval"):
         _positive(f"train.{key}", getattr(t, key))
     for key in ("eval_interval", "eval_batches", "checkpoint_interval", "loss_chunk_size"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)

@@ -22,40 +22,82 @@ from sdd_train.distributed.world import World, all_reduce_sum
 from sdd_train.kernels import autocast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
-from sdd_train.model.moe import load_stats
 from sdd_train.train.optim import build_optimizer
 
 
-@dataclass
+@dataclass(eq=False)
 class StepOutput:
-    """One training step, global over ranks: what callbacks see and what the run log records."""
+    """One training step, global over ranks: what callbacks see and what the run log records.
 
-    loss: float  # token-mean cross-entropy over the global batch
-    grad_norm: float = math.nan  # global, before clipping
+    The values stay on the device: each read of one waits for the device (on a GPU, the next step's
+    launches stop overlapping this step's work), so the first one that a decision or a record needs
+    reads them all at once and the step's others are free. A step that needs none reads nothing.
+    """
+
+    losses: torch.Tensor  # [cross-entropy, z-loss, MoE load balancing, MoE router z-loss], token means
+    z_loss: bool = False  # whether the run has the logits z-loss term
+    expert_load: torch.Tensor | None = None  # [layers, experts] routed pairs summed over the step and ranks
+    grad_norm_tensor: torch.Tensor | None = None  # global, before clipping: set before any callback sees the step
     lr: float = math.nan
     step_time: float = math.nan  # seconds, from reading the batch to the end of the update
-    metrics: dict[str, float] = field(default_factory=dict)  # z_loss, moe_lb_loss, moe_router_z_loss
-    expert_load: torch.Tensor | None = None  # [layers, experts] routed pairs summed over the step and ranks
+    _values: list[float] | None = field(default=None, init=False, repr=False)
+
+    def read(self) -> list[float]:
+        """The losses and the gradient norm as floats: one device read per step, whoever asks first."""
+        if self._values is None:
+            self._values = torch.cat([self.losses.double(), self.grad_norm_tensor.double().reshape(1)]).tolist()
+        return self._values
+
+    @property
+    def loss(self) -> float:
+        """Token-mean cross-entropy over the global batch."""
+        return self.read()[0]
+
+    @property
+    def grad_norm(self) -> float:
+        return self.read()[4]
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``z_loss`` (when the run has it), ``moe_lb_loss`` and ``moe_router_z_loss`` (MoE models)."""
+        values = self.read()
+        metrics = {"z_loss": values[1]} if self.z_loss else {}
+        if self.expert_load is not None:
+            metrics["moe_lb_loss"], metrics["moe_router_z_loss"] = values[2], values[3]
+        return metrics
+
     def expert_load_metrics(self) -> dict[str, float]:
         """``moe/layer_<i>/load_min|load_max|load_entropy`` (empty for dense models)."""
-        if self.expert_load is None:
-            return {}
-        return {f"moe/layer_{i}/{k}": v for i, layer in enumerate(self.expert_load)
-                for k, v in load_stats(layer).items()}
+        return expert_load_stats(self.expert_load) if self.expert_load is not None else {}
+
+
+def expert_load_stats(loads: torch.Tensor) -> dict[str, float]:
+    """Min/max routed pairs per expert and the entropy of each layer's load (1 = perfectly balanced),
+    from ``[layers, experts]`` counts: every layer at once, in one read."""
+    counts = loads.double()  # integer counts: exact in float64
+    share = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    entropy = -(share * share.clamp(min=1e-30).log()).sum(-1) / math.log(loads.shape[-1])
+    rows = torch.stack([counts.amin(-1), counts.amax(-1), entropy], 1).tolist()
+    return {f"moe/layer_{i}/{k}": v for i, (low, high, ent) in enumerate(rows)
+            for k, v in (("load_min", int(low)), ("load_max", int(high)), ("load_entropy", ent))}
 
 
 def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (exact over FSDP shards), then clip to ``max_norm`` if finite."""
+    """Global L2 norm of all gradients (exact over FSDP shards), then clip to ``max_norm``.
+
+    Clipping is on the device whatever the norm: a non-finite norm makes non-finite (or zero)
+    gradients, and such a step's update is dropped anyway (the stability callback), so no read of
+    the norm is needed here.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
         total = total.full_tensor()
-    if max_norm < math.inf and torch.isfinite(total):
+    if max_norm < math.inf:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
@@ -105,18 +147,13 @@ class TrainModule:
                     loads = out.expert_load if loads is None else loads + out.expert_load
                 (out.loss / accum).backward()
                 sums[: len(parts)] += torch.stack(parts).float()
-        means = (all_reduce_sum(sums) / (accum * world.world_size)).tolist()
-        metrics: dict[str, float] = {}
-        if o.z_loss > 0:
-            metrics["z_loss"] = means[1]
-        if loads is not None:
-            metrics["moe_lb_loss"], metrics["moe_router_z_loss"] = means[2], means[3]
-            loads = all_reduce_sum(loads)
-        return StepOutput(loss=means[0], metrics=metrics, expert_load=loads)
+        means = all_reduce_sum(sums) / (accum * world.world_size)
+        return StepOutput(losses=means, z_loss=o.z_loss > 0,
+                          expert_load=all_reduce_sum(loads) if loads is not None else None)
 
-    def clip_grad_norm(self) -> float:
-        """The global pre-clip gradient norm; gradients are clipped to ``optim.grad_clip`` when it is finite."""
-        return grad_norm_and_clip(self.params, self.max_norm).item()
+    def clip_grad_norm(self) -> torch.Tensor:
+        """The global pre-clip gradient norm (on the device); gradients are clipped to ``optim.grad_clip``."""
+        return grad_norm_and_clip(self.params, self.max_norm)
 
     def optim_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

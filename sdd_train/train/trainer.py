@@ -93,7 +93,7 @@ class Trainer:
         start = time.perf_counter()
         out = self.module.train_batch(self.feed.micro_batches(self.position, self.excluded), self.feed.accum)
         self._call("post_backward", step)
-        out.grad_norm, out.lr = self.module.clip_grad_norm(), lr
+        out.grad_norm_tensor, out.lr = self.module.clip_grad_norm(), lr
         action = self._decide(step, out)
         if action is Action.ROLLBACK:  # the state is the checkpoint's now
             return
@@ -106,7 +106,7 @@ class Trainer:
         out.step_time = time.perf_counter() - start
         self._metrics = {}
         self._call("post_train_step", step, out)
-        if out.finite and self.is_log_step(step):
+        if self.is_log_step(step) and out.finite:  # the log step first: out.finite reads the device
             record = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, **out.metrics,
                       **out.expert_load_metrics(), **self._metrics}
             self.write("metrics", record, console=True)

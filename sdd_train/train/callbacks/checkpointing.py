@@ -1,6 +1,9 @@
 """Checkpoints: every ``train.checkpoint_interval`` steps, every ``permanent_checkpoint_interval``
 (kept forever), at the last step, and on SIGTERM / SIGUSR1 (Slurm preemption), after which the run
 stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed.
+Under torchrun the ranks agree on a signal every ``train.signal_check_interval`` steps (and at every
+checkpoint), so a signal is acted on at most that many steps after it arrives; one process acts on
+it at the end of the step it arrives in.
 
 A save that fails (a full disk, a quota, permissions) leaves the previous checkpoint the latest;
 ``train.checkpoint_failure`` decides: ``stop`` the run (exit 1), or ``retry`` at the next interval
@@ -53,10 +56,11 @@ class CheckpointCallback(Callback):
 
     def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         t = trainer.cfg.train
-        stopping = self._stop_requested(trainer)
         interval = t.checkpoint_interval and step % t.checkpoint_interval == 0
         permanent = t.permanent_checkpoint_interval and step % t.permanent_checkpoint_interval == 0
-        if interval or permanent or step == t.max_steps or stopping:
+        saving = bool(interval or permanent or step == t.max_steps)
+        stopping = self._stop_requested(trainer, saving or step % t.signal_check_interval == 0)
+        if saving or stopping:
             if not all_finite(trainer.module.model):
                 raise TrainingDiverged(f"step {step}: the model has non-finite parameters; not checkpointing it."
                                        f" The last good checkpoint (if any) is in {checkpoint_dir(trainer.run_dir)}")
@@ -78,10 +82,16 @@ class CheckpointCallback(Callback):
                         " Re-run the same command to resume.")
             trainer.request_stop(name)
 
-    def _stop_requested(self, trainer: Trainer) -> int:
-        """The signal number if any rank received SIGTERM/SIGUSR1 (all ranks agree), else 0."""
+    def _stop_requested(self, trainer: Trainer, agree: bool) -> int:
+        """The signal number if any rank received SIGTERM/SIGUSR1, else 0. One process knows at once;
+        ranks agree (an all-reduce, and a read of its result) only where ``agree``: every
+        ``train.signal_check_interval`` steps and at checkpoints, the same steps on every rank."""
+        if not trainer.world.distributed:
+            return self.received or 0
+        if not agree:
+            return 0
         flag = torch.tensor(float(self.received or 0), device=trainer.world.device)
-        return int(all_reduce_max(flag).item()) if trainer.world.distributed else int(flag.item())
+        return int(all_reduce_max(flag).item())
 
     def on_fit_end(self, trainer: Trainer) -> None:
         trainer.checkpointer.wait()  # an async save in flight completes (or fails) before the process ends

@@ -60,7 +60,7 @@ class SpeedCallback(Callback):
             self.eta_origin = (now, step)
             if self.compiled:
                 trainer.log(f"step {step} compiled the model ({out.step_time:.1f} s); the ETA counts from the next step")
-        if not (out.finite and trainer.is_log_step(step)):
+        if not (trainer.is_log_step(step) and out.finite):
             return
         tokens_per_sec = self.steps * self.tokens_per_step / self.seconds
         trainer.record_metric("tokens_per_sec", tokens_per_sec)

@@ -1,5 +1,8 @@
 """Stability: non-finite steps (stop or skip) and loss spikes (log, skip, or roll back and leave the
-offending batches out of the data stream)."""
+offending batches out of the data stream).
+
+Each decision needs the step's loss and gradient norm on the host before the update: this is the
+one device read of a step that writes no record (the step's other values come with it)."""
 
 from __future__ import annotations
 
