@@ -5,6 +5,10 @@
 #                memory; with CUDA also benchmarks/gpu_suite.py: GPU tests, fused-norm kernels, dense 1B and MoE MFU)
 #   make soak    set up, then the fault-injection suite at length (kill -9, damaged checkpoints, a full disk, a dead
 #                rank; not part of CI): its table goes into docs/reliability.md
+#   make matrix  set up, then the feature matrix: every combination of ffn, block, grouped_mm, compile, activation
+#                checkpointing, doc_mask, ranks, precision, param_dtype and loss path runs 3 steps against its
+#                reference (hours; resumes; MATRIX_ARGS="--subset pairwise" is CI's subset); its table goes into
+#                docs/testing.md
 #   make wheelhouse  download into wheelhouse/ the wheels benchmarks/gpu_suite.py needs that the GPU image lacks
 #                (benchmarks/gpu_wheels.txt), for its python (GPU_PYTHON_VERSION=3.12, linux x86_64); carry the
 #                folder to the GPU machine with the checkout
@@ -50,6 +54,12 @@ bench: setup
 
 soak: setup
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+MATRIX_ARGS ?=
+.PHONY: matrix
+
+matrix: setup
+	$(PY) scripts/matrix.py $(MATRIX_ARGS)
 
 WHEELHOUSE ?= wheelhouse
 GPU_PYTHON_VERSION ?= 3.12

@@ -1,0 +1,134 @@
+"""``make matrix``: run every combination of tests/matrix.py's axes (or the CI's pairwise subset, or those
+matching --only) a few steps, each checked against its reference, and write the table into
+docs/testing.md between its markers. Results go to WORK/results.jsonl as they come, so an interrupted
+matrix resumes where it stopped (--fresh starts over).
+
+    python scripts/matrix.py                                # everything (hours on 2 cores)
+    python scripts/matrix.py --subset pairwise              # what CI runs
+    python scripts/matrix.py --only world=1 --only compile=off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+import matrix  # noqa: E402
+import matrix_run  # noqa: E402
+from matrix import AXES, Combo  # noqa: E402
+from matrix_run import Diff, Outcome, Row  # noqa: E402
+
+BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+
+
+def select(subset: str, only: list[str]) -> list[Combo]:
+    product = matrix.full_product()
+    combos = matrix.pairwise(product) if subset == "pairwise" else product
+    for condition in only:
+        axis, _, value = condition.partition("=")
+        if axis not in AXES or value not in (*AXES[axis], matrix.NA):
+            raise SystemExit(f"--only {condition}: expected AXIS=VALUE with AXIS one of {', '.join(AXES)}")
+        combos = [c for c in combos if c[axis] == value]
+    return combos
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_rows(path: Path) -> dict[str, tuple[Row, Outcome]]:
+    """The rows (and how each run ended) of earlier invocations, by name."""
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            diff = Diff(r["steps"], r["weights"]) if r["steps"] is not None else None
+            row = Row(Combo(tuple(r["values"])), r["status"], r["seconds"], r["reference"], diff, r["note"])
+            rows[r["name"]] = row, Outcome(r["outcome"], r["seconds"], r["note"])
+    return rows
+
+
+def save_row(path: Path, row: Row, outcome: Outcome) -> None:
+    record = {"name": row.combo.name, "values": list(row.combo.values), "status": row.status, "outcome": outcome.status,
+              "seconds": row.seconds, "reference": row.reference, "note": row.note,
+              "steps": row.diff.steps if row.diff else None, "weights": row.diff.weights if row.diff else None}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def table(rows: list[Row], command: str, wall: float) -> str:
+    counts = {s: sum(r.status == s for r in rows) for s in ("pass", "refused", "fail", "untested")}
+    lines = [BEGIN, "",
+             f"`{command}` on {date.today().isoformat()}, {cpu_model()} ({len(rows)} combinations,"
+             f" {wall / 60:.0f} min of runs): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
+             "", *matrix_run.TABLE_HEADER, *map(matrix_run.format_row, rows), "", END]
+    return "\n".join(lines)
+
+
+def write_doc(doc: Path, text: str) -> None:
+    old = doc.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(old):
+        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to write the table between")
+    doc.write_text(pattern.sub(lambda _: text, old))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", choices=["full", "pairwise"], default="full")
+    parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
+                        help="only combinations with this value (repeatable)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "matrix", help="run directories, results.jsonl")
+    parser.add_argument("--cache", type=Path, default=None, help="data cache (default: WORK/cache)")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "testing.md")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results in WORK")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one combination may take")
+    parser.add_argument("--in-process", action="store_true",
+                        help="one-process combinations in this process, as tests/test_matrix.py (no start-up per run;"
+                             " a crash ends the matrix, which re-running resumes)")
+    args = parser.parse_args()
+    combos = select(args.subset, args.only)
+    if args.fresh and args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = args.work / "results.jsonl"
+    done = load_rows(results)
+    runner = matrix_run.Runner(args.work, args.cache or args.work / "cache", args.in_process, args.timeout)
+    todo = matrix.with_references(combos)
+    start = time.perf_counter()
+    for i, combo in enumerate(todo, 1):
+        if combo.name in done:
+            runner.rows[combo], runner.outcomes[combo] = done[combo.name]
+            continue
+        row = runner.row(combo)
+        save_row(results, row, runner.outcomes[combo])
+        done[combo.name] = row, runner.outcomes[combo]
+        print(f"[{i}/{len(todo)}] {matrix_run.format_row(row)}", flush=True)
+    rows = [done[c.name][0] for c in todo]
+    wall = sum(row.seconds for row in rows)
+    command = "make matrix" + (f" MATRIX_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else "")
+    write_doc(args.doc, table(rows, command, wall))
+    failed = [row.combo.name for row in rows if row.status in ("fail", "untested")]
+    print(f"{len(todo)} combinations in {(time.perf_counter() - start) / 60:.1f} min; {len(failed)} failed or untested;"
+          f" table in {args.doc}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

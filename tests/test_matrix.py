@@ -1,0 +1,101 @@
+"""The feature matrix's CI subset: every pair of settings in at least one combination, each run for a few
+steps and checked against its reference (tests/matrix.py; ``make matrix`` runs every combination)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import matrix
+import matrix_run
+from matrix import AXES, NA, Combo
+
+PRODUCT = matrix.full_product()
+SUBSET = matrix.pairwise(PRODUCT)
+RUNS = matrix.with_references(SUBSET)
+
+
+def test_the_product_holds_each_meaningful_combination_once():
+    assert len(set(PRODUCT)) == len(PRODUCT)
+    assert all((c["ffn"] == "moe") == (c["grouped_mm"] != NA) for c in PRODUCT)
+    per_ffn = len(PRODUCT) // 3  # dense, moe with each grouped_mm
+    assert sum(c["ffn"] == "dense" for c in PRODUCT) == per_ffn
+    assert len({c.name for c in PRODUCT}) == len(PRODUCT)
+
+
+def test_references_differ_only_in_what_they_compare():
+    for combo in PRODUCT:
+        ref = matrix.reference(combo)
+        if ref is None:
+            assert matrix.refusal(combo) or (combo["ac"], combo["compile"], combo["world"]) == ("none", "off", "1")
+            continue
+        other, kind = ref
+        assert other in PRODUCT
+        changed = {axis for axis in AXES if other[axis] != combo[axis]}
+        assert changed == ({"ac"} if kind == "ac" else {{"compile": "compile", "ranks": "world"}[k]
+                                                           for k in kind.split("+")})
+
+
+def test_the_subset_covers_every_pair_of_settings():
+    assert matrix.missing_pairs(SUBSET, PRODUCT) == set()
+    # the check can fail: every row the greedy took covered a pair no earlier row did
+    assert matrix.missing_pairs(SUBSET[:-1], PRODUCT)
+    assert matrix.missing_pairs(PRODUCT[:8], PRODUCT)
+    assert len(SUBSET) <= 50 and matrix.pairwise(PRODUCT) == SUBSET  # a few dozen of 3456, and deterministic
+    # each refusal once, for its exit 2
+    assert [why for why, _ in matrix.REFUSALS] == [matrix.refusal(c) for c in SUBSET if matrix.refusal(c)]
+
+
+def test_a_refusal_is_exit_2_with_one_line():
+    one = "config error: train.global_batch_size: 8 is not a multiple of ..."
+    assert matrix_run.judge_exit(2, one + "\n", 1.0).status == "refused"
+    assert matrix_run.judge_exit(2, one + "\n" + one + "\n", 1.0).status == "fail"
+    assert matrix_run.judge_exit(2, "Traceback (most recent call last):\n" + one, 1.0).status == "fail"
+    crash = matrix_run.judge_exit(1, "Traceback (most recent call last):\n  File x\nRuntimeError: boom\n", 1.0)
+    assert (crash.status, crash.error) == ("fail", "exit 1: RuntimeError: boom")
+    # under torchrun (its own output as torch 2.13 prints it when both workers exit 2)
+    report = ("E1203 09:18:50.996000 13478 .venv/lib/python3.11/site-packages/torch/distributed/elastic/"
+              "multiprocessing/api.py:1002] failed (exitcode: 2) local_rank: 0 (pid: 13602) of binary: python\n"
+              "Traceback (most recent call last):\n  File run.py\n"
+              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+              "  exitcode  : 2 (pid: 13603) \n  exitcode  : 2 (pid: 13602) \n")
+    assert matrix_run.judge_torchrun(1, one + "\n" + report, 1.0).status == "refused"
+    segfault = matrix_run.judge_torchrun(1, report.replace(": 2 (pid: 13603)", ": -11 (pid: 13603)"), 1.0)
+    assert segfault.status == "fail"
+    worker = matrix_run.judge_torchrun(1, "[rank1]: Traceback\n[rank1]: ValueError: bad\n" + report, 1.0)
+    assert (worker.status, worker.error) == ("fail", "exit 2: ValueError: bad")
+
+
+@pytest.fixture(scope="module")
+def runner(data_cache, tmp_path_factory) -> matrix_run.Runner:
+    return matrix_run.Runner(tmp_path_factory.mktemp("matrix"), data_cache, in_process=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("combo", RUNS, ids=lambda c: c.name)
+def test_combination(combo: Combo, runner: matrix_run.Runner):
+    """Runs, and agrees with its reference (AC bitwise; compiled and multi-rank runs within the measured
+    tolerances), or, where tests/matrix.py's REFUSALS say so, is refused at start-up with exit 2 and one line."""
+    row = runner.row(combo)
+    print(matrix_run.format_row(row))  # the largest differences, in the log (pytest -rP)
+    assert row.status == ("refused" if matrix.refusal(combo) else "pass"), matrix_run.format_row(row)
+
+
+@pytest.mark.slow
+def test_the_comparison_finds_a_small_difference(runner: matrix_run.Runner):
+    """Runs that differ only by the z-loss term (weight 1e-3) fail both the bitwise and the fp32 check."""
+    with_z = matrix.make(loss="chunked", z_loss="on")
+    without = with_z.replace(z_loss="off")
+    assert runner.row(with_z).status == runner.row(without).status == "pass"
+    for kind in ("ac", "ranks"):
+        row = matrix_run.verdict(with_z, runner.outcomes[with_z], runner.work / with_z.name, (without, kind),
+                                 runner.outcomes[without], runner.work / without.name)
+        assert row.status == "fail" and 0 < row.diff.steps < 0.1, matrix_run.format_row(row)
+
+
+def test_run_directories_are_named_after_the_combination():
+    combo = matrix.make(ffn="moe", grouped_mm="loop", compile="on", world="4", z_loss="on")
+    assert combo.name == "moe-pre-gmmloop-compiled-acnone-nodoc-hsdp2x2-fp32-p32-plain-z"
+    assert Path(combo.name).name == combo.name
+    assert "parallel.dp_replicate=2" in combo.overrides() and "optim.z_loss=1e-3" in combo.overrides()
