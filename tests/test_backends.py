@@ -96,6 +96,82 @@ def flash_attn_reference(monkeypatch):
     monkeypatch.setattr(attention, "flash_attn_usable", lambda t: True)
 
 
+@torch.library.custom_op("sdd_test::flash_attn_varlen", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+               max_seqlen_q: int, max_seqlen_k: int, causal: bool) -> torch.Tensor:
+    """The reference varlen function as an opaque op, as flash-attn registers its own for torch.compile."""
+    return _reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+
+
+@_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("sdd_test::flash_attn_varlen_backward", mutates_args=())
+def _varlen_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                        max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal softmax attention's gradients written out per span (autograd does not run inside an op)."""
+    rep = q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds, bounds[1:]):
+        qs, do = q[a:b].float().transpose(0, 1), grad[a:b].float().transpose(0, 1)  # [H, s, D]
+        ks, vs = (t[a:b].float().repeat_interleave(rep, 1).transpose(0, 1) for t in (k, v))
+        scale = q.shape[-1] ** -0.5
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        probs = (qs @ ks.transpose(1, 2) * scale).masked_fill(~causal, float("-inf")).softmax(-1)
+        dp = do @ vs.transpose(1, 2)
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
+        dq[a:b] = (ds @ ks).transpose(0, 1).to(q.dtype)
+        dk[a:b] = (ds.transpose(1, 2) @ qs).unflatten(0, (-1, rep)).sum(1).transpose(0, 1).to(k.dtype)
+        dv[a:b] = (probs.transpose(1, 2) @ do).unflatten(0, (-1, rep)).sum(1).transpose(0, 1).to(v.dtype)
+    return dq, dk, dv
+
+
+@_varlen_backward_op.register_fake
+def _(grad, q, k, v, cu_seqlens, max_seqlen):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, _, max_seqlen, _, _ = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.max_seqlen = max_seqlen
+
+
+def _varlen_backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    return (*_varlen_backward_op(grad, q, k, v, cu_seqlens, ctx.max_seqlen), None, None, None, None, None)
+
+
+_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+def test_compiled_blocks_with_document_spans_compile_once_for_every_document_count(flash_attn_reference,
+                                                                                  monkeypatch):
+    """cu_seqlens changes length with the number of documents: with static shapes each count was a new
+    graph, and the ninth stopped a fullgraph run (FailOnRecompileLimitHit)."""
+    from torch._dynamo.utils import counters
+
+    from sdd_train.distributed.parallelize import apply_compile
+
+    monkeypatch.setattr(attention, "flash_attn_varlen_func",
+                        lambda q, k, v, cq, ck, mq, mk, causal: _varlen_op(q, k, v, cq, ck, mq, mk, causal))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(small_model_cfg("sdd"), attention_backend="flash"))
+    apply_compile(model)
+    graphs = []
+    for n_docs in range(1, 11):  # 2 to 20 spans
+        doc_ids = (torch.arange(16) * n_docs // 16).expand(2, 16)
+        tokens = torch.randint(0, 97, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens, doc_ids).float().square().mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1] and graphs[1] <= graphs[0] + 1  # at most one retrace, to the dynamic count
+
+
 def test_document_spans():
     doc_ids = torch.tensor([[0, 0, 1, 1, 1, 2], [3, 3, 3, 3, 3, 3], [3, 4, 4, 4, 5, 5]])
     spans = attention.document_spans(doc_ids)
@@ -155,3 +231,24 @@ def test_bf16_training_step_on_gpu(block):
         logits = model(tokens)
     logits.float().logsumexp(-1).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_document_masks_on_a_gpu_without_flash_attn_go_to_flex_attention(monkeypatch):
+    """A dense mask with GQA runs only in SDPA's math backend on CUDA (every score in memory); a GPU
+    without flash-attn gets FlexAttention's block mask instead. Its forward runs on CPU too (its CPU
+    backward does not): the model's logits through it equal SDPA's with the dense mask."""
+    monkeypatch.setattr(attention, "flex_attention_usable", lambda t: True)
+    monkeypatch.setattr(attention, "_compiled_flex_attention", lambda: __import__(
+        "torch.nn.attention.flex_attention", fromlist=["flex_attention"]).flex_attention)  # eager on CPU
+    torch.manual_seed(0)
+    cfg = small_model_cfg("pre")
+    assert cfg.n_heads != cfg.n_kv_heads  # GQA
+    flex, sdpa = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention_backend="sdpa"))
+    sdpa.load_state_dict(flex.state_dict())
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 16, [3] * 7 + [4] * 2 + [5] * 7])
+    assert isinstance(attention.attention_mask(doc_ids, "auto"), attention.DocumentBlockMask)
+    assert isinstance(attention.attention_mask(doc_ids, "sdpa"), torch.Tensor)
+    tokens = torch.randint(0, 97, (3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(flex(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(flex(tokens, doc_ids), flex(tokens), atol=1e-3)

@@ -8,7 +8,7 @@ from conftest import ALL_BLOCKS, small_model_cfg
 from sdd_train.config import ModelConfig, MoEConfig
 from sdd_train.model import BLOCKS, Transformer
 from sdd_train.model.blocks import Block, register
-from sdd_train.model.layers import rope_cache
+from sdd_train.model.layers import AttentionInputs, rope_cache
 
 
 def randomised(cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -21,7 +21,9 @@ def randomised(cfg: ModelConfig, seed: int = 0) -> Transformer:
 
 def assert_block_matches(blk: Block, x: torch.Tensor, rope: torch.Tensor, cfg: ModelConfig) -> None:
     """The block's output equals the reference block given only the block's parameter values."""
-    torch.testing.assert_close(blk(x, rope), reference.block(x, blk.state_dict(), cfg), rtol=1e-10, atol=1e-10)
+    out, aux = blk(x, AttentionInputs(rope))
+    assert aux is None  # a dense feed-forward reports nothing
+    torch.testing.assert_close(out, reference.block(x, blk.state_dict(), cfg), rtol=1e-10, atol=1e-10)
 
 
 def test_registry_has_every_scheme():
@@ -73,7 +75,7 @@ def test_sdd_per_branch_ffn_norm(block):
     blk = model.blocks[0]
     assert_block_matches(blk, x, model.rope, cfg)
     fused = small_model_cfg(block)
-    assert not torch.allclose(blk(x, model.rope), reference.block(x, blk.state_dict(), fused))
+    assert not torch.allclose(blk(x, AttentionInputs(model.rope))[0], reference.block(x, blk.state_dict(), fused))
 
 
 @pytest.mark.parametrize("block", ["pre", "sdd"])
@@ -107,8 +109,10 @@ def test_new_scheme_is_one_class_and_one_line():
     class Sandwich(Block):
         final_norm = True
 
-        def forward(self, x, rope, mask=None):
-            return x + self.attn_norm(self.attention(self.attn_norm(x), rope, mask))
+        def forward(self, x, att):
+            h = x + self.attn_norm(self.attention(self.attn_norm(x), att))
+            f, aux = self.feed_forward(self.ff_norm(h))
+            return h + self.ff_norm(f), aux
 
     try:
         model = Transformer(small_model_cfg("sandwich_test"))
@@ -125,3 +129,24 @@ def test_causal():
         b = a.clone()
         b[0, 6:] = (b[0, 6:] + 1) % 97
         torch.testing.assert_close(model(a)[:, :6], model(b)[:, :6])
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_a_forward_writes_no_module_state(ffn):
+    """Everything a forward computes is returned (losses, loads; the KV cache is an argument): no
+    attribute of any module changes, which dynamo refuses inside a checkpointed, compiled region."""
+    cfg = small_model_cfg("sdd", ffn=ffn, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
+    model = Transformer(cfg)
+
+    def state() -> dict[str, dict[str, int]]:
+        return {name: {k: id(v) for k, v in vars(m).items()} for name, m in model.named_modules()}
+
+    before = state()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    out = model(tokens[:, :-1], targets=tokens[:, 1:])
+    out.loss.backward()
+    cache = model.new_cache(2, 16)
+    model(tokens[:, :4], cache=cache)
+    model(tokens[:, 4:5], cache=cache)
+    assert state() == before
+    assert (out.expert_load is None) == (ffn == "dense")

@@ -25,7 +25,7 @@ from sdd_train.diagnostics.summary import read_records
 def test_similarity_of_identity_blocks_is_all_ones():
     model = Transformer(small_model_cfg("pre"))
     for block in model.blocks:
-        block.forward = lambda x, rope, mask=None: x
+        block.forward = lambda x, att: (x, None)
     stats = activation_stats(model, torch.randint(0, 97, (2, 16)))
     n = len(model.blocks) + 1
     assert torch.tensor(stats["similarity"]) == pytest.approx(torch.ones(n, n), abs=1e-6)

@@ -30,7 +30,7 @@ class InputDtypes(Callback):
 
         def probe(module, args, kwargs) -> None:
             if not self.seen:
-                x, rope = args[0], args[1]
+                x, rope = args[0], args[1].rope  # (stream, AttentionInputs)
                 self.seen = {"x": str(x.dtype), "rope": str(rope.dtype)}
 
         trainer.module.model.blocks[0].register_forward_pre_hook(probe, with_kwargs=True)

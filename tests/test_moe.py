@@ -69,9 +69,9 @@ def test_dispatch_matches_per_token_reference(n_experts, top_k, sdd, renormalize
     x = torch.randn(2, 7, 16, dtype=torch.float64) + 3 * u
     with torch.no_grad():
         layer.router.weight[-1] = -10 * u  # the last expert's logit is far below the others: it gets no token
-    ours = layer(x)
-    assert layer.load[-1] == 0 or top_k == n_experts  # the empty-expert path runs too
-    assert int(layer.load.sum()) == 14 * top_k  # dropless: every (token, choice) computed
+    ours, aux = layer(x)
+    assert aux.load[-1] == 0 or top_k == n_experts  # the empty-expert path runs too
+    assert int(aux.load.sum()) == 14 * top_k  # dropless: every (token, choice) computed
     torch.testing.assert_close(ours.reshape(-1, 16), reference(layer, x.reshape(-1, 16)), rtol=1e-10, atol=1e-12)
 
 
@@ -81,7 +81,7 @@ def test_gradients_match_reference(grouped_mm):
     layer = moe_layer(8, 2, sdd=True, grouped_mm=grouped_mm)
     x = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
     g = torch.randn(12, 16, dtype=torch.float64)
-    (layer(x) * g).sum().backward()
+    (layer(x)[0] * g).sum().backward()
     ours = {n: p.grad.clone() for n, p in layer.named_parameters()} | {"x": x.grad.clone()}
     layer.zero_grad()
     x.grad = None
@@ -127,11 +127,11 @@ def test_sdd_out_gain_scale_reproduces_the_reference_sparse_gain(n_experts, hidd
         for p in layer.parameters():
             p.normal_(0, 0.5)
     x = torch.randn(9, 16, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), reference_sparse_glu(layer, x, n_experts, hidden), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer(x)[0], reference_sparse_glu(layer, x, n_experts, hidden), rtol=1e-10, atol=1e-12)
     default = MoE(ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
                               moe=MoEConfig(n_experts=n_experts, top_k=2, expert_hidden=hidden)), sdd=True).double()
     default.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(default(x) * (hidden / n_experts), layer(x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(default(x)[0] * (hidden / n_experts), layer(x)[0], rtol=1e-10, atol=1e-12)
 
 
 def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
@@ -145,8 +145,17 @@ def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
     if hasattr(torch, "_grouped_mm"):
         grouped_mm = torch._grouped_mm
         monkeypatch.setattr(torch, "_grouped_mm", lambda *args, **kw: calls.append(1) or grouped_mm(*args, **kw))
-    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-6)
-    assert len(calls) == (2 if torch.__version__ >= (2, 9) else 0)  # the up and the down projection
+    x = x.requires_grad_()
+    outputs = []
+    for layer in (a, b):
+        y = layer(x)[0]
+        y.square().mean().backward()
+        outputs.append((y, x.grad, *(p.grad for p in layer.parameters())))
+        x.grad = None
+    for ours, loop in zip(*outputs):
+        torch.testing.assert_close(ours, loop, rtol=1e-5, atol=1e-6)
+    # forward: the up and the down projection; backward: their input and weight gradients
+    assert len(calls) == (6 if torch.__version__ >= (2, 9) else 0)
 
 
 def test_aux_losses_match_hand_computation():
@@ -155,22 +164,21 @@ def test_aux_losses_match_hand_computation():
     with torch.no_grad():
         layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
     x = torch.tensor([[3.0, 2, 0, 0], [3, 0, 2, 0], [0, 3, 2, 0], [1, 1, 1, 1]], dtype=torch.float64)
-    layer(x)
+    aux = layer(x)[1]
     probs = torch.softmax(x, dim=-1)
     # top-2 picks: token0 {0,1}, token1 {0,2}, token2 {1,2}, token3 ties -> topk picks two of them
     counts = torch.zeros(4, dtype=torch.float64)
     for row in probs.topk(2, dim=-1).indices:
         counts[row] += 1
-    assert layer.load.tolist() == counts.long().tolist()
+    assert aux.load.tolist() == counts.long().tolist()
     expected_lb = 4 / (2 * 4) * (counts * probs.mean(0)).sum()
     expected_z = torch.logsumexp(x, -1).pow(2).mean()
-    assert layer.aux["lb_loss"].item() == pytest.approx(expected_lb.item(), rel=1e-12)
-    assert layer.aux["router_z_loss"].item() == pytest.approx(expected_z.item(), rel=1e-12)
+    assert aux.lb_loss.item() == pytest.approx(expected_lb.item(), rel=1e-12)
+    assert aux.router_z_loss.item() == pytest.approx(expected_z.item(), rel=1e-12)
     # perfectly balanced routing gives lb = 1 (its minimum for uniform router probabilities)
     with torch.no_grad():
         layer.router.weight.zero_()
-    layer(torch.randn(8, 4, dtype=torch.float64))
-    assert layer.aux["lb_loss"].item() == pytest.approx(1.0)
+    assert layer(torch.randn(8, 4, dtype=torch.float64))[1].lb_loss.item() == pytest.approx(1.0)
     stats = train_module.expert_load_stats(torch.tensor([[4, 4, 4, 4], [16, 0, 0, 0]]))  # two layers' counts
     assert stats.pop("moe/layer_0/load_entropy") == pytest.approx(1.0)
     assert stats == {"moe/layer_0/load_min": 4, "moe/layer_0/load_max": 4, "moe/layer_1/load_min": 0,
@@ -234,7 +242,7 @@ def test_grouped_mm_matches_loop_on_gpu():
     grads = []
     for layer in layers:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(x)
+            y, _ = layer(x)
         y.float().square().mean().backward()
         grads.append((y.float(), layer.ff_proj.weight.grad.clone(), layer.router.weight.grad.clone()))
     for a, b in zip(*grads):
@@ -249,9 +257,10 @@ def test_moe_blocks_compile_as_one_graph_and_match_eager():
     cfg = small_model_cfg("sdd", d_model=32, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
     model = Transformer(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
-    eager = model(tokens)
-    eager_aux = model.moe_aux()["lb_loss"].item()
+    targets = torch.randint(0, cfg.vocab_size, (2, 16))
+    eager = model(tokens, targets=targets)
     apply_compile(model)  # fullgraph=True: a graph break in the MoE would raise here
-    compiled = model(tokens)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    assert model.moe_aux()["lb_loss"].item() == pytest.approx(eager_aux, rel=1e-5)
+    compiled = model(tokens, targets=targets)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-4, atol=1e-5)
+    assert compiled.moe_lb_loss.item() == pytest.approx(eager.moe_lb_loss.item(), rel=1e-5)
+    assert torch.equal(compiled.expert_load, eager.expert_load)

@@ -16,7 +16,7 @@ def assert_one_line_exit_2(code: int, capsys, needle: str) -> None:
     assert needle in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("case", ["missing_dataset", "bad_eval_set", "vocab", "block", "callback"])
+@pytest.mark.parametrize("case", ["missing_dataset", "bad_eval_set", "vocab", "block", "callback", "flash"])
 def test_bad_run_writes_no_run_directory(case, data_cache, tmp_path, capsys):
     run = tmp_path / "runs" / "run"
     extra, needle = {
@@ -25,6 +25,8 @@ def test_bad_run_writes_no_run_directory(case, data_cache, tmp_path, capsys):
         "vocab": (["model.vocab_size=300"], "model.vocab_size"),
         "block": (["model.block=prenorm"], "model.block: 'prenorm' is not one of"),
         "callback": (["callbacks=[{path: 'nowhere:Cb'}]"], "callbacks.0.path"),
+        # flash-attn cannot run on a CPU (nor without the package): refused, not a crash at step 1
+        "flash": (["model.attention_backend=flash"], "model.attention_backend: 'flash' needs"),
     }[case]
     assert_one_line_exit_2(main(small_run(run, data_cache, *extra)), capsys, needle)
     assert not run.exists() and not run.parent.exists()

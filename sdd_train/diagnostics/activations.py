@@ -20,8 +20,8 @@ def captured_hidden_states(model: nn.Module):
     """Yields a list that fills with the embedding output and every block's output during a forward."""
     states: list[torch.Tensor] = []
 
-    def keep(module, inputs, output):
-        states.append(output.detach())
+    def keep(module, inputs, output):  # a block returns (stream, what its feed-forward reports)
+        states.append((output[0] if isinstance(output, tuple) else output).detach())
 
     handles = [model.embed.register_forward_hook(keep)]
     handles += [block.register_forward_hook(keep) for block in model.blocks]

@@ -2,8 +2,9 @@
 
 Order matters and follows torchtitan: activation checkpointing wraps a block's forward, compile
 compiles that forward (so recomputation is inside the graph), and FSDP2 shards each block and
-then the root. Only ``forward`` methods are replaced, so parameter names (and therefore
-checkpoints) are identical with and without any of the three.
+then the root. Only methods are replaced (blocks' ``forward``, the model's ``chunked_loss``), never
+an attribute a forward reads, so parameter names (and therefore checkpoints) are identical with and
+without any of the three.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
 from sdd_train.kernels.precision import PARAM_DTYPES
+from sdd_train.kernels import linear_cross_entropy
 from sdd_train.model import LossOutput, Transformer
 from sdd_train.distributed.param_cast import apply_param_cast
 from sdd_train.distributed.world import World, data_parallel_shape
@@ -51,7 +53,7 @@ def apply_compile(model: Transformer) -> None:
     """
     for block in model.blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
-    model.compiled_loss = True
+    model.chunked_loss = functools.partial(linear_cross_entropy, compiled=True)
 
 
 def _flatten_loss_output(out: LossOutput) -> tuple[list[Any], None]:

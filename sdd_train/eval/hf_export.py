@@ -39,7 +39,8 @@ DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (schema, ("ConfigError", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
     (norm, ("_CPU_BLOCK_ELEMENTS", "_row_blocks", "_RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
-    (attention, ("_SDPA_HAS_GQA", "document_mask", "DocumentSpans", "AttentionMask", "sdpa_causal_attention")),
+    (attention, ("_SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
+                 "sdpa_causal_attention")),
     (swiglu, ("sdd_swiglu_torch",)),
     (grouped_mm, ("expert_mm_loop",)),
     (cross_entropy, ("lm_loss",)),
@@ -56,7 +57,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,10 @@ def causal_attention(q, k, v, backend, mask=None):
 
 def attention_mask(doc_ids, backend):
     return None if doc_ids is None else document_mask(doc_ids)
+
+
+def expert_counts(counts, dtype, dims, use_grouped):
+    return counts
 
 
 def expert_mm(x, w, counts, use_grouped):

@@ -5,24 +5,25 @@ which implementation runs.
 ``rms_norm``             Triton (CUDA, eager) | C (CPU, eager) | PyTorch (compiled, elsewhere)
 ``row_gain_rms_norm``    PyTorch (the MoE's per-expert SDD gains)
 ``sdd_swiglu``           C custom op (CPU, eager and compiled) | ``rms_norm`` + SiLU
-``causal_attention``     flash-attn (CUDA, half precision) | CPU batched matmuls (short, unmasked)
-                         | PyTorch SDPA
-``expert_mm``            ``torch._grouped_mm`` (CUDA sm90 bf16; CPU from torch 2.9) | a loop
+``causal_attention``     flash-attn (CUDA, half precision) | FlexAttention (CUDA, document masks)
+                         | CPU batched matmuls (short, unmasked) | PyTorch SDPA
+``expert_mm``            ``torch._grouped_mm`` (every CUDA GPU and CPU from torch 2.9) | a loop
 ``linear_cross_entropy`` chunked head + loss, its softmax gradient compiled with the model or eager
 =======================  ==================================================================
 
 Every function has a PyTorch path that needs nothing but torch (what a Hugging Face export runs).
 """
 
-from sdd_train.kernels.attention import (AttentionMask, DocumentSpans, attention_mask, causal_attention,
-                                         document_mask, document_spans, flash_attn_usable, sdpa_causal_attention)
+from sdd_train.kernels.attention import (AttentionMask, DocumentSpans, attention_backend_problem, attention_mask,
+                                         causal_attention, document_mask, document_spans, flash_attn_usable,
+                                         sdpa_causal_attention)
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
-from sdd_train.kernels.grouped_mm import expert_mm
+from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import rms_norm, rms_norm_torch, row_gain_rms_norm
 from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, upcast
 from sdd_train.kernels.swiglu import sdd_swiglu
 
-__all__ = ["AttentionMask", "DocumentSpans", "attention_mask", "autocast", "autocast_dtype", "causal_attention",
-           "compute_dtype", "document_mask", "document_spans", "expert_mm", "flash_attn_usable", "linear_cross_entropy",
-           "lm_loss", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
-           "upcast"]
+__all__ = ["AttentionMask", "DocumentSpans", "attention_backend_problem", "attention_mask", "autocast", "autocast_dtype",
+           "causal_attention", "compute_dtype", "document_mask", "document_spans", "expert_counts", "expert_mm", "flash_attn_usable",
+           "linear_cross_entropy", "lm_loss", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu",
+           "sdpa_causal_attention", "upcast"]

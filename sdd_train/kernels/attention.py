@@ -1,9 +1,18 @@
-"""Causal attention: which implementation runs (flash-attn, the CPU batched-matmul kernel, SDPA),
-and the document masks each takes."""
+"""Causal attention: which implementation runs (flash-attn, FlexAttention, the CPU batched-matmul
+kernel, SDPA), and the document masks each takes.
+
+Document masks, per device: flash-attn's varlen kernel takes the documents as spans (their number
+is a dynamic dimension, so a compiled block is traced once for every document count); a GPU without
+flash-attn gets FlexAttention with a document block mask (a Triton kernel under compile; SDPA would
+take a dense mask with GQA only in its math backend, which materialises every score); a CPU takes
+SDPA's dense mask, which its flash kernel serves, GQA included.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +47,74 @@ class DocumentSpans:
 
 
 def document_spans(doc_ids: torch.Tensor) -> DocumentSpans:
-    """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change."""
+    """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change.
+
+    The number of spans varies from batch to batch: it is marked dynamic for torch.compile, so the
+    blocks that take it are traced once for all counts instead of once per count (fullgraph compile
+    stops at the eighth recompile)."""
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     offsets = starts.flatten().nonzero().flatten()
     end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
-    return DocumentSpans(torch.cat([offsets, end]).to(torch.int32), doc_ids)
+    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
+    torch._dynamo.mark_dynamic(cu_seqlens, 0)
+    return DocumentSpans(cu_seqlens, doc_ids)
 
 
-AttentionMask = torch.Tensor | DocumentSpans | None
+@dataclass(frozen=True)
+class DocumentBlockMask:
+    """Packed documents as a FlexAttention block mask (causal and within a document); ``doc_ids`` is
+    kept for the dense fallback."""
+
+    block_mask: Any  # torch.nn.attention.flex_attention.BlockMask
+    doc_ids: torch.Tensor
+
+
+def document_block_mask(doc_ids: torch.Tensor) -> DocumentBlockMask:
+    """The FlexAttention form of the document mask of [B, S] ``doc_ids``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, k):
+        return (q >= k) & (doc_ids[b, q] == doc_ids[b, k])
+
+    b, s = doc_ids.shape
+    return DocumentBlockMask(create_block_mask(same_document_causal, b, None, s, s, device=doc_ids.device), doc_ids)
+
+
+AttentionMask = torch.Tensor | DocumentSpans | DocumentBlockMask | None
+
+
+def flex_attention_usable(t: torch.Tensor) -> bool:
+    """FlexAttention runs forward and backward here: CUDA (its CPU backward is not implemented)."""
+    return t.is_cuda and _has_flex_attention()
+
+
+@functools.cache
+def _has_flex_attention() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:  # torch < 2.5
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """FlexAttention compiled once per process: uncompiled, it materialises every score."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentBlockMask,
+                            compiled: bool = True) -> torch.Tensor:
+    """:func:`causal_attention` of [B, S, H, D] inputs within documents, through FlexAttention (GQA natively)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attend = _compiled_flex_attention() if compiled else flex_attention
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = attend(q, k, v, block_mask=mask.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2)
 
 
 def flash_attn_usable(t: torch.Tensor) -> bool:
@@ -54,13 +122,27 @@ def flash_attn_usable(t: torch.Tensor) -> bool:
     return flash_attn_func is not None and t.is_cuda
 
 
+def attention_backend_problem(backend: str, device: torch.device, precision: str) -> str | None:
+    """Why ``model.attention_backend`` cannot run on this device at this precision (None: it can)."""
+    if backend != "flash":
+        return None
+    if flash_attn_func is None:
+        return "needs the flash-attn package (pip install -e .[gpu])"
+    if device.type != "cuda" or precision != "bf16":
+        return f"needs a CUDA device and train.precision=bf16 (this run: {device.type}, {precision})"
+    return None
+
+
 def attention_mask(doc_ids: torch.Tensor | None, backend: str) -> AttentionMask:
-    """The document mask in the form the attention backend will take: spans for flash-attn,
-    a dense boolean mask for SDPA. Built once per forward, outside the (compiled) blocks."""
+    """The document mask in the form the attention backend will take: spans for flash-attn, a block
+    mask for FlexAttention (a GPU without flash-attn), a dense boolean mask for SDPA. Built once per
+    forward, outside the (compiled) blocks."""
     if doc_ids is None:
         return None
     if backend != "sdpa" and flash_attn_usable(doc_ids):
         return document_spans(doc_ids)
+    if backend == "auto" and flex_attention_usable(doc_ids):
+        return document_block_mask(doc_ids)
     return document_mask(doc_ids)
 
 
@@ -71,9 +153,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
     scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
     attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA.
-    ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask) or a
-    dense boolean mask (from :func:`document_mask` or a KV cache), which only SDPA takes. GQA:
-    flash-attn takes fewer k/v heads natively, SDPA with ``enable_gqa``.
+    ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask), a
+    document block mask (FlexAttention) or a dense boolean mask (from :func:`document_mask` or a KV
+    cache), which only SDPA takes. GQA: flash-attn and FlexAttention take fewer k/v heads natively,
+    SDPA with ``enable_gqa``.
     """
     flash_ok = (flash_attn_usable(q) and q.dtype in (torch.float16, torch.bfloat16)
                 and (mask is None or isinstance(mask, DocumentSpans)))
@@ -90,6 +173,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
             "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
             " KV cache; use 'auto' or 'sdpa'"
         )
+    if isinstance(mask, DocumentBlockMask) and flex_attention_usable(q):
+        return flex_document_attention(q, k, v, mask)
     if backend == "auto" and mask is None and cpu_attention_usable(q, k):
         return cpu_causal_attention(q, k, v)
     return sdpa_causal_attention(q, k, v, mask)
@@ -98,8 +183,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask = None
                           ) -> torch.Tensor:
     """:func:`causal_attention` through PyTorch's ``scaled_dot_product_attention`` (GQA natively from
-    torch 2.5, by repeating k/v heads before); document spans become the equivalent dense mask."""
-    if isinstance(mask, DocumentSpans):
+    torch 2.5, by repeating k/v heads before); document spans and block masks become the equivalent
+    dense mask."""
+    if isinstance(mask, (DocumentSpans, DocumentBlockMask)):
         mask = document_mask(mask.doc_ids)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     causal = {"is_causal": True} if mask is None else {"attn_mask": mask}

@@ -8,6 +8,10 @@ Class attributes carry what the rest of the model needs to know about a scheme:
 - ``sdd``: whether A and F use SDD layers (A_sdd / F_sdd, SPEC section 2);
 - ``final_norm``: whether the stream needs an RMSNorm before the LM head;
 - ``init_scheme``: default initialisation when ``model.init.scheme=auto``.
+
+A block maps the residual stream ``x`` and the forward's :class:`AttentionInputs` (RoPE table,
+document mask, KV cache) to the new stream and what its feed-forward reports (:class:`MoEAux` for
+an MoE, None for a dense FFN): everything a forward computes is returned.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.model.feed_forward import build_feed_forward
-from sdd_train.kernels import AttentionMask
-from sdd_train.model.layers import Attention, RMSNorm
+from sdd_train.model.layers import Attention, AttentionInputs, RMSNorm
+from sdd_train.model.moe import MoEAux
+
+BlockOutput = tuple[torch.Tensor, MoEAux | None]
 
 BLOCKS: dict[str, type[Block]] = {}
 
@@ -43,12 +49,12 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         qk_norm = self.qk_norm if cfg.qk_norm == "auto" else cfg.qk_norm
-        self.attention = Attention(cfg, qk_norm=qk_norm, sdd=self.sdd)
+        self.attention = Attention(cfg, qk_norm=qk_norm, sdd=self.sdd, layer_id=layer_id)
         self.feed_forward = build_feed_forward(cfg, sdd=self.sdd)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
         raise NotImplementedError
 
 
@@ -59,9 +65,10 @@ class PreNormBlock(Block):
     qk_norm = "full"
     final_norm = True
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
-        h = x + self.attention(self.attn_norm(x), rope, mask)
-        return h + self.feed_forward(self.ff_norm(h))
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.attention(self.attn_norm(x), att)
+        f, aux = self.feed_forward(self.ff_norm(h))
+        return h + f, aux
 
 
 @register("post")
@@ -70,10 +77,11 @@ class PostNormBlock(Block):
 
     residual_scale = 1.0
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
         a = self.residual_scale
-        h = self.attn_norm(a * x + self.attention(x, rope, mask))
-        return self.ff_norm(a * h + self.feed_forward(h))
+        h = self.attn_norm(a * x + self.attention(x, att))
+        f, aux = self.feed_forward(h)
+        return self.ff_norm(a * h + f), aux
 
 
 @register("deepnorm")
@@ -102,9 +110,10 @@ class ReorderedNormBlock(Block):
     qk_norm = "full"
     final_norm = True
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
-        h = x + self.attn_norm(self.attention(x, rope, mask))
-        return h + self.ff_norm(self.feed_forward(h))
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.attn_norm(self.attention(x, att))
+        f, aux = self.feed_forward(h)
+        return h + self.ff_norm(f), aux
 
 
 @register("sdd")
@@ -120,11 +129,12 @@ class SDDBlock(Block):
     final_norm = True
     init_scheme = "sdd"
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
         a = self.attn_norm(x)
-        h = a + self.attention(a, rope, mask)
+        h = a + self.attention(a, att)
         f = self.ff_norm(h)
-        return f + self.feed_forward(f)
+        y, aux = self.feed_forward(f)
+        return f + y, aux
 
 
 @register("sdd_pre")
@@ -149,7 +159,7 @@ class SpanNormBlock(Block):
         self.out_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.residual_scale = cfg.spannorm.residual_scale
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
-        h = self.residual_scale * x + self.attention(self.attn_norm(x), rope, mask)
-        u = h + self.feed_forward(self.ff_norm(h))
-        return self.out_norm(u)
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = self.residual_scale * x + self.attention(self.attn_norm(x), att)
+        f, aux = self.feed_forward(self.ff_norm(h))
+        return self.out_norm(h + f), aux

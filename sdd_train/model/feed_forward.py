@@ -1,6 +1,7 @@
 """Feed-forward sublayers, registered by name (``model.ffn``): dense SwiGLU and the MoE.
 
-A feed-forward is built as ``cls(cfg, sdd=...)`` and maps [B, S, d] -> [B, S, d]. Its
+A feed-forward is built as ``cls(cfg, sdd=...)`` and maps [B, S, d] to ([B, S, d], what it reports:
+:class:`MoEAux` for the MoE, None for the dense SwiGLU). Its
 projections are named ``ff_proj`` (input side) and ``ff_out`` (output side) so that
 initialisation and per-layer diagnostics find them in every variant.
 """
@@ -14,7 +15,7 @@ from torch import nn
 from sdd_train.config import ModelConfig
 from sdd_train.kernels import sdd_swiglu
 from sdd_train.model.layers import SDDLinear, linear
-from sdd_train.model.moe import MoE
+from sdd_train.model.moe import MoE, MoEAux
 
 
 class SwiGLU(nn.Module):
@@ -31,12 +32,12 @@ class SwiGLU(nn.Module):
         self.ff_proj = linear(cfg.d_model, 2 * cfg.ffn_hidden, sdd, cfg.norm_eps, norm_groups=groups)
         self.ff_out = linear(cfg.ffn_hidden, cfg.d_model, sdd, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux | None]:
         proj = self.ff_proj
         if isinstance(proj, SDDLinear):
-            return self.ff_out(sdd_swiglu(F.linear(x, proj.weight), proj.alpha, proj.eps, proj.norm_groups))
+            return self.ff_out(sdd_swiglu(F.linear(x, proj.weight), proj.alpha, proj.eps, proj.norm_groups)), None
         up, gate = proj(x).chunk(2, dim=-1)
-        return self.ff_out(F.silu(gate) * up)
+        return self.ff_out(F.silu(gate) * up), None
 
 
 FEED_FORWARDS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,17 @@ class KVCache:
         return (allowed | (key == query)[None]).unsqueeze(1)
 
 
+@dataclass
+class AttentionInputs:
+    """What every block's attention takes besides its input, built once per forward: the RoPE table of
+    these positions, the document mask in its backend's form, and the KV cache while decoding (each
+    layer stores its keys and values there under its own index)."""
+
+    rope: torch.Tensor
+    mask: AttentionMask = None
+    cache: KVCache | None = None
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional QK-norm and RoPE.
 
@@ -132,9 +144,10 @@ class Attention(nn.Module):
     (``context_norm``) and the output projection is an SDD layer.
     """
 
-    def __init__(self, cfg: ModelConfig, qk_norm: str, sdd: bool):
+    def __init__(self, cfg: ModelConfig, qk_norm: str, sdd: bool, layer_id: int = 0):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
+        self.layer_id = layer_id  # its slot in a KV cache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.kv_dim = cfg.n_kv_heads * hd
         self.backend = cfg.attention_backend
@@ -149,10 +162,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
         self.attn_out = linear(d, d, sdd, cfg.norm_eps)
-        # (cache, layer index) while the model decodes with a KV cache; set by Transformer.forward
-        self.kv_cache: tuple[KVCache, int] | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.att_proj(x).split([d, self.kv_dim, self.kv_dim], dim=-1)
         if self.qk_norm == "full":
@@ -162,11 +173,11 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.kv_cache is not None:
-            cache, layer = self.kv_cache
-            k, v = cache.update(layer, k, v)
-            mask = cache.mask(s)
+        q, k = apply_rope(q, att.rope), apply_rope(k, att.rope)
+        mask = att.mask
+        if att.cache is not None:
+            k, v = att.cache.update(self.layer_id, k, v)
+            mask = att.cache.mask(s)
         ctx = causal_attention(q, k, v, self.backend, mask).reshape(b, s, d)
         if self.context_norm is not None:
             ctx = self.context_norm(ctx)

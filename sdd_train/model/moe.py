@@ -5,20 +5,22 @@ are sorted by expert, each expert multiplies its contiguous block of rows in one
 (``torch._grouped_mm``, or a loop over experts where that does not run), and the results are
 scattered back weighted by the router probability. No token is ever dropped.
 
-The layer keeps its auxiliary losses and expert load of the last forward in ``self.aux`` and
-``self.load`` for the trainer to collect (see :meth:`Transformer.moe_aux`).
+``forward`` returns the output and what routing produced (:class:`MoEAux`: the auxiliary losses
+and the expert load), which blocks hand up to :meth:`Transformer.forward`: no module state is written
+in a forward, so the layer runs under activation checkpointing and compile alike.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sdd_train.config import ModelConfig
-from sdd_train.kernels import autocast_dtype, expert_mm, row_gain_rms_norm, upcast
+from sdd_train.kernels import autocast_dtype, expert_counts, expert_mm, row_gain_rms_norm, upcast
 
 
 class GroupedLinear(nn.Module):
@@ -38,9 +40,8 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
         """x [N, in] sorted by expert, counts [E] rows per expert, row_expert [N] -> [N, out]."""
-        dtype = autocast_dtype(x)
-        w = self.weight.to(dtype).transpose(1, 2).contiguous()  # [E, in, out]
-        y = expert_mm(x.to(dtype).contiguous(), w, counts, self.grouped_mm == "auto")
+        dtype = autocast_dtype(x)  # the expert weights as a transposed view [E, in, out], never copied in fp32
+        y = expert_mm(x.to(dtype).contiguous(), self.weight.to(dtype).transpose(1, 2), counts, self.grouped_mm == "auto")
         if self.alpha is None:
             return y
         gain = self.alpha[row_expert]
@@ -51,6 +52,15 @@ class GroupedLinear(nn.Module):
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape
         return f"experts={e}, in={i}, out={o}, sdd={self.alpha is not None}"
+
+
+class MoEAux(NamedTuple):
+    """What one MoE forward routed: the load-balancing loss and router z-loss (SPEC section 6), and
+    the (token, expert) pairs each expert received [E] (no gradient)."""
+
+    lb_loss: torch.Tensor
+    router_z_loss: torch.Tensor
+    load: torch.Tensor
 
 
 class MoE(nn.Module):
@@ -66,8 +76,6 @@ class MoE(nn.Module):
                                      norm_groups=2, grouped_mm=m.grouped_mm)
         self.ff_out = GroupedLinear(m.n_experts, m.expert_hidden, cfg.d_model, sdd, cfg.norm_eps,
                                     grouped_mm=m.grouped_mm, gain_scale=m.sdd_out_gain_scale)
-        self.aux: dict[str, torch.Tensor] = {}
-        self.load: torch.Tensor | None = None
 
     def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E] in fp32 or wider, combine weights [T, k], expert ids [T, k])."""
@@ -78,7 +86,7 @@ class MoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, weights, experts = self.route(flat)
@@ -88,21 +96,22 @@ class MoE(nn.Module):
         row_expert = flat_experts[order]
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         counts = counts.scatter_add(0, flat_experts, torch.ones_like(flat_experts))
-        up, gate = self.ff_proj(flat[token], counts, row_expert).chunk(2, dim=-1)
-        y = self.ff_out(F.silu(gate) * up, counts, row_expert)
+        # the counts where the layer's expert GEMMs read them (one host copy for all four where they loop)
+        dims = (*self.ff_proj.weight.shape[1:], *self.ff_out.weight.shape[1:])
+        gemm_counts = expert_counts(counts, autocast_dtype(flat), dims, self.ff_proj.grouped_mm == "auto")
+        up, gate = self.ff_proj(flat[token], gemm_counts, row_expert).chunk(2, dim=-1)
+        y = self.ff_out(F.silu(gate) * up, gemm_counts, row_expert)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
-        self._record(logits, counts)
-        return out.view(shape)
+        return out.view(shape), self.aux_losses(logits, counts)
 
-    def _record(self, logits: torch.Tensor, counts: torch.Tensor) -> None:
+    def aux_losses(self, logits: torch.Tensor, counts: torch.Tensor) -> MoEAux:
         """Auxiliary losses (SPEC section 6) and the expert load of this forward."""
         tokens = logits.shape[0]
         probs = logits.softmax(dim=-1)
         lb = self.n_experts / (self.top_k * tokens) * (counts.to(probs.dtype) * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        self.aux = {"lb_loss": lb, "router_z_loss": z}
-        self.load = counts.detach()
+        return MoEAux(lb, z, counts.detach())
 
 
 def load_stats(counts: torch.Tensor) -> dict[str, float]:

@@ -18,8 +18,9 @@ from sdd_train.config import ConfigError, ModelConfig
 from sdd_train.kernels import attention_mask, linear_cross_entropy, lm_loss
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
-from sdd_train.model.layers import (KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache, trunc_normal_,
-                                   xavier_normal_)
+from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
+                                   trunc_normal_, xavier_normal_)
+from sdd_train.model.moe import MoEAux
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -72,8 +73,6 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
-        # set by sdd_train.distributed.parallelize.apply_compile: the chunked loss's softmax is compiled too
-        self.compiled_loss = False
         self.init_weights()
 
     @property
@@ -90,7 +89,8 @@ class Transformer(nn.Module):
         is computed ``loss_chunk`` tokens at a time so the full logits never exist (inside the root
         forward, so FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
         """
-        x = self.hidden_states(tokens, doc_ids, cache)[-1]
+        states, aux = self.run_blocks(tokens, doc_ids, cache)
+        x = states[-1]
         if targets is None:
             return self.head(x)
         if loss_chunk <= 0:
@@ -98,16 +98,20 @@ class Transformer(nn.Module):
         else:
             if self.final_norm is not None:
                 x = self.final_norm(x)
-            total, ce, z = linear_cross_entropy(x, self.head_weight, targets, z_loss, loss_chunk,
-                                                compiled=self.compiled_loss)
+            total, ce, z = self.chunked_loss(x, self.head_weight, targets, z_loss, loss_chunk)
         out = LossOutput(total, ce, z)
-        aux = self.moe_aux()
         if aux:
             moe = self.cfg.moe
-            out.loss = total + moe.lb_loss_weight * aux["lb_loss"] + moe.z_loss_weight * aux["router_z_loss"]
-            out.moe_lb_loss, out.moe_router_z_loss = aux["lb_loss"], aux["router_z_loss"]
-            out.expert_load = torch.stack(self.moe_load())
+            out.moe_lb_loss = torch.stack([a.lb_loss for a in aux]).mean()
+            out.moe_router_z_loss = torch.stack([a.router_z_loss for a in aux]).mean()
+            out.loss = total + moe.lb_loss_weight * out.moe_lb_loss + moe.z_loss_weight * out.moe_router_z_loss
+            out.expert_load = torch.stack([a.load for a in aux])
         return out
+
+    def chunked_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float,
+                     chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The fused head + loss (``torch.compile`` applied to the model compiles its softmax gradient)."""
+        return linear_cross_entropy(x, weight, targets, z_loss, chunk)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -116,23 +120,23 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> list[torch.Tensor]:
         """The residual stream after the embedding and after every block."""
-        mask = attention_mask(doc_ids, self.cfg.attention_backend)
+        return self.run_blocks(tokens, doc_ids, cache)[0]
+
+    def run_blocks(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None
+                   ) -> tuple[list[torch.Tensor], list[MoEAux]]:
+        """The residual stream after the embedding and after every block, and what every MoE layer routed."""
         rope = self.rope if cache is None else self.rope[:, cache.pos:cache.pos + tokens.shape[1]]
+        att = AttentionInputs(rope, attention_mask(doc_ids, self.cfg.attention_backend), cache)
         x = self.embed(tokens)
-        states = [x]
-        for i, block in enumerate(self.blocks):
-            if cache is None:
-                x = block(x, rope, mask)
-            else:
-                block.attention.kv_cache = (cache, i)
-                try:
-                    x = block(x, rope, mask)
-                finally:
-                    block.attention.kv_cache = None
+        states, aux = [x], []
+        for block in self.blocks:
+            x, layer_aux = block(x, att)
             states.append(x)
+            if layer_aux is not None:
+                aux.append(layer_aux)
         if cache is not None:
             cache.pos += tokens.shape[1]
-        return states
+        return states, aux
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` positions (<= max_seq_len)."""
@@ -236,14 +240,3 @@ class Transformer(nn.Module):
         counts = self.param_counts()
         head = self.cfg.vocab_size * self.cfg.d_model if self.lm_head is None else 0
         return 6.0 * (counts.active + head) + attention_flops_per_token(self.cfg, seq_len)
-
-    def moe_aux(self) -> dict[str, torch.Tensor]:
-        """The MoE auxiliary losses of the last forward, averaged over layers ({} for dense models)."""
-        layers = [b.feed_forward.aux for b in self.blocks if getattr(b.feed_forward, "aux", None)]
-        if not layers:
-            return {}
-        return {k: torch.stack([a[k] for a in layers]).mean() for k in layers[0]}
-
-    def moe_load(self) -> list[torch.Tensor]:
-        """Tokens per expert of the last forward, one [E] tensor per layer ([] for dense models)."""
-        return [b.feed_forward.load for b in self.blocks if getattr(b.feed_forward, "load", None) is not None]

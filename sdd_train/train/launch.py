@@ -19,6 +19,7 @@ from sdd_train.data.run_data import open_run_data
 from sdd_train.data.sources import DataError
 from sdd_train.distributed.world import World, barrier, close_world, data_parallel_shape, init_world
 from sdd_train.eval.validation import EvalSet, build_eval_sets
+from sdd_train.kernels import attention_backend_problem
 from sdd_train.model import check_model_config
 from sdd_train.train.callbacks import build_callbacks
 from sdd_train.train.callbacks.run_log import import_wandb
@@ -37,6 +38,9 @@ def check_world(cfg: RunConfig, world: World) -> None:
             f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world.world_size})"
             f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
         )
+    problem = attention_backend_problem(cfg.model.attention_backend, world.device, t.precision)
+    if problem:
+        raise ConfigError(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
     if cfg.logging.wandb != "disabled" and world.is_main:
         import_wandb(cfg.logging.wandb)
 
