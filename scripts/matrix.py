@@ -72,10 +72,11 @@ def save_row(path: Path, row: Row, outcome: Outcome) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def table(rows: list[Row], command: str, wall: float) -> str:
+def table(rows: list[Row], selected: int, command: str, wall: float) -> str:
     counts = {s: sum(r.status == s for r in rows) for s in ("pass", "refused", "fail", "untested")}
+    ran = f"{len(rows)} combinations" if len(rows) == selected else f"{len(rows)} of the {selected} combinations selected"
     lines = [BEGIN, "",
-             f"`{command}` on {date.today().isoformat()}, {cpu_model()} ({len(rows)} combinations,"
+             f"`{command}` on {date.today().isoformat()}, {cpu_model()} ({ran},"
              f" {wall / 60:.0f} min of runs): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
              "", *matrix_run.TABLE_HEADER, *map(matrix_run.format_row, rows), "", END]
     return "\n".join(lines)
@@ -99,6 +100,8 @@ def main() -> int:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "testing.md")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results in WORK")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one combination may take")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: write the table of the combinations WORK/results.jsonl holds")
     parser.add_argument("--in-process", action="store_true",
                         help="one-process combinations in this process, as tests/test_matrix.py (no start-up per run;"
                              " a crash ends the matrix, which re-running resumes)")
@@ -113,6 +116,8 @@ def main() -> int:
     todo = matrix.with_references(combos)
     start = time.perf_counter()
     for i, combo in enumerate(todo, 1):
+        if args.table_only and combo.name not in done:
+            continue
         if combo.name in done:
             runner.rows[combo], runner.outcomes[combo] = done[combo.name]
             continue
@@ -120,12 +125,13 @@ def main() -> int:
         save_row(results, row, runner.outcomes[combo])
         done[combo.name] = row, runner.outcomes[combo]
         print(f"[{i}/{len(todo)}] {matrix_run.format_row(row)}", flush=True)
-    rows = [done[c.name][0] for c in todo]
+    rows = [done[c.name][0] for c in todo if c.name in done]
     wall = sum(row.seconds for row in rows)
     command = "make matrix" + (f" MATRIX_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else "")
-    write_doc(args.doc, table(rows, command, wall))
+    write_doc(args.doc, table(rows, len(todo), command, wall))
     failed = [row.combo.name for row in rows if row.status in ("fail", "untested")]
-    print(f"{len(todo)} combinations in {(time.perf_counter() - start) / 60:.1f} min; {len(failed)} failed or untested;"
+    print(f"{len(rows)} of {len(todo)} combinations in {(time.perf_counter() - start) / 60:.1f} min; {len(failed)} failed"
+          " or untested;"
           f" table in {args.doc}")
     return 1 if failed else 0
 
