@@ -4,6 +4,7 @@ round:
 
 - attention (4 query / 2 kv heads of 64): ``sdd_train.kernels.cpu_attention`` vs SDPA's CPU kernel,
   both inside ``bf16_products_of_bf16_values`` as the trainer runs a bf16 step, and ours outside it;
+  the same with a document mask (``data.doc_mask``: documents of 64 tokens), ours vs SDPA's dense mask;
 - RMSNorm x gain on bf16 rows (block width 256, SDD up+gate width 1,376): the eager CPU kernel
   (``sdd_train.kernels.cpu_rms_norm``) and the PyTorch-path norm (hand-written backward, rows in
   cache-sized blocks; what compiled graphs fuse) vs the composite ops under autograd;
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.config import load_config  # noqa: E402
+from sdd_train.kernels.attention import document_mask  # noqa: E402
 from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
 from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm  # noqa: E402
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu  # noqa: E402
@@ -78,8 +80,22 @@ def attention_cases(b: int, s: int) -> dict[str, Step]:
                                                  is_causal=True, enable_gqa=True)
             out.transpose(1, 2).backward(dout)
 
+    mask = document_mask(torch.arange(s).div(64, rounding_mode="floor").expand(b, s))
+
+    def ours_documents() -> None:
+        with bf16_products_of_bf16_values(q.device):
+            cpu_causal_attention(q, *views(), mask).backward(dout)
+
+    def sdpa_documents() -> None:
+        k, v = views()
+        with bf16_products_of_bf16_values(q.device):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=True)
+            out.transpose(1, 2).backward(dout)
+
     return {"attention: cpu_attention": ours, "attention: same, default fp32 products": ours_default_products,
-            "attention: SDPA": sdpa}
+            "attention: SDPA": sdpa, "attention, documents: cpu_attention": ours_documents,
+            "attention, documents: SDPA dense mask": sdpa_documents}
 
 
 def norm_cases(rows: int, width: int) -> dict[str, Step]:

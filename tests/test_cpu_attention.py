@@ -19,12 +19,14 @@ from sdd_train.model import Transformer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention in float64 through SDPA's math, k/v heads repeated for GQA."""
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Causal (or ``mask``ed) attention in float64 through SDPA's math, k/v heads repeated for GQA."""
     rep = q.shape[2] // k.shape[2]
     q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
+    return F.scaled_dot_product_attention(q, k, v, **causal).transpose(1, 2)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -34,10 +36,12 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("span", [64, 8])
-def test_matches_float64_attention_and_gradients(monkeypatch, dtype, heads, kv_heads, span):
+@pytest.mark.parametrize("documents", [False, True])
+def test_matches_float64_attention_and_gradients(monkeypatch, dtype, heads, kv_heads, span, documents):
     """Output and q/k/v gradients against float64, in one span or five (the last one ragged); k and
-    v as strided slices of a fused projection (as the model passes them). bf16: within the error of
-    one bf16 rounding per product (SDPA's own bf16 kernel is ~2e-3 here)."""
+    v as strided slices of a fused projection (as the model passes them); causal, or within documents
+    that cross span boundaries. bf16: within the error of one bf16 rounding per product (SDPA's own
+    bf16 kernel is ~2e-3 here)."""
     monkeypatch.setattr(cpu_attention, "SPAN", span)
     torch.manual_seed(0)
     b, s, d = 3, 37, 16
@@ -45,11 +49,15 @@ def test_matches_float64_attention_and_gradients(monkeypatch, dtype, heads, kv_h
     kv = torch.randn(b, s, 2 * kv_heads * d).to(dtype).requires_grad_()
     k, v = (t.unflatten(-1, (kv_heads, d)) for t in kv.split(kv_heads * d, dim=-1))
     dout = torch.randn(b, s, heads, d).to(dtype)
-    out = cpu_attention.cpu_causal_attention(q, k, v)
+    mask = None
+    if documents:  # rows of 3, 2 and 1 documents, boundaries inside spans
+        doc_ids = torch.tensor([[0] * 11 + [1] * 26, [2] * 20 + [3] * 17, [4] * 37])
+        mask = attention.document_mask(doc_ids)
+    out = cpu_attention.cpu_causal_attention(q, k, v, mask)
     dq, dkv = torch.autograd.grad(out, (q, kv), dout)
     q64, kv64 = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
     k64, v64 = (t.unflatten(-1, (kv_heads, d)) for t in kv64.split(kv_heads * d, dim=-1))
-    ref = sdpa_reference(q64, k64, v64)
+    ref = sdpa_reference(q64, k64, v64, mask)
     dq64, dkv64 = torch.autograd.grad(ref, (q64, kv64), dout.double())
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
     assert out.dtype == dtype and out.shape == q.shape
@@ -88,8 +96,8 @@ def test_compiled_under_autocast_keeps_fp32_scores():
 
 
 def test_auto_backend_dispatch_on_cpu(monkeypatch):
-    """'auto' on CPU takes it for unmasked sequences within MAX_SCORES; 'sdpa', a mask, or more
-    scores than MAX_SCORES go to SDPA, with the same result."""
+    """'auto' on CPU takes it for sequences within MAX_SCORES, unmasked or with a document mask; 'sdpa'
+    or more scores than MAX_SCORES go to SDPA, with the same result."""
     calls = []
     real = attention.cpu_causal_attention
     monkeypatch.setattr(attention, "cpu_causal_attention", lambda *a: calls.append(1) or real(*a))
@@ -99,9 +107,10 @@ def test_auto_backend_dispatch_on_cpu(monkeypatch):
     assert calls == [1]
     sdpa = attention.causal_attention(q, k, v, "sdpa")
     masked = attention.causal_attention(q, k, v, "auto", attention.document_mask(torch.zeros(2, 9, dtype=torch.long)))
+    assert calls == [1, 1]
     monkeypatch.setattr(cpu_attention, "MAX_SCORES", 2 * 4 * 9 * 9 - 1)
     long = attention.causal_attention(q, k, v, "auto")
-    assert calls == [1]
+    assert calls == [1, 1]
     for other in (sdpa, masked, long):
         torch.testing.assert_close(auto, other, rtol=1e-5, atol=1e-6)
 

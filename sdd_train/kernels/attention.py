@@ -175,8 +175,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         )
     if isinstance(mask, DocumentBlockMask) and flex_attention_usable(q):
         return flex_document_attention(q, k, v, mask)
-    if backend == "auto" and mask is None and cpu_attention_usable(q, k):
-        return cpu_causal_attention(q, k, v)
+    if backend == "auto" and (mask is None or isinstance(mask, torch.Tensor)) and cpu_attention_usable(q, k):
+        return cpu_causal_attention(q, k, v, mask)
     return sdpa_causal_attention(q, k, v, mask)
 
 

@@ -7,7 +7,7 @@ underused. At the tiny config's shape (16 x 256 tokens, 4 query and 2 kv heads o
 It materialises the scores instead, span by span of :data:`SPAN` query positions: a span attends
 only to the keys up to its end, so the masked upper triangle is mostly never computed (the work
 of 4 spans of 256 positions is 5/8 of the full square). Per span one ``baddbmm`` scales ``q k^T``
-and adds the causal mask, one softmax, one product with ``v``; the backward reuses the saved
+and adds the causal mask (or a document mask, which holds it), one softmax, one product with ``v``; the backward reuses the saved
 probabilities. GQA is free: the G query heads that share a kv head are rows of the same matmul.
 
 Precision: scores, softmax and the score gradient in fp32 (like SDPA's kernel), also under bf16
@@ -39,9 +39,23 @@ def cpu_attention_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.device.type == "cpu" and k.shape[1] == s and b * h * s * s <= MAX_SCORES
 
 
-def cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of [B, S, H, D] queries over [B, S, Hkv, D] keys and values -> [B, S, H, D]."""
-    return _CPUAttention.apply(q, k, v, SPAN)
+def cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """Causal attention of [B, S, H, D] queries over [B, S, Hkv, D] keys and values -> [B, S, H, D].
+
+    ``mask``: a [B, 1, S, S] boolean mask that already holds the causal one (a document mask); every
+    query must see at least itself."""
+    return _CPUAttention.apply(q, k, v, SPAN, mask)
+
+
+def _score_bias(mask: torch.Tensor | None, s: int, g: int, kv_heads: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """What is added to the scores: 0 where a query may attend, -inf elsewhere, as [1 or B * Hkv, S * G, S]
+    (row s * G + g is query head g of position s, as :func:`_stack_groups` lays them out)."""
+    if mask is None:
+        return torch.full((s, s), float("-inf"), dtype=dtype, device=device).triu_(1).repeat_interleave(g, dim=0)[None]
+    bias = torch.zeros(mask.shape[0], s, s, dtype=dtype, device=device).masked_fill_(~mask[:, 0], float("-inf"))
+    return bias.repeat_interleave(g, dim=1).repeat_interleave(kv_heads, dim=0)
 
 
 def _stack_groups(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -77,18 +91,19 @@ def _spans(s: int, span: int) -> list[tuple[int, int]]:
 class _CPUAttention(torch.autograd.Function):
     @staticmethod
     @autocast_off
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int, mask: torch.Tensor | None
+                ) -> torch.Tensor:
         b, s, h, d = q.shape
         kv_heads = k.shape[2]
         g = h // kv_heads
         acc = compute_dtype(q.dtype)
         qs, ks, vs = _stack_groups(q, kv_heads), _kv_layout(k), _kv_layout(v)
         qa, ka = qs.to(acc), ks.to(acc)
-        causal = torch.full((s, s), float("-inf"), dtype=acc, device=q.device).triu_(1).repeat_interleave(g, dim=0)
+        bias = _score_bias(mask, s, g, kv_heads, acc, q.device)
         saved, outs = [], []
         for a, e in _spans(s, span):
             rows = slice(a * g, e * g)
-            scores = torch.baddbmm(causal[rows, :e], qa[:, rows], ka[:, :e].transpose(1, 2), alpha=d**-0.5)
+            scores = torch.baddbmm(bias[:, rows, :e], qa[:, rows], ka[:, :e].transpose(1, 2), alpha=d**-0.5)
             probs = torch.softmax(scores, dim=-1)
             probs_low = probs.to(q.dtype)
             outs.append(torch.bmm(probs_low, vs[:, :e]))
@@ -122,7 +137,8 @@ class _CPUAttention(torch.autograd.Function):
             dk.append(torch.bmm(dscores.transpose(1, 2), qs[:, rows]))
         dk = _sum_over_spans(dk, spans, acc).mul_(scale).to(ks.dtype)
         dv = _sum_over_spans(dv, spans, acc).to(vs.dtype)
-        return _unstack_groups(torch.cat(dq, dim=1), b, ctx.heads), _from_kv_layout(dk, b), _from_kv_layout(dv, b), None
+        return (_unstack_groups(torch.cat(dq, dim=1), b, ctx.heads), _from_kv_layout(dk, b), _from_kv_layout(dv, b),
+                None, None)
 
 
 def _sum_over_spans(parts: list[torch.Tensor], spans: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:

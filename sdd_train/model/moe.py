@@ -12,7 +12,6 @@ in a forward, so the layer runs under activation checkpointing and compile alike
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -113,10 +112,3 @@ class MoE(nn.Module):
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return MoEAux(lb, z, counts.detach())
 
-
-def load_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Min/max tokens per expert and the entropy of the load (1 = perfectly balanced), from summed counts."""
-    total = counts.sum().clamp(min=1)
-    share = counts.double() / total
-    entropy = -(share * share.clamp(min=1e-30).log()).sum().item() / math.log(len(counts))
-    return {"load_min": int(counts.min()), "load_max": int(counts.max()), "load_entropy": entropy}
