@@ -60,6 +60,8 @@ def load_rows(path: Path) -> dict[str, tuple[Row, Outcome]]:
             r = json.loads(line)
             diff = Diff(r["steps"], r["weights"]) if r["steps"] is not None else None
             row = Row(Combo(tuple(r["values"])), r["status"], r["seconds"], r["reference"], diff, r["note"])
+            if diff:  # judged again: the tolerances may have changed since
+                row.status, row.note = matrix_run.judge_diff(row.combo, row.reference.split(":")[0], diff)
             rows[r["name"]] = row, Outcome(r["outcome"], r["seconds"], r["note"])
     return rows
 

@@ -227,7 +227,7 @@ TOLERANCE: dict[tuple[str, str], tuple[float, float | None]] = {
     ("ac", "fp32"): (0.0, 0.0),
     ("ac", "bf16"): (0.0, 0.0),
     ("compile", "fp32"): (1e-5, 1e-4),
-    ("compile", "bf16"): (4e-3, None),  # one bf16 ulp
+    ("compile", "bf16"): (1e-2, None),  # the gradient norm moves most
     ("ranks", "fp32"): (1e-5, 5e-6),  # tests/test_distributed.py's
     ("ranks", "bf16"): (2e-3, None),  # tests/test_fsdp_bf16.py's
 }

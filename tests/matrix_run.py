@@ -172,12 +172,16 @@ def verdict(combo: Combo, outcome: Outcome, run_dir: Path, ref: tuple[Combo, str
         row.status, row.note = "untested", f"reference {ref_outcome.status if ref_outcome else 'not run'}"
         return row
     row.diff = compare(run_dir, ref_dir)
-    steps_tol, weights_tol = tolerance(ref[1], combo["precision"])
-    within = row.diff.steps <= steps_tol and (weights_tol is None or row.diff.weights <= weights_tol)
-    row.status = "pass" if within else "fail"
-    if not within:
-        row.note = f"beyond {steps_tol:g} rel / {weights_tol if weights_tol is not None else '-'} abs"
+    row.status, row.note = judge_diff(combo, ref[1], row.diff)
     return row
+
+
+def judge_diff(combo: Combo, kind: str, diff: Diff) -> tuple[str, str]:
+    """Pass, or fail and by what, against the tolerance of this kind of comparison."""
+    steps_tol, weights_tol = tolerance(kind, combo["precision"])
+    if diff.steps <= steps_tol and (weights_tol is None or diff.weights <= weights_tol):
+        return "pass", ""
+    return "fail", f"beyond {steps_tol:g} rel / {weights_tol if weights_tol is not None else '-'} abs"
 
 
 class Runner:
