@@ -142,11 +142,14 @@ def test_two_rank_fsdp2_with_bf16_parameters_matches_one_process(data_cache, tmp
         assert two_losses[step] == pytest.approx(loss, rel=2e-3), step  # bf16 noise: one bf16 ulp is 4e-3
 
 
-def test_a_resumed_bf16_parameter_run_is_bitwise_the_uninterrupted_one(data_cache, tmp_path, monkeypatch):
+def test_a_resumed_bf16_parameter_run_is_bitwise_the_uninterrupted_one(data_cache, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(TESTS))
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    run = [*EXTRA, "train.max_steps=6", "train.checkpoint_interval=3"]
+    # the cosine's horizon is fixed: by default it is train.max_steps, which the stop at step 3 changes
+    run = [*EXTRA, "train.max_steps=6", "train.checkpoint_interval=3", "optim.horizon_steps=6"]
     assert main(small_run(whole, data_cache, *run)) == 0
     assert main(small_run(resumed, data_cache, *run, "train.max_steps=3")) == 0
+    capsys.readouterr()
     assert main(small_run(resumed, data_cache, *run)) == 0
+    assert "resume: from" in capsys.readouterr().out
     assert losses(resumed) == losses(whole)
