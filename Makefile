@@ -1,6 +1,8 @@
 # sdd_train developer entry points. Everything runs inside .venv, created on first use.
 #   make train   set up, then train the tiny default model on CPU from the embedded corpus
 #   make test    set up, then run the test suite (what CI runs)
+#   make test-fast   the unit tests only (no training runs, processes or compiles: tests marked slow in
+#                tests/conftest.py), the inner loop while editing
 #   make bench   set up, then run the benchmarks (step time vs transformers, CPU ops, 1 vs 2 ranks, data, MoE layer, loss
 #                memory; with CUDA also benchmarks/gpu_suite.py: GPU tests, fused-norm kernels, dense 1B and MoE MFU)
 #   make soak    set up, then the fault-injection suite at length (kill -9, damaged checkpoints, a full disk, a dead
@@ -9,12 +11,12 @@
 #                checkpointing, doc_mask, ranks, precision, param_dtype and loss path runs 3 steps against its
 #                reference (hours; resumes; MATRIX_ARGS="--subset pairwise" is CI's subset); its table goes into
 #                docs/testing.md
-#   make wheelhouse  download into wheelhouse/ the wheels benchmarks/gpu_suite.py needs that the GPU image lacks
-#                (benchmarks/gpu_wheels.txt), for its python (GPU_PYTHON_VERSION=3.12, linux x86_64); carry the
-#                folder to the GPU machine with the checkout
 #   make bench-peers   benchmarks/step_time.py beside OLMo-core's and torchtitan's transformers at our shape, from
 #                their own venv .venv-peers (the extra `peers`, torch pinned as here: in .venv they would
 #                downgrade datasets and huggingface_hub under transformers)
+#   make wheelhouse  download into wheelhouse/ the wheels benchmarks/gpu_suite.py needs that the GPU image lacks
+#                (benchmarks/gpu_wheels.txt), for its python (GPU_PYTHON_VERSION=3.12, linux x86_64); carry the
+#                folder to the GPU machine with the checkout
 #   make bench-gpu   only benchmarks/gpu_suite.py, with $(PYTHON) as it is (a GPU machine whose python has a CUDA
 #                torch; no network needed): installs wheelhouse/ when there, with no index, into wheelhouse/site
 #                (the image's packages untouched), checks every import first (exit 2 naming all missing), then runs
@@ -25,7 +27,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: setup train test bench bench-gpu soak clean
+.PHONY: setup train test test-fast bench bench-gpu soak clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +43,9 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) benchmarks/step_time.py $(ARGS)
@@ -61,18 +66,6 @@ MATRIX_ARGS ?=
 matrix: setup
 	$(PY) scripts/matrix.py $(MATRIX_ARGS)
 
-WHEELHOUSE ?= wheelhouse
-GPU_PYTHON_VERSION ?= 3.12
-GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
-.PHONY: wheelhouse
-
-wheelhouse:
-	rm -rf $(WHEELHOUSE)
-	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
-		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
-		-d $(WHEELHOUSE) -r benchmarks/gpu_wheels.txt
-	echo $(GPU_PYTHON_VERSION) > $(WHEELHOUSE)/python-version
-
 PEERS_VENV ?= .venv-peers
 PEERS ?= olmo-core torchtitan
 .PHONY: bench-peers
@@ -87,6 +80,18 @@ $(PEERS_VENV)/.installed: pyproject.toml
 
 bench-peers: $(PEERS_VENV)/.installed
 	$(PEERS_VENV)/bin/python benchmarks/step_time.py --no-hf --peers $(PEERS) $(ARGS)
+
+WHEELHOUSE ?= wheelhouse
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+.PHONY: wheelhouse
+
+wheelhouse:
+	rm -rf $(WHEELHOUSE)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) \
+		-d $(WHEELHOUSE) -r benchmarks/gpu_wheels.txt
+	echo $(GPU_PYTHON_VERSION) > $(WHEELHOUSE)/python-version
 
 bench-gpu:
 	$(PYTHON) benchmarks/gpu_deps.py --wheelhouse $(WHEELHOUSE) benchmarks/gpu_suite.py $(ARGS)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kernels import timer  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
-PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers")
+PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers", "attention")
 # The GPU targets: dense 1B sdd MFU, sdd / pre step time, fused-norm forward / copy, MoE MFU.
 DENSE_MFU, SDD_OVER_PRE, NORM_OVER_COPY, MOE_MFU = 0.50, 1.03, 1.2, 0.30
 
@@ -75,6 +75,9 @@ def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
         return [step + ["--config", str(ROOT / "configs" / "dense_1b.yaml"), "--sequential", "--modes", mode, "--steps",
                         "10", "--json", str(out / f"peers_{mode}.json"), "--set", "train.global_batch_size=8"]
                 for mode in ("compiled", "eager")]
+    if part == "attention":  # document masks: FlexAttention vs SDPA's dense mask (vs flash-attn varlen)
+        return [[py, str(bench / "doc_attention.py"), "--json", str(out / "attention.json")]
+                + (["--smoke"] if smoke else [])]
     if part == "loss":  # the dense 1B head: one micro-batch of 4 x 4096 tokens, d 2048, 100k vocabulary
         shape = ["--tokens", "256", "--d-model", "64", "--vocab", "1000", "--chunk", "64"] if smoke else \
             ["--tokens", "16384", "--d-model", "2048", "--vocab", "100352", "--chunk", "4096"]
@@ -180,6 +183,11 @@ def summary(out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
         for r in loss["rows"]:
             lines.append(f"| loss {r['path']} ({loss['tokens']} x {loss['d_model']} -> {loss['vocab']})"
                          f" | {r['seconds']:.3f} s | peak {r['peak_gib']:.2f} GiB | loss {r['loss']:.4f} | | |")
+    if attn := _load(out / "attention.json"):
+        for r in attn["rows"]:
+            peak = f"peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""
+            lines.append(f"| document-masked attention: {r['case']} ({r['device']}) | {r['median_ms']:.2f} ms"
+                         f" | {peak} | | | |")
     return lines, targets
 
 

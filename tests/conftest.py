@@ -37,6 +37,26 @@ def small_model_cfg(block: str = "pre", **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+# Tiers, decided here only: a test is `slow` when it trains (every training run shares the `data_cache`
+# corpus), starts processes, or compiles; `make test-fast` runs the others, `make test` (CI) all.
+SLOW_FIXTURES = {"data_cache"}
+SLOW_MODULES = {"test_distributed", "test_faults", "test_matrix", "test_hf_modeling_file", "test_gpu_suite",
+                "test_host_memory", "test_kernels"}
+
+
+def _compiles(item) -> bool:
+    """A test of torch.compile: by its name, or a ``compile`` parameter set to true."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "compile" in item.originalname or params.get("compile") is True
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__ if item.module else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES or _compiles(item):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One small default-corpus cache (tokenizer + tokens) shared by the training tests."""

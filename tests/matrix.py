@@ -233,8 +233,14 @@ TOLERANCE: dict[tuple[str, str], tuple[float, float | None]] = {
 }
 
 
-def tolerance(kind: str, precision: str) -> tuple[float, float | None]:
-    """A joint comparison ('compile+ranks') allows the sum of its parts."""
+def tolerance(kind: str, precision: str, compiled: bool = False) -> tuple[float, float | None]:
+    """A joint comparison ('compile+ranks') allows the sum of its parts. Activation checkpointing of
+    compiled blocks in bf16 is compared as compiled vs eager is: inductor keeps a fused kernel's
+    intermediates in fp32 and rounds to bf16 where a kernel stores, and the recomputing backward
+    fuses the forward's operations into other kernels than the one that saved them, so values are
+    rounded at other points (fp32 has no such rounding: bitwise there)."""
+    if kind == "ac" and compiled and precision == "bf16":
+        kind = "compile"
     parts = [TOLERANCE[k, precision] for k in kind.split("+")]
     weights = [p[1] for p in parts]
     return sum(p[0] for p in parts), None if None in weights else sum(weights)

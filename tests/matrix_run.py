@@ -178,7 +178,7 @@ def verdict(combo: Combo, outcome: Outcome, run_dir: Path, ref: tuple[Combo, str
 
 def judge_diff(combo: Combo, kind: str, diff: Diff) -> tuple[str, str]:
     """Pass, or fail and by what, against the tolerance of this kind of comparison."""
-    steps_tol, weights_tol = tolerance(kind, combo["precision"])
+    steps_tol, weights_tol = tolerance(kind, combo["precision"], combo["compile"] == "on")
     if diff.steps <= steps_tol and (weights_tol is None or diff.weights <= weights_tol):
         return "pass", ""
     return "fail", f"beyond {steps_tol:g} rel / {weights_tol if weights_tol is not None else '-'} abs"

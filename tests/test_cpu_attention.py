@@ -138,4 +138,4 @@ def test_cpu_ops_benchmark_smoke(tmp_path):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--reps", "1", "--json", str(tmp_path / "ops.json")]) == 0
     rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
-    assert len(rows) == 17 and all(r["median_ms"] > 0 for r in rows)
+    assert len(rows) == 19 and all(r["median_ms"] > 0 for r in rows)
