@@ -40,7 +40,7 @@ def small_model_cfg(block: str = "pre", **kw) -> ModelConfig:
 # Tiers, decided here only: a test is `slow` when it trains (every training run shares the `data_cache`
 # corpus), starts processes, or compiles; `make test-fast` runs the others, `make test` (CI) all.
 SLOW_FIXTURES = {"data_cache"}
-SLOW_MODULES = {"test_distributed", "test_faults", "test_matrix", "test_hf_modeling_file", "test_gpu_suite",
+SLOW_MODULES = {"test_distributed", "test_faults", "test_hf_modeling_file", "test_gpu_suite",
                 "test_host_memory", "test_kernels"}
 
 
