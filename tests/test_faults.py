@@ -222,10 +222,32 @@ def test_a_model_with_fewer_tensors_than_the_checkpoint_is_refused(at_step_4, da
     assert not list(checkpoint.checkpoint_dir(run).glob("*.corrupt"))
 
 
-def test_a_model_change_with_the_same_tensors_is_named_in_a_warning(at_step_4, data_cache, tmp_path, capsys):
+def test_a_model_change_with_the_same_tensors_is_refused_unless_allowed(at_step_4, data_cache, tmp_path, capsys):
+    """rope_theta changes the math but no tensor: a resume stops (exit 2, the key named, nothing written)
+    unless train.allow_model_change says so; then the change is a warning and an events.jsonl record, and
+    a kernel choice (model.attention_backend) is never a change of the model."""
     run = copy_of(at_step_4, tmp_path)
-    assert main(args(run, data_cache, "train.max_steps=5", "model.rope_theta=20000")) == 0
-    assert "written with another model config (model.rope_theta: 10000.0 -> 20000.0)" in capsys.readouterr().out
+    before = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(args(run, data_cache, "train.max_steps=5", "model.rope_theta=20000")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.rope_theta: 10000.0 -> 20000.0" in err and "train.allow_model_change" in err
+    assert len(err.splitlines()) == 1
+    assert {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert main(args(run, data_cache, "train.max_steps=5", "model.rope_theta=20000",
+                     "train.allow_model_change=true", "model.attention_backend=sdpa")) == 0
+    out = capsys.readouterr().out
+    assert "written with another model config (model.rope_theta: 10000.0 -> 20000.0, model.attention_backend" in out
+    changed = events(run, "model_changed")
+    assert len(changed) == 1 and changed[0]["changes"][0] == "model.rope_theta: 10000.0 -> 20000.0"
+    # Each checkpoint is rebuilt as the model it was trained as, whatever the run's config.yaml says now.
+    from sdd_train.config import load_config
+    from sdd_train.eval.export import export
+    from sdd_train.eval.inference import load_model
+    assert load_config(run / "config.yaml").model.rope_theta == 20000
+    for step, theta in ((4, 10000), (5, 20000)):
+        assert load_config(export(run, tmp_path / f"export_{step}", step) / "config.yaml").model.rope_theta == theta
+        assert load_model(run, step).cfg.model.rope_theta == theta
+        assert load_model(tmp_path / f"export_{step}").cfg.model.rope_theta == theta
 
 
 def test_an_unreadable_file_is_a_verification_problem(at_step_4, tmp_path, monkeypatch):

@@ -1,13 +1,13 @@
 """Run configuration: the typed schema (:mod:`.schema`), reading YAML (:mod:`.loading`) and the
 rules across keys (:mod:`.validation`). The bottom layer: it imports nothing else of sdd_train."""
 
-from sdd_train.config.loading import as_dict, load_config, save_config, to_yaml
-from sdd_train.config.schema import (CallbackConfig, ConfigError, DataConfig, DatasetConfig, DiagnosticsConfig,
+from sdd_train.config.loading import as_dict, config_from_dict, load_config, save_config, to_yaml
+from sdd_train.config.schema import (MODEL_KERNEL_KEYS, CallbackConfig, ConfigError, DataConfig, DatasetConfig, DiagnosticsConfig,
                                      EvalSetConfig, InitConfig, LoggingConfig, ModelConfig, MoEConfig, OptimConfig,
                                      ParallelConfig, RunConfig, SpanNormConfig, SpikeConfig, TrainConfig)
 from sdd_train.config.validation import validate
 
-__all__ = ["CallbackConfig", "ConfigError", "DataConfig", "DatasetConfig", "DiagnosticsConfig", "EvalSetConfig",
+__all__ = ["MODEL_KERNEL_KEYS", "CallbackConfig", "ConfigError", "DataConfig", "DatasetConfig", "DiagnosticsConfig", "EvalSetConfig",
            "InitConfig", "LoggingConfig", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig", "RunConfig",
-           "SpanNormConfig", "SpikeConfig", "TrainConfig", "as_dict", "load_config", "save_config", "to_yaml",
+           "SpanNormConfig", "SpikeConfig", "TrainConfig", "as_dict", "config_from_dict", "load_config", "save_config", "to_yaml",
            "validate"]

@@ -123,3 +123,18 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
+
+
+def config_from_dict(values: dict[str, Any], source: str) -> RunConfig:
+    """A run config from plain values (a checkpoint's ``meta.json``), through the same typed schema
+    and rules as a YAML file; keys added to the schema since ``values`` were written take their
+    defaults. Every problem is a ConfigError starting with ``source``."""
+    try:
+        cfg: RunConfig = OmegaConf.to_object(  # type: ignore[assignment]
+            OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(values)))
+        validate(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {_one_line(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg

@@ -53,6 +53,10 @@ class MoEConfig:
     sdd_out_gain_scale: float = 1.0
 
 
+# Model keys that choose a kernel, not the math the model computes: a resume may change them.
+MODEL_KERNEL_KEYS = ("model.attention_backend", "model.moe.grouped_mm")
+
+
 @dataclass
 class ModelConfig:
     d_model: int = 256
@@ -154,6 +158,10 @@ class TrainConfig:
     permanent_checkpoint_interval: int = 0  # also keep every M-th step forever; 0 disables
     async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint.async_save)
     verify_checkpoints: bool = True  # check every file's checksum before loading a checkpoint (resume, rollback)
+    # A resume whose model config differs from the checkpoint's in its math (any model key but
+    # MODEL_KERNEL_KEYS) stops with exit 2 naming the keys; true continues the checkpoint as this
+    # run's model (the tensors must still fit). Each checkpoint keeps the config it was written with.
+    allow_model_change: bool = False
     # A save that fails (full disk, quota, permissions): stop (exit 1) | retry (log it, save again at the
     # next interval). The last step's save and a stop signal's always stop on failure.
     checkpoint_failure: str = "stop"

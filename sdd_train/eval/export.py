@@ -1,7 +1,8 @@
 """``sdd-export RUN_DIR [--step N] [--out DIR]``: one consolidated safetensors file from a (sharded) checkpoint.
 
 The output folder holds ``model.safetensors`` (full fp32 tensors, names as in
-``Transformer.state_dict()``), ``config.yaml`` (the run's resolved config) and ``tokenizer.model``,
+``Transformer.state_dict()``), ``config.yaml`` (the resolved config the checkpoint was written
+with, from its meta.json) and ``tokenizer.model``,
 enough to rebuild the model in any process with :func:`sdd_train.eval.inference.load_model`. Works for checkpoints written by any number of ranks.
 """
 
@@ -12,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from sdd_train.checkpoint import read_meta, read_model_state, resolve_checkpoint, verified
-from sdd_train.config import ConfigError, load_config
+from sdd_train.checkpoint import checkpoint_config, read_meta, read_model_state, resolve_checkpoint, verified
+from sdd_train.config import ConfigError, save_config
 from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
 
 
@@ -29,8 +30,9 @@ def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     meta = read_meta(ckpt)
     save_file(state, str(out / "model.safetensors"), metadata={"step": str(meta["step"]), "format": "pt"})
-    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
-    shutil.copyfile(run_tokenizer(load_config(run_dir / "config.yaml")).model_file, out / TOKENIZER_FILE)
+    cfg = checkpoint_config(ckpt)
+    save_config(cfg, out / "config.yaml")
+    shutil.copyfile(run_tokenizer(cfg).model_file, out / TOKENIZER_FILE)
     return out
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sdd_train.checkpoint import read_model_state, resolve_checkpoint, verified
+from sdd_train.checkpoint import checkpoint_config, read_model_state, resolve_checkpoint, verified
 from sdd_train.config import ConfigError, RunConfig, load_config
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.run_data import open_run_data
@@ -53,7 +53,8 @@ def load_exported(folder: Path, device: str = "cpu") -> torch.nn.Module:
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> LoadedModel:
     """``path``: a run directory (latest checkpoint, or ``step``), one checkpoint directory, or an
     ``sdd-export`` folder. The model is returned in eval mode, fp32, on ``device``. A checkpoint is
-    verified against its manifest first: a corrupt one is a ConfigError naming the file."""
+    verified against its manifest first: a corrupt one is a ConfigError naming the file. It is
+    rebuilt from the config it was written with (its meta.json), not the run's latest config.yaml."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         cfg = load_config(path / "config.yaml")
@@ -62,13 +63,12 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
         source = path
     else:
         if (path / "meta.json").is_file():  # RUN/checkpoints/step_N
-            source, run_dir = verified(path), path.parent.parent
+            source = verified(path)
         elif (path / "config.yaml").is_file():
-            run_dir = path
-            source = verified(resolve_checkpoint(run_dir, step))
+            source = verified(resolve_checkpoint(path, step))
         else:
             raise ConfigError(f"{path}: not a run directory, a checkpoint or an sdd-export folder")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = checkpoint_config(source)
         model = Transformer(cfg.model)
         model.load_state_dict(read_model_state(source))
         tokenizer = run_tokenizer(cfg)

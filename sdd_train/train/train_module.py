@@ -3,7 +3,9 @@
 It builds the model on the meta device, parallelises it (activation checkpointing, compile,
 FSDP2 with more than one rank), materialises and initialises it identically for every world size,
 and runs a step: the forward and backward of this rank's micro-batches under the run's precision
-(:func:`sdd_train.kernels.autocast`), the global gradient norm and clipping, the optimizer update.
+(:func:`sdd_train.kernels.autocast`), the global gradient norm and clipping, the learning rate of
+the step and the optimizer update. The loop decides only whether an update happens; callbacks see
+the model through the module's methods (evaluation, statistics, FLOPs), never its attributes.
 """
 
 from __future__ import annotations
@@ -13,16 +15,20 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sdd_train.config import RunConfig
+from sdd_train.diagnostics.activations import activation_stats
+from sdd_train.diagnostics.layer_stats import LayerStats
 from sdd_train.distributed.parallelize import parallelize
-from sdd_train.distributed.world import World, all_reduce_sum
+from sdd_train.distributed.world import World, all_reduce_max, all_reduce_sum
+from sdd_train.eval.validation import EvalSet, evaluate_sets
 from sdd_train.kernels import autocast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
-from sdd_train.train.optim import build_optimizer
+from sdd_train.train.optim import build_optimizer, lr_at
 
 
 @dataclass(eq=False)
@@ -122,8 +128,15 @@ class TrainModule:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
 
-    def train_batch(self, micro_batches: Iterable[dict[str, torch.Tensor]], accum: int) -> StepOutput:
-        """Forward and backward of this rank's ``accum`` micro-batches, gradients accumulated.
+    def lr(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (1-based): a pure function of it, so a resumed
+        run needs no scheduler state."""
+        t = self.cfg.train
+        return lr_at(step - 1, self.cfg.optim, t.max_steps, t.global_batch_size * t.seq_len)
+
+    def train_batch(self, micro_batches: Iterable[dict[str, torch.Tensor]], accum: int, step: int) -> StepOutput:
+        """Forward and backward of this rank's ``accum`` micro-batches for optimizer step ``step``,
+        gradients accumulated (clipped by :meth:`clip_gradients`).
 
         Every micro-batch has the same token count, so the mean of the per-rank means is the token
         mean, and FSDP2 averages gradients over ranks: the loss is scaled by 1 / accum here.
@@ -148,18 +161,52 @@ class TrainModule:
                 (out.loss / accum).backward()
                 sums[: len(parts)] += torch.stack(parts).float()
         means = all_reduce_sum(sums) / (accum * world.world_size)
-        return StepOutput(losses=means, z_loss=o.z_loss > 0,
+        return StepOutput(losses=means, z_loss=o.z_loss > 0, lr=self.lr(step),
                           expert_load=all_reduce_sum(loads) if loads is not None else None)
 
-    def clip_grad_norm(self) -> torch.Tensor:
-        """The global pre-clip gradient norm (on the device); gradients are clipped to ``optim.grad_clip``."""
-        return grad_norm_and_clip(self.params, self.max_norm)
+    def clip_gradients(self, out: StepOutput) -> None:
+        """Clip the gradients to ``optim.grad_clip``; ``out`` gets the global pre-clip norm (on the device)."""
+        out.grad_norm_tensor = grad_norm_and_clip(self.params, self.max_norm)
 
-    def optim_step(self, lr: float) -> None:
+    def optim_step(self, out: StepOutput) -> None:
+        """Update the parameters with the step's learning rate (``out.lr``)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = out.lr
         self.optimizer.step()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+
+    # ------------------------------------------------------------------ for callbacks and the loop
+
+    def describe(self, seq_len: int) -> str:
+        return self.model.describe(seq_len)
+
+    def num_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward and backward) of the whole model, for MFU."""
+        return self.model.flops_per_token(seq_len)
+
+    def parameters_finite(self) -> bool:
+        """Every parameter on every rank is finite (one all-reduce, one read)."""
+        bad = torch.zeros((), device=self.world.device)
+        for p in self.model.parameters():
+            local = p.to_local() if type(p).__name__ == "DTensor" else p
+            if not torch.isfinite(local).all():
+                bad.fill_(1.0)
+                break
+        return all_reduce_max(bad).item() == 0
+
+    def evaluate(self, eval_sets: list[EvalSet]) -> dict[str, float]:
+        """Validation losses of the model as it is now (``val/<name>/loss``, ``val_loss``)."""
+        t = self.cfg.train
+        return evaluate_sets(self.model, eval_sets, self.world, t.precision, t.loss_chunk_size)
+
+    def activation_stats(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Residual-stream RMS after every block and the layer similarity on ``batch``."""
+        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        return activation_stats(self.model, batch["inputs"], batch.get("doc_ids"), self.cfg.train.precision)
+
+    def layer_stats(self) -> LayerStats:
+        """Per-layer norms of gradients, parameters and updates of this module's model."""
+        return LayerStats(self.model, self.world.world_size)

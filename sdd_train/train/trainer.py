@@ -15,15 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdd_train.checkpoint import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir,
-                                  complete_checkpoints, first_of, model_changes)
-from sdd_train.config import ConfigError, RunConfig, as_dict, save_config
+from sdd_train.checkpoint import Checkpointer, Restore, complete_checkpoints
+from sdd_train.config import RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
 from sdd_train.eval.validation import EvalSet
-from sdd_train.train.callbacks import Action, Callback
+from sdd_train.train.callbacks import Action, Callback, Verdict
 from sdd_train.train.data_feed import DataFeed
-from sdd_train.train.optim import lr_at
 from sdd_train.train.train_module import StepOutput, TrainModule
 
 
@@ -41,24 +39,27 @@ class Trainer:
         self.start_step = 0  # the step this process started from
         self.stop_reason: str | None = None
         self._metrics: dict[str, Any] = {}  # recorded by callbacks during the current step
-        self._rejected: list[dict[str, Any]] = []  # checkpoints a restore set aside, for events.jsonl
+        self.restore = Restore(cfg, checkpointer, as_dict(cfg)["model"], log)
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> Path:
         """Train to ``train.max_steps``, resuming from the latest checkpoint if there is one."""
         t = self.cfg.train
-        restored = self._restore_newest()
+        restored = self.restore.newest(self.load_checkpoint)
         if restored is not None:
-            resume, meta = restored
+            meta = restored.meta
             if meta.get("data", {}).get("fingerprints", self.data_fingerprints) != self.data_fingerprints:
                 self.log("warning: the training data changed since this checkpoint; continuing at the same"
                          " stream position")
-            self.log(f"resume: from {resume} (step {self.step}, {self.position:,} instances consumed, written by"
-                     f" {meta['world_size']} rank(s))")
+            if restored.model_changes:  # allowed by train.allow_model_change
+                self.restore.events.append({"event": "model_changed", "checkpoint": restored.path.name,
+                                            "changes": restored.model_changes})
+            self.log(f"resume: from {restored.path} (step {self.step}, {self.position:,} instances consumed, written"
+                     f" by {meta['world_size']} rank(s))")
         if self.world.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self.log(self.module.model.describe(t.seq_len))
+        self.log(self.module.describe(t.seq_len))
         par = ""
         if self.world.distributed:
             replicate, shard = data_parallel_shape(self.cfg.parallel, self.world.world_size)
@@ -88,18 +89,20 @@ class Trainer:
         t = self.cfg.train
         step = self.step + 1  # the optimizer step this one makes
         self.position = self.feed.next_position(self.position, self.excluded)
-        lr = lr_at(self.step, self.cfg.optim, t.max_steps, t.global_batch_size * t.seq_len)
         self._call("pre_step", step)
         start = time.perf_counter()
-        out = self.module.train_batch(self.feed.micro_batches(self.position, self.excluded), self.feed.accum)
+        out = self.module.train_batch(self.feed.micro_batches(self.position, self.excluded), self.feed.accum, step)
         self._call("post_backward", step)
-        out.grad_norm_tensor, out.lr = self.module.clip_grad_norm(), lr
-        action = self._decide(step, out)
-        if action is Action.ROLLBACK:  # the state is the checkpoint's now
-            return
-        if action is Action.APPLY:
+        self.module.clip_gradients(out)
+        verdict = self._decide(step, out)
+        if verdict.action is Action.ROLLBACK:
+            if self.rollback(verdict.exclude) is not None:  # the state is the checkpoint's now
+                return
+            self.log(f"warning: step {step}: no checkpoint left to roll back to; the update is skipped")
+            verdict = Verdict(Action.SKIP)
+        if verdict.action is Action.APPLY:
             self._call("pre_optim_step", step)
-            self.module.optim_step(lr)
+            self.module.optim_step(out)
             self._call("post_optim_step", step)
         self.module.zero_grad()
         self.step, self.position = step, self.position + t.global_batch_size
@@ -107,21 +110,21 @@ class Trainer:
         self._metrics = {}
         self._call("post_train_step", step, out)
         if self.is_log_step(step) and out.finite:  # the log step first: out.finite reads the device
-            record = {"step": step, "loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, **out.metrics,
+            record = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, **out.metrics,
                       **out.expert_load_metrics(), **self._metrics}
             self.write("metrics", record, console=True)
         self._call("post_step", step, out)
 
-    def _decide(self, step: int, out: StepOutput) -> Action:
-        """The callbacks' verdict on the update: a rollback ends the vote, any skip drops the update."""
-        action = Action.APPLY
-        for callback in self.callbacks:
-            verdict = callback.step_action(self, step, out)
-            if verdict is Action.ROLLBACK:
-                return verdict
-            if verdict is Action.SKIP:
-                action = verdict
-        return action
+    def _decide(self, step: int, out: StepOutput) -> Verdict:
+        """The callbacks' vote on the update: every callback votes; a rollback wins (leaving out the
+        batches any of them named), else any skip drops the update."""
+        verdicts = [Verdict(v) if isinstance(v, Action) else v
+                    for v in (callback.step_action(self, step, out) for callback in self.callbacks) if v is not None]
+        for action in (Action.ROLLBACK, Action.SKIP):
+            chosen = [v for v in verdicts if v.action is action]
+            if chosen:
+                return Verdict(action, frozenset().union(*(v.exclude for v in chosen)))
+        return Verdict(Action.APPLY)
 
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -170,68 +173,26 @@ class Trainer:
         self.feed.clear()
         return meta
 
-    def rollback(self, exclude: set[int]) -> int | None:
+    def can_roll_back(self) -> bool:
+        """Whether the run has a checkpoint a rollback could go back to (an async save in flight is waited for)."""
+        self.checkpointer.wait()
+        return bool(broadcast_object(complete_checkpoints(self.run_dir)))
+
+    def rollback(self, exclude: frozenset[int]) -> int | None:
         """Reload the latest usable checkpoint and leave the global batches at ``exclude`` out of the
-        stream from now on; returns the step it went back to (None: there is no checkpoint)."""
+        stream from now on; returns the step it went back to (None: there is no checkpoint). Called by
+        the loop after the callbacks' vote, never from inside a callback."""
         self.checkpointer.wait()
         excluded = self.excluded | exclude
         self.module.zero_grad()
-        if self._restore_newest() is None:
+        if self.restore.newest(self.load_checkpoint) is None:
             return None
         self.excluded |= excluded
         self._record_rejections()
         self._call("on_rollback", self.step)
         return self.step
 
-    def _restore_newest(self) -> tuple[Path, dict[str, Any]] | None:
-        """Load the newest usable checkpoint. One whose files fail verification is moved aside
-        (``step_N.corrupt``), one that cannot be verified (no manifest, or verification off) and fails
-        to load is skipped where it is; either is logged and recorded in events.jsonl, and the one
-        before it is tried; when none is left a ConfigError names each one and why. One that does not
-        fit this run (other tensors, or intact files that fail to load) is a ConfigError that moves
-        nothing: the run's command or machine changed, not its checkpoints."""
-        verify, failures = self.cfg.train.verify_checkpoints, []
-        for path in broadcast_object(complete_checkpoints(self.run_dir)[::-1]):
-            problems = self.checkpointer.verify(path) if verify else None
-            if verify and problems is None:
-                self.log(f"warning: {path} is not verified: it has no manifest (written before checksums were recorded)"
-                         " or its checksum algorithm is not installed (xxhash)")
-            if problems:
-                reason = first_of(problems)
-            else:
-                changes = model_changes(path, as_dict(self.cfg)["model"])
-                try:
-                    meta = self.load_checkpoint(path)
-                except CheckpointError as e:
-                    if isinstance(e, CheckpointMismatch) or problems == []:  # readable or intact: the run changed
-                        intact = "" if isinstance(e, CheckpointMismatch) else "its files are intact, but: "
-                        diff = f"; model config, checkpoint -> this run: {', '.join(changes[:3])}" if changes else ""
-                        raise ConfigError(f"{intact}{e}{diff}; resume with the config it was written with (its"
-                                          " meta.json), or give this run another run_dir") from None
-                    # No checksums to say whether its files or this machine (memory, a timeout) failed: left in place.
-                    failures.append(f"{path.name}: {e}")
-                    self.log(f"warning: checkpoint {path} cannot be loaded ({e}) and has no checksums to tell whether"
-                             " its files are damaged; left in place, trying the one before it")
-                    self._rejected.append({"event": "checkpoint_skipped", "checkpoint": path.name, "reason": str(e)})
-                    continue
-                else:
-                    if changes:
-                        self.log(f"warning: {path} was written with another model config ({', '.join(changes)});"
-                                 " continuing with this run's")
-                    return path, meta
-            moved = self.checkpointer.quarantine(path)
-            failures.append(f"{path.name}: {reason}")
-            self.log(f"warning: checkpoint {path} is unusable ({reason}); moved to {moved.name}, trying the one"
-                     " before it")
-            self._rejected.append({"event": "checkpoint_rejected", "checkpoint": path.name, "moved_to": moved.name,
-                                   "reason": reason})
-        if failures:
-            raise ConfigError(f"{checkpoint_dir(self.run_dir)}: no usable checkpoint ({'; '.join(failures)}); damaged"
-                              " ones are kept as step_*.corrupt; delete the run directory to start over")
-        return None
-
     def _record_rejections(self) -> None:
-        """The checkpoints a restore set aside, in events.jsonl at the step the run continued from."""
-        for event in self._rejected:
+        """What a restore set aside or allowed, in events.jsonl at the step the run continued from."""
+        for event in self.restore.take_events():
             self.write("events", {"step": self.step, **event})
-        self._rejected.clear()

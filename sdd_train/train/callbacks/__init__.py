@@ -1,9 +1,10 @@
 """Callbacks: everything around the step that the loop does not do itself.
 
-Built in, in this order: stability (non-finite steps, loss spikes), layer statistics, speed,
-evaluation, activation statistics, checkpointing (with SIGTERM/SIGUSR1), the run log (files, W&B,
-console). A run adds its own from the config by import path (``callbacks: [{path: pkg.mod:Class,
-options: {...}}]``, after the built-in ones; docs/callbacks.md).
+Built in, in the order of their priorities: stability (non-finite steps, loss spikes), layer
+statistics, speed, evaluation, activation statistics, checkpointing (with SIGTERM/SIGUSR1), the run
+log (files, W&B, console). A run adds its own from the config by import path (``callbacks: [{path:
+pkg.mod:Class, options: {...}}]``); they run by their ``priority`` too (default 0: after the
+built-in ones; docs/callbacks.md).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from sdd_train.config import CallbackConfig, ConfigError, RunConfig
-from sdd_train.train.callbacks.base import Action, Callback
+from sdd_train.train.callbacks.base import Action, Callback, Verdict
 from sdd_train.train.callbacks.checkpointing import CheckpointCallback
 from sdd_train.train.callbacks.evaluation import EvaluationCallback
 from sdd_train.train.callbacks.run_log import RunLogCallback
@@ -19,7 +20,7 @@ from sdd_train.train.callbacks.speed import SpeedCallback
 from sdd_train.train.callbacks.stability import StabilityCallback
 from sdd_train.train.callbacks.statistics import ActivationsCallback, LayerStatsCallback
 
-__all__ = ["Action", "Callback", "build_callbacks", "load_callback"]
+__all__ = ["Action", "Callback", "Verdict", "build_callbacks", "load_callback"]
 
 
 def load_callback(i: int, spec: CallbackConfig) -> Callback:
@@ -42,17 +43,17 @@ def load_callback(i: int, spec: CallbackConfig) -> Callback:
 
 
 def build_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The run's callbacks, highest ``priority`` first (a stable sort: equal ones keep this order)."""
     t, diag = cfg.train, cfg.diagnostics
-    callbacks: list[Callback] = [StabilityCallback(cfg)]
+    callbacks: list[Callback] = [StabilityCallback(cfg), SpeedCallback(), CheckpointCallback(), RunLogCallback()]
     if diag.layer_stats_interval:
         callbacks.append(LayerStatsCallback(diag.layer_stats_interval))
-    callbacks.append(SpeedCallback())
     if t.eval_interval and t.eval_batches:
         callbacks.append(EvaluationCallback(t.eval_interval))
     if diag.activation_interval:
         callbacks.append(ActivationsCallback(diag.activation_interval))
-    callbacks += [CheckpointCallback(), RunLogCallback()]
     callbacks += [load_callback(i, spec) for i, spec in enumerate(cfg.callbacks)]
+    callbacks.sort(key=lambda c: -c.priority)
     names = [c.name for c in callbacks]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:

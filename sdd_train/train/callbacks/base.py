@@ -2,11 +2,13 @@
 
 A step calls, in order: ``pre_step``; the forward and backward; ``post_backward`` (gradients
 before clipping); clipping; ``step_action`` (any callback may skip the update or roll back);
-``pre_optim_step``, the update, ``post_optim_step`` (only for an applied update);
+``pre_optim_step``, the update, ``post_optim_step`` (only for an applied update), or the rollback
+the vote asked for, then ``on_rollback``;
 ``post_train_step`` (record the step's metrics with ``trainer.record_metric``); the metrics record
 is written on log steps; ``post_step`` (evaluation, statistics, checkpoints). Around the run:
 ``on_fit_start``, ``on_fit_end`` (after the last step), ``close`` (always, also after an error),
 and ``on_rollback`` when the loop reloaded a checkpoint. ``on_record`` sees every record written.
+Callbacks run in the order of their ``priority``, highest first (equal ones in the order given).
 
 Each callback keeps its own state in every checkpoint under its ``name`` (``state_dict`` /
 ``load_state_dict``), so a resumed run continues exactly.
@@ -15,6 +17,7 @@ Each callback keeps its own state in every checkpoint under its ``name`` (``stat
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the trainer imports the callbacks; they only see it through the hooks
@@ -27,11 +30,21 @@ class Action(enum.Enum):
 
     APPLY = "apply"
     SKIP = "skip"
-    ROLLBACK = "rollback"  # the callback has already reloaded the checkpoint (Trainer.rollback)
+    ROLLBACK = "rollback"  # reload the latest checkpoint (done by the loop, after every callback voted)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A callback's say on a step's update. A rollback names the global batches to leave out of the
+    data stream from then on, by stream position (``trainer.position`` is the step's own)."""
+
+    action: Action
+    exclude: frozenset[int] = frozenset()
 
 
 class Callback:
     name = "callback"  # the key of its state in checkpoints; unique within a run
+    priority = 0  # callbacks run highest first; the built-in ones are 10 and above, the run log 10
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """After resuming, before the first step of this process."""
@@ -42,8 +55,10 @@ class Callback:
     def post_backward(self, trainer: Trainer, step: int) -> None:
         """Gradients of the whole global batch are in place, not yet clipped."""
 
-    def step_action(self, trainer: Trainer, step: int, out: StepOutput) -> Action | None:
-        """Decide the update after clipping (``out.grad_norm`` is set); None leaves it to the others."""
+    def step_action(self, trainer: Trainer, step: int, out: StepOutput) -> Verdict | Action | None:
+        """Decide the update after clipping (``out.grad_norm`` is set); None leaves it to the others.
+        A rollback wins the vote over a skip, a skip over applying. The loop acts after the vote: a
+        callback never reloads state inside its own hook."""
         return None
 
     def pre_optim_step(self, trainer: Trainer, step: int) -> None:
@@ -63,7 +78,8 @@ class Callback:
         """A record was written to ``stream`` (metrics, layer_stats, activations, events)."""
 
     def on_rollback(self, trainer: Trainer, step: int) -> None:
-        """The loop reloaded the checkpoint of ``step`` (a rollback); records after it are void."""
+        """The loop reloaded the checkpoint of ``step`` (a rollback the vote asked for): every
+        callback's state is the checkpoint's now, records after it are void."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
         """The last step of the run (or of this process, after a stop signal) is done."""

@@ -29,19 +29,9 @@ if TYPE_CHECKING:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def all_finite(model: torch.nn.Module) -> bool:
-    """Every parameter on every rank is finite (one all-reduce)."""
-    bad = torch.zeros((), device=next(model.parameters()).device)
-    for p in model.parameters():
-        local = p.to_local() if type(p).__name__ == "DTensor" else p
-        if not torch.isfinite(local).all():
-            bad.fill_(1.0)
-            break
-    return all_reduce_max(bad).item() == 0
-
-
 class CheckpointCallback(Callback):
     name = "checkpointing"
+    priority = 50
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -61,7 +51,7 @@ class CheckpointCallback(Callback):
         saving = bool(interval or permanent or step == t.max_steps)
         stopping = self._stop_requested(trainer, saving or step % t.signal_check_interval == 0)
         if saving or stopping:
-            if not all_finite(trainer.module.model):
+            if not trainer.module.parameters_finite():
                 raise TrainingDiverged(f"step {step}: the model has non-finite parameters; not checkpointing it."
                                        f" The last good checkpoint (if any) is in {checkpoint_dir(trainer.run_dir)}")
             try:

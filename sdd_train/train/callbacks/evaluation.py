@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sdd_train.eval.validation import evaluate_sets
 from sdd_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
@@ -14,13 +13,13 @@ if TYPE_CHECKING:
 
 class EvaluationCallback(Callback):
     name = "evaluation"
+    priority = 70
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
 
     def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
-        t = trainer.cfg.train
-        if not trainer.eval_sets or not (step % self.interval == 0 or step == t.max_steps):
+        if not trainer.eval_sets or not (step % self.interval == 0 or step == trainer.cfg.train.max_steps):
             return
-        val = evaluate_sets(trainer.module.model, trainer.eval_sets, trainer.world, t.precision, t.loss_chunk_size)
+        val = trainer.module.evaluate(trainer.eval_sets)
         trainer.write("metrics", {"step": step, **val}, console=True)

@@ -157,6 +157,7 @@ def _progress_bar(cfg: RunConfig, world: World, initial: int):
 
 class RunLogCallback(Callback):
     name = "run_log"
+    priority = 10
 
     def __init__(self) -> None:
         self.out: RunLog | None = None

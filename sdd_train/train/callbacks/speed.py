@@ -41,12 +41,13 @@ class SpeedCallback(Callback):
     device's peak. The first step of a process includes compiling, so the ETA starts after it."""
 
     name = "speed"
+    priority = 80
 
     def on_fit_start(self, trainer: Trainer) -> None:
         t = trainer.cfg.train
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.peak = peak_tflops(t.peak_tflops, trainer.world.device)
-        self.flops_per_token = trainer.module.model.flops_per_token(t.seq_len)
+        self.flops_per_token = trainer.module.num_flops_per_token(t.seq_len)
         self.compiled = compile_enabled(t.compile, trainer.world.device)
         self.first_step = trainer.step + 1
         self.eta_origin: tuple[float, int] | None = None  # (time, step) at the end of the first step

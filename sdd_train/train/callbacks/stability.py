@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sdd_train.checkpoint import checkpoint_dir
 from sdd_train.config import RunConfig
 from sdd_train.diagnostics.spikes import Spike, SpikeDetector
-from sdd_train.train.callbacks.base import Action, Callback
+from sdd_train.train.callbacks.base import Action, Callback, Verdict
 from sdd_train.train.errors import TrainingDiverged
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class StabilityCallback(Callback):
     name = "stability"
+    priority = 100  # decides the update before any other callback sees the step as applied
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -31,18 +32,22 @@ class StabilityCallback(Callback):
         self.consecutive = 0  # non-finite steps in a row
         self.max_grad_norm = 0.0  # since the last metrics record: spikes between log steps stay visible
         self._accepted: tuple[float, float] | None = None
+        # A rollback asked for: (the spike's event, its log line, the rollback count after it,
+        # the step's stream position). Not state: it outlives the reload it asks for.
+        self._rollback: tuple[dict[str, Any], str, int, int] | None = None
 
-    def step_action(self, trainer: Trainer, step: int, out: StepOutput) -> Action | None:
+    def step_action(self, trainer: Trainer, step: int, out: StepOutput) -> Verdict | None:
+        self._rollback = None
         if not out.finite:
             self._nonfinite(trainer, step, out)
-            return Action.SKIP
+            return Verdict(Action.SKIP)
         self.max_grad_norm = max(self.max_grad_norm, out.grad_norm)
         spikes = self.detector.check(out.loss, out.grad_norm) if self.detector.enabled else []
-        action = self._spike_action(trainer, step, out, spikes) if spikes else Action.APPLY
-        if action is Action.SKIP:
+        verdict = self._spike_verdict(trainer, step, out, spikes) if spikes else Verdict(Action.APPLY)
+        if verdict.action is Action.SKIP:
             self.spike_skips += 1
-        self._accepted = (out.loss, out.grad_norm) if action is Action.APPLY else None
-        return action
+        self._accepted = (out.loss, out.grad_norm) if verdict.action is Action.APPLY else None
+        return verdict
 
     def post_optim_step(self, trainer: Trainer, step: int) -> None:
         if self._accepted is not None:  # only the values of applied updates enter the rolling window
@@ -82,35 +87,42 @@ class StabilityCallback(Callback):
 
     # ------------------------------------------------------------------ loss spikes
 
-    def _spike_action(self, trainer: Trainer, step: int, out: StepOutput, spikes: list[Spike]) -> Action:
-        """Apply ``diagnostics.spike.action`` to a spike (a rollback is done here, before returning)."""
+    def _spike_verdict(self, trainer: Trainer, step: int, out: StepOutput, spikes: list[Spike]) -> Verdict:
+        """Apply ``diagnostics.spike.action`` to a spike; a rollback is the loop's to do, after the vote."""
         cfg = self.cfg.diagnostics.spike
         action, note = cfg.action, ""
         if action == "rollback" and self.rollbacks >= cfg.max_rollbacks:
             action = "skip"
             note = f"; {self.rollbacks} rollbacks already (diagnostics.spike.max_rollbacks), skipping instead"
+        if action == "rollback" and not trainer.can_roll_back():
+            action, note = "skip", "; no checkpoint to roll back to, skipping instead"
         position = trainer.position
         event: dict[str, Any] = {
             "step": step, "event": "loss_spike", "action": action, "loss": out.loss, "grad_norm": out.grad_norm,
             "position": position,
             "triggers": [{"metric": s.metric, "value": s.value, "mean": s.mean, "std": s.std,
                           "threshold": s.threshold} for s in spikes]}
+        message = f"warning: loss spike at step {step}: " + "; ".join(s.describe() for s in spikes) + f" -> {action}"
         if action == "rollback":
-            rollbacks = self.rollbacks + 1  # the checkpoint's count is older than this one
+            self._rollback = (event, message, self.rollbacks + 1, position)
             gbs = self.cfg.train.global_batch_size
-            target = trainer.rollback({position + k * gbs for k in range(cfg.skip_batches)})
-            if target is None:
-                action, note = "skip", "; no checkpoint to roll back to, skipping instead"
-                event["action"] = action
-            else:
-                self.rollbacks = rollbacks
-                event["rolled_back_to"] = target
-                event["skipped_positions"] = sorted(p for p in trainer.excluded if p >= position)
-                note = f"; rolled back to step {target}, skipping {cfg.skip_batches} batch(es) from position {position}"
+            return Verdict(Action.ROLLBACK, frozenset(position + k * gbs for k in range(cfg.skip_batches)))
         trainer.write("events", event)
-        trainer.log(f"warning: loss spike at step {step}: " + "; ".join(s.describe() for s in spikes)
-                    + f" -> {action}{note}")
-        return {"log": Action.APPLY, "skip": Action.SKIP, "rollback": Action.ROLLBACK}[action]
+        trainer.log(message + note)
+        return Verdict({"log": Action.APPLY, "skip": Action.SKIP}[action])
+
+    def on_rollback(self, trainer: Trainer, step: int) -> None:
+        """The rollback this callback asked for is done: its state is the checkpoint's, but the
+        rollback count carries on, and the spike's event says where the run went back to."""
+        if self._rollback is None:
+            return
+        event, message, self.rollbacks, position = self._rollback
+        self._rollback = None
+        event["rolled_back_to"] = step
+        event["skipped_positions"] = sorted(p for p in trainer.excluded if p >= position)
+        trainer.write("events", event)
+        trainer.log(f"{message}; rolled back to step {step}, skipping {self.cfg.diagnostics.spike.skip_batches}"
+                    f" batch(es) from position {position}")
 
     # ------------------------------------------------------------------ state
 

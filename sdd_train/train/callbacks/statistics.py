@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdd_train.diagnostics.activations import activation_stats
-from sdd_train.diagnostics.layer_stats import LayerStats
 from sdd_train.train.callbacks.base import Callback
 
 if TYPE_CHECKING:
+    from sdd_train.diagnostics.layer_stats import LayerStats
     from sdd_train.train.train_module import StepOutput
     from sdd_train.train.trainer import Trainer
 
@@ -21,6 +20,7 @@ class LayerStatsCallback(Callback):
     family per layer, gradients before clipping, parameters and relative updates after the update."""
 
     name = "layer_stats"
+    priority = 90
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
@@ -29,7 +29,7 @@ class LayerStatsCallback(Callback):
         self.before: list[torch.Tensor] | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.stats = LayerStats(trainer.module.model, trainer.world.world_size)
+        self.stats = trainer.module.layer_stats()
 
     def post_backward(self, trainer: Trainer, step: int) -> None:
         due = step % self.interval == 0 or step == trainer.cfg.train.max_steps
@@ -50,6 +50,7 @@ class ActivationsCallback(Callback):
     every block and the layer-by-layer similarity, on the first batch of the first validation set."""
 
     name = "activations"
+    priority = 60
 
     def __init__(self, interval: int) -> None:
         self.interval = interval
@@ -57,8 +58,6 @@ class ActivationsCallback(Callback):
     def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         if not trainer.eval_sets or not (step % self.interval == 0 or step == trainer.cfg.train.max_steps):
             return
-        batch = {k: v.to(trainer.world.device) for k, v in trainer.eval_sets[0].batches[0].items()}
-        stats = activation_stats(trainer.module.model, batch["inputs"], batch.get("doc_ids"),
-                                 trainer.cfg.train.precision)
+        stats = trainer.module.activation_stats(trainer.eval_sets[0].batches[0])
         rms = {f"act/layer_{i}/rms": v for i, v in enumerate(stats["rms"])}
         trainer.write("activations", {"step": step, **stats}, wandb_record={"step": step, **rms})

@@ -1,0 +1,111 @@
+"""Which checkpoint a run continues from (a resume, a rollback), and the config a checkpoint was
+written with.
+
+The newest checkpoint that verifies, loads and fits this run wins. One whose files fail
+verification is moved aside (``step_N.corrupt``); one that cannot be verified (no manifest, or
+verification off) and fails to load is skipped where it is; either is logged, returned as an
+``events.jsonl`` record, and the one before it is tried; when none is left a ConfigError names each
+one and why. One that does not fit this run moves nothing and is a ConfigError: the run's command
+or machine changed, not its checkpoints. That covers other tensors, intact files that fail to load,
+and a model config that computes other math (any model key but the kernel choices,
+:data:`sdd_train.config.MODEL_KERNEL_KEYS`) unless ``train.allow_model_change`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdd_train.checkpoint.storage import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir,
+                                          complete_checkpoints, first_of, model_changes, read_meta)
+from sdd_train.config import MODEL_KERNEL_KEYS, ConfigError, RunConfig, config_from_dict
+from sdd_train.distributed.world import broadcast_object
+
+
+def checkpoint_config(path: Path) -> RunConfig:
+    """The run config ``path`` was written with (its ``meta.json``), typed and validated: the model a
+    checkpoint holds, whatever the run's ``config.yaml`` says after a later resume changed it."""
+    try:
+        values = read_meta(path)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}: {e});"
+                          " use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
+    return config_from_dict(values, f"{Path(path) / 'meta.json'}: config")
+
+
+def math_changes(changes: list[str]) -> list[str]:
+    """The entries of :func:`model_changes` that change what the model computes (not a kernel choice)."""
+    return [c for c in changes if c.split(":", 1)[0] not in MODEL_KERNEL_KEYS]
+
+
+@dataclass
+class Restored:
+    path: Path
+    meta: dict[str, Any]  # what the checkpoint's meta.json holds (step, data position, callbacks' states)
+    model_changes: list[str] = field(default_factory=list)  # allowed changes of the model config, "key: there -> here"
+
+
+@dataclass
+class Restore:
+    """The restore policy of one run: ``newest(load)`` finds and loads the checkpoint to continue from."""
+
+    cfg: RunConfig
+    checkpointer: Checkpointer
+    model: dict[str, Any]  # this run's resolved model config (as_dict(cfg)["model"])
+    log: Callable[..., None]
+    events: list[dict[str, Any]] = field(default_factory=list)  # checkpoints set aside, for events.jsonl
+
+    def newest(self, load: Callable[[Path], dict[str, Any]]) -> Restored | None:
+        """Load (with ``load``) the newest usable checkpoint of the run; None when there is none."""
+        t, failures = self.cfg.train, []
+        for path in broadcast_object(complete_checkpoints(self.cfg.resolved_run_dir)[::-1]):
+            problems = self.checkpointer.verify(path) if t.verify_checkpoints else None
+            if t.verify_checkpoints and problems is None:
+                self.log(f"warning: {path} is not verified: it has no manifest (written before checksums were recorded)"
+                         " or its checksum algorithm is not installed (xxhash)")
+            if problems:
+                self._set_aside(path, first_of(problems), failures)
+                continue
+            changes = model_changes(path, self.model)
+            try:
+                meta = load(path)
+            except CheckpointError as e:
+                if isinstance(e, CheckpointMismatch) or problems == []:  # readable or intact: the run changed
+                    intact = "" if isinstance(e, CheckpointMismatch) else "its files are intact, but: "
+                    diff = f"; model config, checkpoint -> this run: {', '.join(changes[:3])}" if changes else ""
+                    raise ConfigError(f"{intact}{e}{diff}; resume with the config it was written with (its"
+                                      " meta.json), or give this run another run_dir") from None
+                # No checksums to say whether its files or this machine (memory, a timeout) failed: left in place.
+                failures.append(f"{path.name}: {e}")
+                self.log(f"warning: checkpoint {path} cannot be loaded ({e}) and has no checksums to tell whether"
+                         " its files are damaged; left in place, trying the one before it")
+                self.events.append({"event": "checkpoint_skipped", "checkpoint": path.name, "reason": str(e)})
+                continue
+            refused = math_changes(changes)
+            if refused and not t.allow_model_change:  # the tensors fit; the math they were trained for differs
+                raise ConfigError(f"{path}: written with another model config, checkpoint -> this run:"
+                                  f" {', '.join(refused[:3])}; resume with the config it was written with (its"
+                                  " meta.json), set train.allow_model_change=true to continue it as this model,"
+                                  " or give this run another run_dir")
+            if changes:
+                self.log(f"warning: {path} was written with another model config ({', '.join(changes)});"
+                         " continuing with this run's")
+            return Restored(path, meta, changes)
+        if failures:
+            raise ConfigError(f"{checkpoint_dir(self.cfg.resolved_run_dir)}: no usable checkpoint"
+                              f" ({'; '.join(failures)}); damaged ones are kept as step_*.corrupt; delete the run"
+                              " directory to start over")
+        return None
+
+    def _set_aside(self, path: Path, reason: str, failures: list[str]) -> None:
+        moved = self.checkpointer.quarantine(path)
+        failures.append(f"{path.name}: {reason}")
+        self.log(f"warning: checkpoint {path} is unusable ({reason}); moved to {moved.name}, trying the one before it")
+        self.events.append({"event": "checkpoint_rejected", "checkpoint": path.name, "moved_to": moved.name,
+                            "reason": reason})
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
