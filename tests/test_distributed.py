@@ -129,6 +129,7 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(single, cache, tmp_pa
     result = torchrun(4, args_for(tmp_path, cache, "parallel.dp_replicate=2", "train.max_steps=3",
                                   "train.checkpoint_interval=0"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ", HSDP over 4 ranks (2 replicas x 2 shards)," in result.stdout
     # the schedule depends on max_steps: compare the warmup steps, where lr does not
     assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-5)
     # replicated shards are counted once: HSDP norms equal the single-process ones

@@ -22,7 +22,7 @@ from sdd_train.kernels.precision import PARAM_DTYPES
 from sdd_train.kernels import linear_cross_entropy
 from sdd_train.model import LossOutput, Transformer
 from sdd_train.distributed.param_cast import apply_param_cast
-from sdd_train.distributed.world import World, data_parallel_shape
+from sdd_train.distributed.world import World
 
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
@@ -76,21 +76,16 @@ def register_output_types() -> None:
 
 
 def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
-    """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
+    """Shard every block, then the root (embedding, final norm, head), over the world's mesh: 1-D (FSDP2) or 2-D (HSDP).
 
     Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.PARAM_DTYPES`)
     and gradients reduced in fp32 into fp32 shards, the optimizer's master weights. One process gets
     the same bf16 parameters from :func:`sdd_train.distributed.param_cast.apply_param_cast`. Forward
     inputs are not cast: the blocks get the RoPE table in fp32 (FSDP2's default would cast it to bf16).
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    replicate, shard = data_parallel_shape(par, world.world_size)
-    if replicate > 1:
-        mesh = init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
+    mesh = world.dims.build_mesh(world.device.type)
     mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[par.param_dtype], reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     register_output_types()
