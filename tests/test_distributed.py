@@ -348,8 +348,8 @@ def test_the_models_output_is_a_pytree_of_its_tensors():
     in every 2-rank run on torch 2.11, the GPU image's version; 2.13 looks into dataclasses itself)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    register_output_types()
-    register_output_types()  # idempotent: every FSDP model applies it
+    register_output_types([LossOutput])
+    register_output_types([LossOutput])  # idempotent: every FSDP model applies it
     out = LossOutput(loss=torch.ones(()), ce=torch.zeros(()), expert_load=torch.ones(2, 3))
     leaves, spec = tree_flatten(out)
     assert [id(x) for x in leaves if isinstance(x, torch.Tensor)] == [id(out.loss), id(out.ce), id(out.expert_load)]
