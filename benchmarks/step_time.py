@@ -72,7 +72,7 @@ class Candidate:
         else:
             self.model = Transformer(cfg.model).to(device)
             if compiled:
-                apply_compile(self.model)
+                apply_compile(self.model.parallel_plan())
             self.optimizer = build_optimizer(self.model, cfg.optim)
         self.accum = t.global_batch_size // t.micro_batch_size
         self.batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len + 1), device=device)

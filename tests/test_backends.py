@@ -20,7 +20,7 @@ def test_compiled_blocks_match_eager(block):
     eager.sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    apply_compile(model)  # fullgraph=True: a graph break is an error
+    apply_compile(model.parallel_plan())  # fullgraph=True: a graph break is an error
     compiled = model(tokens)
     compiled.sum().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5 * eager.abs().max().item())
@@ -39,7 +39,7 @@ def test_compiled_blocks_follow_shape_changes(block):
     model = Transformer(small_model_cfg(block))
     compiled = Transformer(small_model_cfg(block))
     compiled.load_state_dict(model.state_dict())
-    apply_compile(compiled)
+    apply_compile(compiled.parallel_plan())
     for shape in [(2, 16), (3, 16), (3, 24), (2, 8)]:
         tokens = torch.randint(0, 97, shape)
         want = model(tokens)
@@ -161,7 +161,7 @@ def test_compiled_blocks_with_document_spans_compile_once_for_every_document_cou
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(small_model_cfg("sdd"), attention_backend="flash"))
-    apply_compile(model)
+    apply_compile(model.parallel_plan())
     graphs = []
     for n_docs in range(1, 11):  # 2 to 20 spans
         doc_ids = (torch.arange(16) * n_docs // 16).expand(2, 16)

@@ -129,6 +129,7 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(single, cache, tmp_pa
     result = torchrun(4, args_for(tmp_path, cache, "parallel.dp_replicate=2", "train.max_steps=3",
                                   "train.checkpoint_interval=0"))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ", HSDP over 4 ranks (2 replicas x 2 shards)," in result.stdout
     # the schedule depends on max_steps: compare the warmup steps, where lr does not
     assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-5)
     # replicated shards are counted once: HSDP norms equal the single-process ones
@@ -347,8 +348,8 @@ def test_the_models_output_is_a_pytree_of_its_tensors():
     in every 2-rank run on torch 2.11, the GPU image's version; 2.13 looks into dataclasses itself)."""
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    register_output_types()
-    register_output_types()  # idempotent: every FSDP model applies it
+    register_output_types([LossOutput])
+    register_output_types([LossOutput])  # idempotent: every FSDP model applies it
     out = LossOutput(loss=torch.ones(()), ce=torch.zeros(()), expert_load=torch.ones(2, 3))
     leaves, spec = tree_flatten(out)
     assert [id(x) for x in leaves if isinstance(x, torch.Tensor)] == [id(out.loss), id(out.ce), id(out.expert_load)]

@@ -259,7 +259,7 @@ def test_moe_blocks_compile_as_one_graph_and_match_eager():
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     targets = torch.randint(0, cfg.vocab_size, (2, 16))
     eager = model(tokens, targets=targets)
-    apply_compile(model)  # fullgraph=True: a graph break in the MoE would raise here
+    apply_compile(model.parallel_plan())  # fullgraph=True: a graph break in the MoE would raise here
     compiled = model(tokens, targets=targets)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-4, atol=1e-5)
     assert compiled.moe_lb_loss.item() == pytest.approx(eager.moe_lb_loss.item(), rel=1e-5)

@@ -1,4 +1,5 @@
-"""Activation checkpointing and compile applied to a plain model change nothing but memory and speed."""
+"""Activation checkpointing and compile applied to a plain model, as it describes itself (its parallel plan),
+change nothing but memory and speed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from conftest import small_model_cfg
 from sdd_train.config import MoEConfig, ParallelConfig
-from sdd_train.model import Transformer
+from sdd_train.model import LossOutput, Transformer
 from sdd_train.distributed.world import World
 from sdd_train.distributed.parallelize import checkpointed_blocks, parallelize
 
@@ -29,6 +30,14 @@ def test_checkpointed_block_selection():
     assert checkpointed_blocks(7, "every_n", 3) == [0, 3, 6]
 
 
+def test_the_transformer_describes_what_to_parallelize():
+    model = Transformer(small_model_cfg("sdd", n_layers=3))
+    plan = model.parallel_plan()
+    assert plan.root is model and list(plan.blocks) == list(model.blocks)
+    assert set(plan.compiled_methods) == {"chunked_loss"} and "chunked_loss" not in vars(model)  # nothing applied yet
+    assert plan.output_types == (LossOutput,)
+
+
 @pytest.mark.parametrize("mode,compile,ffn", [("full", False, "dense"), ("every_n", False, "dense"),
                                               ("full", True, "dense"), ("full", False, "moe"), ("every_n", True, "moe")])
 def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
@@ -38,7 +47,8 @@ def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
     cfg = small_model_cfg("sdd", n_layers=4, ffn=ffn, moe=moe)
     plain, wrapped = Transformer(cfg), Transformer(cfg)
     wrapped.load_state_dict(plain.state_dict())
-    chosen = parallelize(wrapped, ParallelConfig(activation_checkpointing=mode, ac_every=2), ONE, compile)
+    par = ParallelConfig(activation_checkpointing=mode, ac_every=2)
+    chosen = parallelize(wrapped.parallel_plan(), par, ONE.dims, ONE.device, compile)
     assert chosen == ([0, 1, 2, 3] if mode == "full" else [0, 2])
     assert ("chunked_loss" in vars(wrapped)) == compile and "chunked_loss" not in vars(plain)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
@@ -63,7 +73,8 @@ def test_activation_checkpointing_recomputes_forward():
     calls = []
     for i, block in enumerate(model.blocks):
         block.attention.register_forward_hook(lambda *a, i=i: calls.append(i))
-    parallelize(model, ParallelConfig(activation_checkpointing="every_n", ac_every=2), ONE, False)
+    par = ParallelConfig(activation_checkpointing="every_n", ac_every=2)
+    parallelize(model.parallel_plan(), par, ONE.dims, ONE.device, False)
     model(torch.randint(0, cfg.vocab_size, (2, 8))).sum().backward()
     assert sorted(calls) == [0, 0, 1, 2, 2, 3]
 

@@ -57,8 +57,9 @@ def test_one_process_computes_with_the_bf16_parameters_fsdp2_gathers(block, ffn,
     torch.manual_seed(0)
     model = Transformer(small_model_cfg(block, ffn=ffn, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16)))
     fsdp2 = bf16_leaves(model)
-    parallelize(model, ParallelConfig(param_dtype="bf16", activation_checkpointing=ac), ONE_PROCESS, compile=False)
-    apply_activation_checkpointing(fsdp2, ac, 1)
+    par = ParallelConfig(param_dtype="bf16", activation_checkpointing=ac)
+    parallelize(model.parallel_plan(), par, ONE_PROCESS.dims, ONE_PROCESS.device, compile=False)
+    apply_activation_checkpointing(fsdp2.parallel_plan(), ac, 1)
     batches = [torch.randint(0, 97, (2, 16)) for _ in range(2)]
     ours, reference = train_micro_batches(model, batches), train_micro_batches(fsdp2, batches)
     assert ours[0] == reference[0]

@@ -1,8 +1,13 @@
-"""Apply activation checkpointing, torch.compile and FSDP2 to a plain :class:`Transformer`.
+"""Apply activation checkpointing, torch.compile and FSDP2 to a model, as the model describes it.
+
+The model hands over a :class:`ModelPlan` (the transformer's ``parallel_plan()``): its blocks, its
+root, the root methods to replace under compile and the output types FSDP2 must see into; the mesh's
+shape comes from the world's :class:`~sdd_train.distributed.dims.ParallelDims`. Nothing here
+imports the model.
 
 Order matters and follows torchtitan: activation checkpointing wraps a block's forward, compile
 compiles that forward (so recomputation is inside the graph), and FSDP2 shards each block and
-then the root. Only methods are replaced (blocks' ``forward``, the model's ``chunked_loss``), never
+then the root. Only methods are replaced (blocks' ``forward``, the root's compiled methods), never
 an attribute a forward reads, so parameter names (and therefore checkpoints) are identical with and
 without any of the three.
 """
@@ -11,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -19,10 +25,29 @@ from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
 from sdd_train.kernels.precision import PARAM_DTYPES
-from sdd_train.kernels import linear_cross_entropy
-from sdd_train.model import LossOutput, Transformer
+from sdd_train.distributed.dims import ParallelDims
 from sdd_train.distributed.param_cast import apply_param_cast
-from sdd_train.distributed.world import World, data_parallel_shape
+
+
+class ModelPlan(Protocol):
+    """What a model hands :func:`parallelize`."""
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        """The repeated units, in order: each is checkpointed (those ``parallel.*`` chooses), compiled and
+        sharded on its own."""
+
+    @property
+    def root(self) -> nn.Module:
+        """The whole model, sharded last: its parameters outside the blocks (embedding, final norm, head)."""
+
+    @property
+    def compiled_methods(self) -> Mapping[str, Callable[..., Any]]:
+        """Methods of the root replaced, under compile, by their compiled versions (the fused loss)."""
+
+    @property
+    def output_types(self) -> Sequence[type]:
+        """The dataclasses the forwards return, registered as pytree nodes for FSDP2."""
 
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
@@ -33,76 +58,75 @@ def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
     return []
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str, every: int) -> list[int]:
+def apply_activation_checkpointing(plan: ModelPlan, mode: str, every: int) -> list[int]:
     """Recompute the chosen blocks' activations in backward instead of storing them."""
-    chosen = checkpointed_blocks(len(model.blocks), mode, every)
+    chosen = checkpointed_blocks(len(plan.blocks), mode, every)
     for i in chosen:
-        block = model.blocks[i]
+        block = plan.blocks[i]
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return chosen
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(plan: ModelPlan) -> None:
     """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown),
-    and the fused chunked loss's softmax-gradient kernel.
+    and put the root's compiled methods in place (the fused chunked loss's softmax-gradient kernel).
 
     Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer.
     Shapes are static (``dynamic=False``): training runs one shape, and another one (a short
     validation batch) gets its own graph instead of turning the sizes symbolic, which torch 2.11's
     dynamo cannot trace through the CPU attention's span loop.
     """
-    for block in model.blocks:
+    for block in plan.blocks:
         block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
-    model.chunked_loss = functools.partial(linear_cross_entropy, compiled=True)
+    for name, method in plan.compiled_methods.items():
+        setattr(plan.root, name, method)
 
 
-def _flatten_loss_output(out: LossOutput) -> tuple[list[Any], None]:
-    return [getattr(out, f.name) for f in dataclasses.fields(out)], None
+def _flatten_dataclass(out: Any) -> tuple[list[Any], type]:
+    return [getattr(out, f.name) for f in dataclasses.fields(out)], type(out)  # the class is the context
 
 
-def _unflatten_loss_output(values: list[Any], _context: None) -> LossOutput:
-    return LossOutput(*values)
+def _unflatten_dataclass(values: list[Any], cls: type) -> Any:
+    return cls(*values)
 
 
-def register_output_types() -> None:
-    """Make :class:`LossOutput` a pytree node. FSDP2 puts its pre-backward hook (which all-gathers a
-    module's parameters again before its backward) on the tensors of the module's output; before
-    torch 2.13 it finds them with pytree, which takes a dataclass for one opaque leaf, so the root's
-    resharded parameters (embedding, final norm, head) stayed freed in backward."""
+def register_output_types(types: Sequence[type]) -> None:
+    """Make the model's output dataclasses (a ``LossOutput``) pytree nodes. FSDP2 puts its pre-backward
+    hook (which all-gathers a module's parameters again before its backward) on the tensors of the
+    module's output; before torch 2.13 it finds them with pytree, which takes a dataclass for one opaque
+    leaf, so the root's resharded parameters (embedding, final norm, head) stayed freed in backward."""
     from torch.utils import _pytree as pytree
 
-    if LossOutput not in pytree.SUPPORTED_NODES:
-        pytree.register_pytree_node(LossOutput, _flatten_loss_output, _unflatten_loss_output)
+    for cls in types:
+        if cls not in pytree.SUPPORTED_NODES:
+            pytree.register_pytree_node(cls, _flatten_dataclass, _unflatten_dataclass)
 
 
-def apply_fsdp(model: Transformer, par: ParallelConfig, world: World) -> None:
-    """Shard every block, then the root (embedding, final norm, head), over a 1-D or 2-D (HSDP) mesh.
+def apply_fsdp(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device_type: str) -> None:
+    """Shard every block, then the root (embedding, final norm, head), over the mesh of ``dims``:
+    1-D (FSDP2) or 2-D (HSDP).
 
     Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.PARAM_DTYPES`)
     and gradients reduced in fp32 into fp32 shards, the optimizer's master weights. One process gets
     the same bf16 parameters from :func:`sdd_train.distributed.param_cast.apply_param_cast`. Forward
     inputs are not cast: the blocks get the RoPE table in fp32 (FSDP2's default would cast it to bf16).
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    replicate, shard = data_parallel_shape(par, world.world_size)
-    if replicate > 1:
-        mesh = init_device_mesh(world.device.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
-    else:
-        mesh = init_device_mesh(world.device.type, (shard,), mesh_dim_names=("dp_shard",))
+    mesh = dims.build_mesh(device_type)
     mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[par.param_dtype], reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
-    register_output_types()
-    for i, block in enumerate(model.blocks):
+    register_output_types(plan.output_types)
+    blocks, root = plan.blocks, plan.root
+    for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
-        reshard = par.reshard_after_forward and i < len(model.blocks) - 1
+        reshard = par.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
-    if world.device.type == "cpu":
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
+    if device_type == "cpu":
         # gloo's reduce-scatter with ReduceOp.AVG summed without dividing in torch 2.8 (2-rank
         # gradients came out 2x); SUM and FSDP2's own division by the world size are right everywhere.
-        for module in (*model.blocks, model):
+        for module in (*blocks, root):
             if hasattr(module, "set_force_sum_reduction_for_comms"):
                 module.set_force_sum_reduction_for_comms(True)
 
@@ -112,16 +136,17 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
     return setting if setting is not None else device.type == "cuda"
 
 
-def parallelize(model: Transformer, par: ParallelConfig, world: World, compile: bool | None) -> list[int]:
-    """AC, then compile, then FSDP2 (only in a world of more than one; one process casts parameters
-    as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
-    chosen = apply_activation_checkpointing(model, par.activation_checkpointing, par.ac_every)
-    if compile_enabled(compile, world.device):
-        apply_compile(model)
-    if world.distributed:
-        apply_fsdp(model, par, world)
+def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
+                compile: bool | None) -> list[int]:
+    """AC, then compile, then FSDP2 (only over more than one rank; one process casts parameters as
+    FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
+    chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
+    if compile_enabled(compile, device):
+        apply_compile(plan)
+    if dims.sharded:
+        apply_fsdp(plan, par, dims, device.type)
     elif PARAM_DTYPES[par.param_dtype] != torch.float32:
-        apply_param_cast(model, [*model.blocks, model], PARAM_DTYPES[par.param_dtype])
+        apply_param_cast(plan.root, [*plan.blocks, plan.root], PARAM_DTYPES[par.param_dtype])
     return chosen
 
 

@@ -2,19 +2,21 @@
 
 One code path for every launch: ``sdd-train`` is a world of one process (no process group, no
 FSDP); ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` and we join a process group
-(NCCL on GPU, gloo on CPU). Helpers degrade to no-ops in a world of one.
+(NCCL on GPU, gloo on CPU). Helpers degrade to no-ops in a world of one. The world carries its
+parallel dimensions (:class:`~sdd_train.distributed.dims.ParallelDims`), computed once when it starts.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from sdd_train.config import ConfigError, ParallelConfig
+from sdd_train.distributed.dims import ParallelDims
 from sdd_train.distributed.host_memory import keep_freed_memory
 
 
@@ -24,6 +26,14 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    # How the ranks divide the work; left out (a world built by hand): plain FSDP2 over all of them.
+    dims: ParallelDims = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.dims is None:
+            object.__setattr__(self, "dims", ParallelDims.data_parallel(self.world_size))
+        if self.dims.world_size != self.world_size:
+            raise ValueError(f"{self.dims} does not span the world of {self.world_size} rank(s)")
 
     @property
     def is_main(self) -> bool:
@@ -39,9 +49,11 @@ def cpu_fsdp_supported() -> bool:
     return hasattr(torch.cpu.Stream, "record_event")
 
 
-def init_world(device_name: str) -> World:
-    """Join the process group that torchrun describes in the environment (if any) and pick a device."""
+def init_world(device_name: str, par: ParallelConfig | None = None) -> World:
+    """Join the process group that torchrun describes in the environment (if any) and pick a device.
+    ``par`` (default: plain FSDP2) gives the world its parallel dimensions, checked before anything starts."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_config(par or ParallelConfig(), world_size)
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
@@ -60,23 +72,12 @@ def init_world(device_name: str) -> World:
         timeout = datetime.timedelta(seconds=int(os.environ.get("SDD_TRAIN_DIST_TIMEOUT", "1800")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
                                 **({"device_id": device} if use_cuda else {}))
-    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, dims=dims)
 
 
 def close_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def data_parallel_shape(par: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(replicate, shard) degrees; their product must be the world size."""
-    shard = par.dp_shard if par.dp_shard != -1 else world_size // par.dp_replicate
-    if par.dp_replicate * shard != world_size:
-        raise ConfigError(
-            f"parallel.dp_shard: dp_replicate={par.dp_replicate} x dp_shard={shard} must equal the world size"
-            f" {world_size} (set dp_shard=-1 to infer it)"
-        )
-    return par.dp_replicate, shard
 
 
 def barrier() -> None:

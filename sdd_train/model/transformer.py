@@ -1,15 +1,19 @@
 """The decoder-only transformer: embedding, a stack of blocks of one scheme, optional final norm, LM head.
 
 The model is plain PyTorch: parallelism (FSDP2), activation checkpointing and ``torch.compile``
-are applied to it from outside, block by block. ``init_weights`` re-initialises every parameter
-and buffer in place, so the model can be built on the meta device, materialised with
+are applied to it from outside, block by block, as :meth:`Transformer.parallel_plan` describes
+(``sdd_train.distributed`` does not import the model). ``init_weights`` re-initialises every
+parameter and buffer in place, so the model can be built on the meta device, materialised with
 ``to_empty`` and initialised afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +47,16 @@ class LossOutput:
     moe_lb_loss: torch.Tensor | None = None
     moe_router_z_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None  # [layers, experts] (token, expert) pairs routed to each expert
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """What ``sdd_train.distributed.parallelize`` applies activation checkpointing, compile and FSDP2 to."""
+
+    blocks: tuple[nn.Module, ...]  # each checkpointed (those parallel.* chooses), compiled and sharded on its own
+    root: nn.Module  # the model, sharded last: the embedding, final norm and head
+    compiled_methods: dict[str, Callable[..., Any]]  # the root's methods replaced under compile
+    output_types: tuple[type, ...]  # the dataclasses forwards return: FSDP2 finds their tensors with pytree
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,14 @@ class Transformer(nn.Module):
 
     def chunked_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float,
                      chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The fused head + loss (``torch.compile`` applied to the model compiles its softmax gradient)."""
+        """The fused head + loss (under compile the plan below puts in the one with its softmax gradient compiled)."""
         return linear_cross_entropy(x, weight, targets, z_loss, chunk)
+
+    def parallel_plan(self) -> ParallelPlan:
+        """The blocks, the model as the root, and under compile the fused loss with its softmax gradient compiled."""
+        return ParallelPlan(blocks=tuple(self.blocks), root=self,
+                            compiled_methods={"chunked_loss": functools.partial(linear_cross_entropy, compiled=True)},
+                            output_types=(LossOutput,))
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -17,7 +17,7 @@ from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
 from sdd_train.data.sources import DataError
-from sdd_train.distributed.world import World, barrier, close_world, data_parallel_shape, init_world
+from sdd_train.distributed.world import World, barrier, close_world, init_world
 from sdd_train.eval.validation import EvalSet, build_eval_sets
 from sdd_train.kernels import attention_backend_problem
 from sdd_train.model import check_model_config
@@ -31,7 +31,6 @@ from sdd_train.train.trainer import Trainer
 def check_world(cfg: RunConfig, world: World) -> None:
     """The checks that need the world size."""
     t = cfg.train
-    data_parallel_shape(cfg.parallel, world.world_size)
     per_step = world.world_size * t.micro_batch_size
     if t.global_batch_size % per_step:
         raise ConfigError(
@@ -99,7 +98,7 @@ def _eval_sets(cfg: RunConfig, datasets, names: list[str], log: Callable[..., No
 
 def train(cfg: RunConfig, log: Callable[..., None] = print) -> Path:
     """Train ``cfg`` to ``train.max_steps`` (resuming if a checkpoint exists); return the run directory."""
-    world = init_world(cfg.train.device)
+    world = init_world(cfg.train.device, cfg.parallel)  # checks the data-parallel mesh
     try:
         return build_trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).fit()
     except DataError as e:  # bad data is a usage error (exit 2), found before anything is written

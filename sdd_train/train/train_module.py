@@ -119,7 +119,7 @@ class TrainModule:
         # rank ever holds the full model, and the values are the same for every world size.
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        self.checkpointed_blocks = parallelize(model, cfg.parallel, world, t.compile)
+        self.checkpointed_blocks = parallelize(model.parallel_plan(), cfg.parallel, world.dims, world.device, t.compile)
         model.to_empty(device=world.device)
         torch.manual_seed(t.seed)
         model.init_weights()

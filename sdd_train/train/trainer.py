@@ -18,7 +18,7 @@ from typing import Any
 from sdd_train.checkpoint import Checkpointer, Restore, complete_checkpoints
 from sdd_train.config import RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
-from sdd_train.distributed.world import World, broadcast_object, data_parallel_shape
+from sdd_train.distributed.world import World, broadcast_object
 from sdd_train.eval.validation import EvalSet
 from sdd_train.train.callbacks import Action, Callback, Verdict
 from sdd_train.train.data_feed import DataFeed
@@ -60,11 +60,7 @@ class Trainer:
         if self.world.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.log(self.module.describe(t.seq_len))
-        par = ""
-        if self.world.distributed:
-            replicate, shard = data_parallel_shape(self.cfg.parallel, self.world.world_size)
-            par = (f", HSDP over {self.world.world_size} ranks ({replicate} replicas x {shard} shards)" if replicate > 1
-                   else f", FSDP2 over {self.world.world_size} ranks")
+        par = f", {self.world.dims.describe()}" if self.world.distributed else ""
         blocks = self.module.checkpointed_blocks
         ac = f", activation checkpointing on {len(blocks)} blocks" if blocks else ""
         self.log(f"train: {t.max_steps} steps x {t.global_batch_size * t.seq_len:,} tokens ({self.feed.accum}"

@@ -1,0 +1,60 @@
+"""The parallel dimensions: computed once from the config and the world size, carried by the world, and
+the one place a bad mesh shape is refused (one line naming the key, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY
+from sdd_train.config import ConfigError, ParallelConfig
+from sdd_train.distributed.dims import ParallelDims
+from sdd_train.distributed.world import World, init_world
+from sdd_train.train.__main__ import main
+
+
+@pytest.mark.parametrize("replicate,shard,world,want", [
+    (1, -1, 1, (1, 1)), (1, -1, 4, (1, 4)), (2, -1, 4, (2, 2)), (2, 2, 4, (2, 2)), (1, 2, 2, (1, 2)), (4, 1, 4, (4, 1)),
+])
+def test_dims_from_config(replicate, shard, world, want):
+    dims = ParallelDims.from_config(ParallelConfig(dp_replicate=replicate, dp_shard=shard), world)
+    assert (dims.dp_replicate, dims.dp_shard, dims.world_size) == (*want, world)
+
+
+@pytest.mark.parametrize("replicate,shard,world,key", [
+    (2, -1, 1, "parallel.dp_replicate"), (3, -1, 4, "parallel.dp_replicate"), (1, 3, 4, "parallel.dp_shard"),
+    (2, 1, 4, "parallel.dp_shard"),
+])
+def test_a_bad_mesh_shape_is_a_config_error_naming_the_key(replicate, shard, world, key):
+    with pytest.raises(ConfigError) as err:
+        ParallelDims.from_config(ParallelConfig(dp_replicate=replicate, dp_shard=shard), world)
+    message = str(err.value)
+    assert message.startswith(f"{key}:") and str(world) in message and len(message.splitlines()) == 1
+
+
+def test_mesh_dims_and_description():
+    fsdp, hsdp, one = ParallelDims(1, 2, 2), ParallelDims(2, 2, 4), ParallelDims(1, 1, 1)
+    assert fsdp.mesh_dims() == (("dp_shard", 2),)
+    assert hsdp.mesh_dims() == (("dp_replicate", 2), ("dp_shard", 2))
+    assert fsdp.describe() == "FSDP2 over 2 ranks"
+    assert hsdp.describe() == "HSDP over 4 ranks (2 replicas x 2 shards)"
+    assert fsdp.sharded and hsdp.sharded and not one.sharded
+    with pytest.raises(ValueError):
+        ParallelDims(2, 2, 2)
+
+
+def test_the_world_carries_its_dims():
+    assert init_world("cpu", ParallelConfig()).dims == ParallelDims(1, 1, 1)
+    by_hand = World(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"))
+    assert by_hand.dims == ParallelDims.data_parallel(4) == ParallelDims(1, 4, 4)
+    with pytest.raises(ValueError):
+        World(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), dims=ParallelDims(1, 4, 4))
+
+
+def test_a_bad_mesh_shape_exits_2_before_anything_is_written(tmp_path, capsys):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    assert main([TINY, "parallel.dp_replicate=2", f"run_dir={run}", f"data.cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: parallel.dp_replicate:") and len(err.splitlines()) == 1
+    assert not run.exists() and not cache.exists()
+
