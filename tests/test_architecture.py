@@ -10,10 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "sdd_train"
 
-# A module may import its own package and packages of a lower rank: config -> kernels -> model,
-# data -> distributed -> checkpoint -> eval -> diagnostics -> train -> sweeps -> the CLIs
-# (``__main__`` modules, which may import anything). Equal ranks do not import each other.
-RANKS = {"config": 0, "exit_codes": 0, "kernels": 1, "model": 2, "data": 2, "distributed": 3, "checkpoint": 4,
+# A module may import its own package and packages of a lower rank: exit_codes (the errors every layer
+# raises) -> config -> kernels -> model, data -> distributed -> checkpoint -> eval -> diagnostics -> train
+# -> sweeps -> the CLIs (``__main__`` modules, which may import anything). Equal ranks do not import each other.
+RANKS = {"exit_codes": -1, "config": 0, "kernels": 1, "model": 2, "data": 2, "distributed": 3, "checkpoint": 4,
          "eval": 5, "diagnostics": 6, "train": 7, "sweeps": 8}
 CLI_RANK = 9
 MAX_LINES = 420

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdd_train.exit_codes import UsageError
 
-class ConfigError(ValueError):
-    """A configuration or usage error; the message names the key and what is allowed."""
+
+class ConfigError(UsageError):
+    """A configuration error; the message names the key (or config file) and what is allowed (exit 2)."""
+
+    label = "config error"
 
 
 @dataclass

@@ -25,8 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
-from sdd_train.config import ConfigError, ModelConfig, schema
+from sdd_train.config import ModelConfig, schema
 from sdd_train.eval.inference import TOKENIZER_FILE, LoadedModel, load_model
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 from sdd_train.kernels import attention, cross_entropy, grouped_mm, norm, precision, swiglu
 from sdd_train.model import blocks, feed_forward, layers, moe, transformer
 
@@ -283,7 +284,7 @@ def export_olmo2(loaded: LoadedModel, out: Path) -> Path:
     m = loaded.cfg.model
     why = olmo2_compatible(m)
     if why is not None:
-        raise ConfigError(f"--format olmo2: {why}; use --format remote_code")
+        raise UsageError(f"--format olmo2: {why}; use --format remote_code")
     d, kv = m.d_model, m.n_kv_heads * m.head_dim
     src = {k: v.detach() for k, v in loaded.model.state_dict().items()}
     state = {"model.embed_tokens.weight": src["embed.weight"], "model.norm.weight": src["final_norm.weight"],
@@ -332,12 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.path, args.step)
         exporter = export_olmo2 if args.format == "olmo2" else export_remote_code
         out = exporter(loaded, Path(args.out))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_usage_error(e)
     trust = ", trust_remote_code=True" if args.format == "remote_code" else ""
     print(f"exported {loaded.source} to {out}; load with AutoModelForCausalLM.from_pretrained('{out}'{trust})")
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

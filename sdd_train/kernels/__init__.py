@@ -14,16 +14,16 @@ which implementation runs.
 Every function has a PyTorch path that needs nothing but torch (what a Hugging Face export runs).
 """
 
-from sdd_train.kernels.attention import (AttentionMask, DocumentSpans, attention_backend_problem, attention_mask,
-                                         causal_attention, document_mask, document_spans, flash_attn_usable,
-                                         sdpa_causal_attention)
+from sdd_train.kernels.attention import (AttentionMask, BackendUnavailable, DocumentSpans, attention_backend_problem,
+                                         attention_mask, causal_attention, document_mask, document_spans,
+                                         flash_attn_usable, sdpa_causal_attention)
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import rms_norm, rms_norm_torch, row_gain_rms_norm
 from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, upcast
 from sdd_train.kernels.swiglu import sdd_swiglu
 
-__all__ = ["AttentionMask", "DocumentSpans", "attention_backend_problem", "attention_mask", "autocast", "autocast_dtype",
-           "causal_attention", "compute_dtype", "document_mask", "document_spans", "expert_counts", "expert_mm", "flash_attn_usable",
-           "linear_cross_entropy", "lm_loss", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu",
-           "sdpa_causal_attention", "upcast"]
+__all__ = ["AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem", "attention_mask",
+           "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
+           "expert_counts", "expert_mm", "flash_attn_usable", "linear_cross_entropy", "lm_loss", "rms_norm",
+           "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention", "upcast"]

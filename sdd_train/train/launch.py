@@ -3,7 +3,8 @@
 The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
 scheme names, the run directory, the callbacks' import paths, the data (datasets, tokenizer and
 vocabulary, validation sets) and the model itself (built on the meta device). Each failure is a
-:class:`ConfigError` naming the key or file (exit code 2), and the run directory is untouched.
+:class:`~sdd_train.exit_codes.UsageError` (a ConfigError, DataError, BackendUnavailable, ...) naming
+the key or file (exit code 2), and the run directory is untouched.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
-from sdd_train.data.sources import DataError
 from sdd_train.distributed.world import World, barrier, close_world, data_parallel_shape, init_world
 from sdd_train.eval.validation import EvalSet, build_eval_sets
-from sdd_train.kernels import attention_backend_problem
+from sdd_train.kernels import BackendUnavailable, attention_backend_problem
 from sdd_train.model import check_model_config
 from sdd_train.train.callbacks import build_callbacks
 from sdd_train.train.callbacks.run_log import import_wandb
@@ -40,7 +40,7 @@ def check_world(cfg: RunConfig, world: World) -> None:
         )
     problem = attention_backend_problem(cfg.model.attention_backend, world.device, t.precision)
     if problem:
-        raise ConfigError(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
+        raise BackendUnavailable(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
     if cfg.logging.wandb != "disabled" and world.is_main:
         import_wandb(cfg.logging.wandb)
 
@@ -100,9 +100,7 @@ def _eval_sets(cfg: RunConfig, datasets, names: list[str], log: Callable[..., No
 def train(cfg: RunConfig, log: Callable[..., None] = print) -> Path:
     """Train ``cfg`` to ``train.max_steps`` (resuming if a checkpoint exists); return the run directory."""
     world = init_world(cfg.train.device)
-    try:
+    try:  # a UsageError (bad config, data, checkpoint) passes to the command, which exits 2 with its one line
         return build_trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).fit()
-    except DataError as e:  # bad data is a usage error (exit 2), found before anything is written
-        raise ConfigError(f"data: {e}") from None
     finally:
         close_world()
