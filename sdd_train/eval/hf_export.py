@@ -25,7 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
-from sdd_train.config import ModelConfig, schema
+from sdd_train import exit_codes
+from sdd_train.config import ModelConfig, schema, validation
 from sdd_train.eval.inference import TOKENIZER_FILE, LoadedModel, load_model
 from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 from sdd_train.kernels import attention, cross_entropy, grouped_mm, norm, precision, swiglu
@@ -37,7 +38,10 @@ MODELING_FILE = "modeling_sdd_train.py"
 # (the PyTorch paths only); model modules: every top-level definition, so a new layer or scheme is
 # exported without a change here. Imports are never copied: the header provides them.
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
-    (schema, ("ConfigError", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
+    (exit_codes, ("UsageError",)),
+    (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
+              "choice", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
+    (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
     (norm, ("_CPU_BLOCK_ELEMENTS", "_row_blocks", "_RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
     (attention, ("_SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
@@ -57,7 +61,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -271,7 +275,7 @@ def export_remote_code(loaded: LoadedModel, out: Path) -> Path:
 
 def olmo2_compatible(m: ModelConfig) -> str | None:
     """Why ``m`` cannot be written as Olmo2ForCausalLM, or None when it can."""
-    qk = m.qk_norm if m.qk_norm != "auto" else "full"
+    qk = m.qk_norm if m.qk_norm != "auto" else getattr(blocks.BLOCKS.get(m.block), "qk_norm", None)
     checks = [(m.block == "reordered", f"model.block is '{m.block}', OLMo2 is 'reordered'"),
               (qk == "full", f"model.qk_norm is '{m.qk_norm}', OLMo2 normalises all q / k features ('full')"),
               (m.ffn == "dense", "model.ffn is 'moe'; OLMo2 has a dense SwiGLU")]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import ConfigError, RunConfig
+from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
 from sdd_train.distributed.world import World, barrier, close_world, data_parallel_shape, init_world
@@ -32,12 +33,7 @@ def check_world(cfg: RunConfig, world: World) -> None:
     """The checks that need the world size."""
     t = cfg.train
     data_parallel_shape(cfg.parallel, world.world_size)
-    per_step = world.world_size * t.micro_batch_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world.world_size})"
-            f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
-        )
+    check_batch_split(t, world.world_size)
     problem = attention_backend_problem(cfg.model.attention_backend, world.device, t.precision)
     if problem:
         raise BackendUnavailable(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
