@@ -52,6 +52,8 @@ def choice(allowed: tuple[str, ...], default: str | None = None) -> Any:
 
 @dataclass
 class InitConfig:
+    """``model.init``: how the weights are initialised."""
+
     # 'auto' takes the block scheme's own scheme (megatron for pre/post/reordered/spannorm,
     # sdd for sdd/sdd_pre, deepnorm for deepnorm).
     scheme: str = choice(INIT_SCHEMES)
@@ -68,6 +70,8 @@ class InitConfig:
 
 @dataclass
 class SpanNormConfig:
+    """``model.spannorm``: the SpanNorm block scheme's settings."""
+
     # Multiplier on the residual x that spans the block: x' = N(beta*x + A(.) + F(.)).
     residual_scale: float = 1.0
 
@@ -90,6 +94,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
+    """``model``: the architecture (what a checkpoint's tensors depend on) and its attention backend."""
+
     d_model: int = 256
     n_layers: int = 6
     n_heads: int = 4

@@ -6,7 +6,9 @@ generated from an explicit list of definitions: every top-level definition of th
 and the named config classes and PyTorch kernels, each copied as it stands in this package, after
 a fixed header of imports; model code's kernel calls are bound to their PyTorch implementations.
 No source is rewritten, and the generator refuses to write a file that uses a name it does not
-define. The exported model needs only torch and transformers, not sdd_train.
+define, or that copies a private definition (a ``_name``) or an undocumented kernel or config
+function or class: the file is made of sdd_train's public, documented definitions only. The exported
+model needs only torch and transformers, not sdd_train.
 
 ``olmo2`` writes the native ``Olmo2ForCausalLM`` format; it exists for the ``reordered`` scheme
 with full QK-norm, a dense SwiGLU and no SDD layers, which is exactly OLMo2's architecture.
@@ -35,16 +37,17 @@ from sdd_train.model import blocks, feed_forward, layers, moe, transformer
 MODELING_FILE = "modeling_sdd_train.py"
 
 # What the modeling file holds, in this order. Kernel and config modules: the named definitions
-# (the PyTorch paths only); model modules: every top-level definition, so a new layer or scheme is
-# exported without a change here. Imports are never copied: the header provides them.
+# (the PyTorch paths only; public, and documented where a function or class); model modules: every
+# top-level definition (public), so a new layer or scheme is exported without a change here. Imports
+# are never copied: the header provides them.
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (exit_codes, ("UsageError",)),
     (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
               "choice", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
     (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
-    (norm, ("_CPU_BLOCK_ELEMENTS", "_row_blocks", "_RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
-    (attention, ("_SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
+    (norm, ("NORM_BLOCK_ELEMENTS", "norm_row_blocks", "RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
+    (attention, ("SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
                  "sdpa_causal_attention")),
     (swiglu, ("sdd_swiglu_torch",)),
     (grouped_mm, ("expert_mm_loop",)),
@@ -108,7 +111,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel  # n
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 
-def _model_config(d: dict) -> ModelConfig:
+def sdd_model_config(d: dict) -> ModelConfig:
+    """The ModelConfig of config.json's ``sdd_model`` (its sections as nested dicts)."""
     d = dict(d)
     return ModelConfig(init=InitConfig(**d.pop("init", {})), spannorm=SpanNormConfig(**d.pop("spannorm", {})),
                        moe=MoEConfig(**d.pop("moe", {})), **d)
@@ -138,7 +142,7 @@ class SDDTrainForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SDDTrainConfig):
         super().__init__(config)
-        self.model = Transformer(_model_config(config.sdd_model))
+        self.model = Transformer(sdd_model_config(config.sdd_model))
         self.post_init()
 
     def _init_weights(self, module):
@@ -167,10 +171,12 @@ class SDDTrainForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def _definitions(module: ModuleType, names: tuple[str, ...] | None) -> list[str]:
-    """The source of ``names`` (or of every top-level definition) of ``module``, as it stands there."""
+    """The source of ``names`` (or of every top-level definition) of ``module``, as it stands there;
+    each must be public, and a named function or class documented."""
     source = inspect.getsource(module)
     tree = ast.parse(source)
     found: dict[str, str] = {}
+    nodes: dict[str, ast.stmt] = {}
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)) or (isinstance(node, ast.Expr)
                                                                 and isinstance(node.value, ast.Constant)):
@@ -188,10 +194,18 @@ def _definitions(module: ModuleType, names: tuple[str, ...] | None) -> list[str]
             continue
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         found[name] = "\n".join(source.splitlines()[start - 1:node.end_lineno])
+        nodes[name] = node
     missing = [n for n in names or () if n not in found]
     if missing:
         raise ValueError(f"{module.__name__}: no top-level definition of {', '.join(missing)}")
-    return [found[n] for n in (names or found)]
+    chosen = list(names or found)
+    private = [n for n in chosen if n.startswith("_")]
+    undocumented = [n for n in names or () if isinstance(nodes[n], (ast.FunctionDef, ast.ClassDef))
+                    and not ast.get_docstring(nodes[n])]
+    if private or undocumented:
+        raise ValueError(f"{module.__name__}: {', '.join(private + undocumented)}: the Hugging Face modeling file"
+                         " copies public, documented definitions only")
+    return [found[n] for n in chosen]
 
 
 def _annotations(node: ast.AST) -> list[ast.expr]:

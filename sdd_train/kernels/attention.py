@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 # SDPA takes grouped k/v directly from torch 2.5 on (torch.__version__ compares with (major, minor)).
-_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
     if q.shape[1] != k.shape[1]:
-        if _SDPA_HAS_GQA:
+        if SDPA_HAS_GQA:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
             return out.transpose(1, 2)
         rep = q.shape[1] // k.shape[1]
