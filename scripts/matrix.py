@@ -28,6 +28,8 @@ import matrix_run  # noqa: E402
 from matrix import AXES, Combo  # noqa: E402
 from matrix_run import Diff, Outcome, Row  # noqa: E402
 
+from sdd_train.exit_codes import UsageError, report_usage_error  # noqa: E402
+
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 
 
@@ -37,7 +39,7 @@ def select(subset: str, only: list[str]) -> list[Combo]:
     for condition in only:
         axis, _, value = condition.partition("=")
         if axis not in AXES or value not in (*AXES[axis], matrix.NA):
-            raise SystemExit(f"--only {condition}: expected AXIS=VALUE with AXIS one of {', '.join(AXES)}")
+            raise UsageError(f"--only {condition}: expected AXIS=VALUE with AXIS one of {', '.join(AXES)}")
         combos = [c for c in combos if c[axis] == value]
     return combos
 
@@ -88,11 +90,20 @@ def write_doc(doc: Path, text: str) -> None:
     old = doc.read_text()
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
     if not pattern.search(old):
-        raise SystemExit(f"{doc}: no {BEGIN} ... {END} markers to write the table between")
+        raise UsageError(f"{doc}: no {BEGIN} ... {END} markers to write the table between")
     doc.write_text(pattern.sub(lambda _: text, old))
 
 
 def main() -> int:
+    """Exit 0 when every combination passed or was refused as expected, 1 when one failed, 2 (one line)
+    for a usage error."""
+    try:
+        return run_matrix()
+    except UsageError as e:
+        return report_usage_error(e)
+
+
+def run_matrix() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", choices=["full", "pairwise"], default="full")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",

@@ -38,11 +38,15 @@ def first_error(output: str) -> str:
     return lines[-1].strip()[:300] if lines else "no output"
 
 
+USAGE_ERROR_LINE = re.compile(r"[a-z]+ error: ")
+
+
 def judge_exit(code: int, output: str, seconds: float) -> Outcome:
-    """Exit 0 ran; exit 2 with exactly one 'config error:' line and no traceback is a refusal; the rest failed."""
+    """Exit 0 ran; exit 2 with exactly one usage-error line ('config error: ...', 'backend error: ...': a
+    UsageError's label, sdd_train.exit_codes) and no traceback is a refusal; the rest failed."""
     if code == 0:
         return Outcome("ok", seconds)
-    refusals = [line for line in output.splitlines() if line.startswith("config error:")]
+    refusals = [line for line in output.splitlines() if USAGE_ERROR_LINE.match(line)]
     if code == 2 and len(refusals) == 1 and "Traceback" not in output:
         return Outcome("refused", seconds, refusals[0])
     return Outcome("fail", seconds, f"exit {code}: {first_error(output)}")

@@ -56,7 +56,7 @@ def test_sdpa_fallback_without_gqa_support(monkeypatch):
     q = torch.randn(2, 9, 4, 8)
     k, v = torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
     native = attention.causal_attention(q, k, v, "sdpa")
-    monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
+    monkeypatch.setattr(attention, "SDPA_HAS_GQA", False)
     torch.testing.assert_close(attention.causal_attention(q, k, v, "sdpa"), native)
 
 

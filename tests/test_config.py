@@ -1,12 +1,13 @@
 """Config composition, overrides, and load-time errors: exit code 2 and a message naming the key."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import CONFIGS, DENSE_1B, TINY
-from sdd_train.config import ConfigError, load_config, save_config
+from sdd_train.config import ConfigError, InitConfig, ModelConfig, RunConfig, load_config, save_config
 from sdd_train.train.__main__ import main
 
 
@@ -105,3 +106,58 @@ def test_cli_subprocess_exit_code():
 def test_dry_run_prints_size(capsys):
     assert main([DENSE_1B, "block=pre", "--dry-run"]) == 0
     assert "1,178,707,968 total" in capsys.readouterr().out
+
+
+def _choice_fields(cls, prefix=""):
+    """(dotted key, allowed values) of every field declared with schema.choice, nested sections included."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if "choices" in f.metadata:
+            yield prefix + f.name, f.metadata["choices"]
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            yield from _choice_fields(f.default_factory, f"{prefix}{f.name}.")
+
+
+CHOICES = list(_choice_fields(RunConfig))
+
+
+@pytest.mark.parametrize("key,allowed", CHOICES, ids=[k for k, _ in CHOICES])
+def test_every_named_choice_is_checked_against_its_field(key, allowed):
+    """Validation reads the allowed values from the schema's field, the one place they are listed."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: 'bogus' is not one of {re.escape(', '.join(allowed))}$"):
+        load_config(TINY, [f"{key}=bogus"])
+
+
+def test_allowed_values_are_listed_once():
+    """No tuple or list of a key's allowed values is repeated in the package: code imports them from
+    sdd_train/config/schema.py (or the model's registries)."""
+    tuples = [allowed for _, allowed in CHOICES if len(allowed) > 1]
+    assert len(tuples) >= 14  # (data.eval_sets.N.split, in a list, is not among them)
+    found = []
+    for path in sorted((CONFIGS.parent / "sdd_train").rglob("*.py")):
+        text = path.read_text()
+        for allowed in tuples:
+            literal = r"\s*,\s*".join(f"[\"']{re.escape(v)}[\"']" for v in allowed)
+            if re.search(literal, text) and path.name != "schema.py":
+                found.append((path.name, allowed))
+    assert not found
+
+
+def test_a_model_config_built_in_code_is_checked_when_the_model_is_built():
+    import torch
+
+    from sdd_train.model import Transformer
+
+    with torch.device("meta"), pytest.raises(ConfigError, match="model.init.scheme: 'xavier' is not one of"):
+        Transformer(ModelConfig(init=InitConfig(scheme="xavier")))
+
+
+def test_choices_inside_lists_are_checked():
+    from sdd_train.config import EvalSetConfig
+    from sdd_train.config.validation import check_choices
+
+    cfg = RunConfig()
+    cfg.data.eval_sets = [EvalSetConfig(name="w", path="p"), EvalSetConfig(name="v", path="p", split="test")]
+    with pytest.raises(ConfigError, match="^data.eval_sets.1.split: 'test' is not one of val, train$"):
+        check_choices(cfg)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import small_model_cfg
 from sdd_train.kernels import cpu_kernels, cpu_rms_norm, norm, rms_norm, rms_norm_torch
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
+from sdd_train.kernels.settings import NORM_KERNEL_ENV, set_norm_kernel
 from sdd_train.model.feed_forward import SwiGLU
 
 EPS = 1e-5
@@ -20,10 +21,18 @@ EPS = 1e-5
 TOLERANCE = {torch.bfloat16: 4e-3, torch.float32: 1e-6}
 
 
+@pytest.fixture(autouse=True)
+def norm_kernel_setting():
+    """Every test starts and ends with the setting unread: the next norm reads the environment."""
+    set_norm_kernel(None)
+    yield
+    set_norm_kernel(None)
+
+
 @pytest.fixture
-def kernel(monkeypatch):
+def kernel():
     """The C path: fails (instead of silently testing the fallback) where the kernel cannot be built."""
-    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
+    set_norm_kernel("auto")
     assert cpu_kernels.library() is not None, "the C kernel did not build (see the log)"
 
 
@@ -70,11 +79,11 @@ def assert_close_fp32(got: torch.Tensor, want: torch.Tensor) -> None:
 @pytest.mark.parametrize("path", ["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_swiglu_matches_float64(monkeypatch, path, dtype, groups):
+def test_swiglu_matches_float64(path, dtype, groups):
     """Output, input and gain gradients of the C kernel and of its PyTorch fallback against float64."""
     if path == "kernel":
         assert cpu_kernels.library() is not None
-    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "auto" if path == "kernel" else "torch")
+    set_norm_kernel("auto" if path == "kernel" else "torch")
     x, weight, dh = inputs(dtype)
     got, want = run(x, weight, dh, groups), reference(x, weight, dh, groups)
     assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == weight.dtype
@@ -82,16 +91,16 @@ def test_swiglu_matches_float64(monkeypatch, path, dtype, groups):
         assert relative_error(g, w) < TOLERANCE[dtype]
 
 
-def test_swiglu_kernel_equals_pytorch_path_and_ignores_thread_count(kernel, monkeypatch):
+def test_swiglu_kernel_equals_pytorch_path_and_ignores_thread_count(kernel):
     """fp32: the kernel and the fallback agree to rounding; the kernel's per-row results (h, dx) are
     bitwise the same with one thread or two (rows are split between threads, never a row)."""
     x, weight, dh = inputs(torch.float32)
     ours = run(x, weight, dh, 1)
-    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    set_norm_kernel("torch")
     fallback = run(x, weight, dh, 1)
     for a, b in zip(ours, fallback):
         assert_close_fp32(a, b)
-    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL")
+    set_norm_kernel("auto")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -200,7 +209,7 @@ def test_norm_matches_float64_and_pytorch_path(kernel, dtype, shape, groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_eps_counts_where_the_mean_square_is_near_it(kernel, monkeypatch, dtype):
+def test_eps_counts_where_the_mean_square_is_near_it(kernel, dtype):
     """Rows of RMS 1e-2 and 1e-3 (mean square 10x and 0.1x eps): the C kernels and the PyTorch paths
     add eps as the formula does, in the norm and the SDD SwiGLU, outputs and both gradients."""
     x, weight, dh = inputs(dtype, shape=(2, 5, 2 * 64), x_rms=torch.tensor([1e-2, 1e-3]).view(2, 1, 1))
@@ -213,17 +222,17 @@ def test_eps_counts_where_the_mean_square_is_near_it(kernel, monkeypatch, dtype)
             for g, w in zip(norm_run(kernel, x, weight, dy, groups), want):
                 assert relative_error(g, w) < TOLERANCE[dtype], (kernel.__name__, groups)
     for path in ("auto", "torch"):
-        monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", path)
+        set_norm_kernel(path)
         for groups in (1, 2):
             for g, w in zip(run(x, weight, dh, groups), reference(x, weight, dh, groups)):
                 assert relative_error(g, w) < TOLERANCE[dtype], (path, groups)
 
 
-def test_norm_backward_runs_the_kernel_of_its_forward(kernel, monkeypatch):
+def test_norm_backward_runs_the_kernel_of_its_forward(kernel):
     """Forcing the PyTorch path between a forward and its backward does not strand the backward."""
     x, weight, dy = torch.randn(5, 64, requires_grad=True), torch.rand(64) + 0.5, torch.randn(5, 64)
     y = cpu_rms_norm.cpu_rms_norm(x, weight, EPS)
-    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    set_norm_kernel("torch")
     y.backward(dy)
     assert_close_fp32(x.grad, norm_reference(x.detach(), weight, dy, 1)[1].float())
 
@@ -240,7 +249,7 @@ def test_norm_dispatch(kernel, monkeypatch):
     assert len(calls) == 2
     norm.rms_norm(x.double(), weight.double(), EPS)
     torch.compile(norm.rms_norm, fullgraph=True)(x, weight, EPS)
-    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
+    set_norm_kernel("torch")
     norm.rms_norm(x, weight, EPS)
     assert len(calls) == 2
 
@@ -249,7 +258,7 @@ def test_builds_into_cache_and_falls_back_without_compiler(monkeypatch, tmp_path
     """A fresh cache gets a library keyed by source, compiler command, flags and CPU ($CC may carry
     arguments); with no usable compiler the ops log why once and compute the same in PyTorch."""
     monkeypatch.setenv("SDD_TRAIN_CACHE", str(tmp_path))
-    monkeypatch.delenv("SDD_TRAIN_NORM_KERNEL", raising=False)
+    set_norm_kernel("auto")
     monkeypatch.delenv("CC", raising=False)
     cpu_kernels.library.cache_clear()
     try:
@@ -285,3 +294,27 @@ def test_rejects_bad_shapes():
         cpu_rms_norm.cpu_rms_norm(torch.randn(4, 8), torch.ones(8), EPS, groups=3)
     with pytest.raises(RuntimeError, match="no CPU kernel for a torch.float64"):
         cpu_rms_norm.cpu_rms_norm(torch.randn(4, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), EPS)
+
+
+def test_the_norm_kernel_setting_is_read_once(monkeypatch, caplog):
+    """$SDD_TRAIN_NORM_KERNEL is read at the first norm, not on every call: changing the environment
+    afterwards changes nothing until set_norm_kernel(None) (the reset) or set_norm_kernel(value)."""
+    assert cpu_kernels.library() is not None
+    x = torch.randn(4, 32)
+    monkeypatch.setenv(NORM_KERNEL_ENV, "torch")
+    assert cpu_kernels.kernel_for(x) is None  # read now: the PyTorch path
+    monkeypatch.setenv(NORM_KERNEL_ENV, "auto")
+    assert cpu_kernels.kernel_for(x) is None  # still: the environment is not read again
+    set_norm_kernel(None)
+    assert cpu_kernels.kernel_for(x) is not None  # read again after the reset
+    monkeypatch.setenv(NORM_KERNEL_ENV, "torch")
+    assert cpu_kernels.kernel_for(x) is not None
+    set_norm_kernel("torch")
+    assert cpu_kernels.kernel_for(x) is None
+    with pytest.raises(ValueError, match="not one of auto, torch"):
+        set_norm_kernel("triton")
+    monkeypatch.setenv(NORM_KERNEL_ENV, "tritn")
+    set_norm_kernel(None)
+    with caplog.at_level(logging.WARNING):
+        assert cpu_kernels.kernel_for(x) is not None  # an unknown value: a warning, then auto
+    assert "SDD_TRAIN_NORM_KERNEL=tritn is not one of auto, torch" in caplog.text

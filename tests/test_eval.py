@@ -238,8 +238,8 @@ def test_hf_remote_code_export_matches_logits(block, ffn, run, tokenizer, tmp_pa
 
 def test_reordered_exports_to_native_olmo2(run, tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from sdd_train.config import ConfigError
     from sdd_train.eval.hf_export import export_olmo2
+    from sdd_train.exit_codes import UsageError
 
     cfg = load_config(run / "config.yaml", ["model.block=reordered"])
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_reordered_exports_to_native_olmo2(run, tokenizer, tmp_path):
     with torch.no_grad():
         assert hf(tokens).logits == pytest.approx(model(tokens), abs=1e-4)
     sdd = load_config(run / "config.yaml")
-    with pytest.raises(ConfigError, match="model.block is 'sdd'"):
+    with pytest.raises(UsageError, match="model.block is 'sdd'"):  # the command's --format, not the config
         export_olmo2(LoadedModel(Transformer(sdd.model), tokenizer, sdd, run), tmp_path / "no")
     from sdd_train.eval.hf_export import main as export_main
 

@@ -4,6 +4,7 @@ the generator refuses to write a file that uses a name it does not define."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import os
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from sdd_train import kernels
+from sdd_train.kernels import cross_entropy, triton_rms_norm
 from sdd_train.eval import hf_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +116,26 @@ def test_generated_file_runs_the_package_model_definitions():
     for obj in (layers.Attention, layers.SDDLinear, blocks.SDDBlock, blocks.register):
         assert inspect.getsource(obj) in source
     assert torch.__name__ in source
+
+
+# Underscore names the file may hold: transformers' own API (PreTrainedModel hooks), and '_' itself.
+TRANSFORMERS_NAMES = {"_", "_init_weights", "_no_split_modules"}
+
+
+def test_the_file_names_no_private_definition():
+    """Our kernels reach the file through public, documented definitions only: no ``_name`` of sdd_train
+    is defined, read or called there."""
+    tree = ast.parse(hf_export.modeling_source())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    private = {n for n in names if n.startswith("_") and not n.startswith("__")} - TRANSFORMERS_NAMES
+    assert not private
+
+
+@pytest.mark.parametrize("module,name", [(cross_entropy, "_CPU_BLOCK_ELEMENTS"),  # private
+                                         (triton_rms_norm, "triton_available")])  # no docstring
+def test_the_generator_refuses_a_private_or_undocumented_kernel(monkeypatch, module, name):
+    monkeypatch.setattr(hf_export, "DEFINITIONS", (*hf_export.DEFINITIONS, (module, (name,))))
+    with pytest.raises(ValueError, match=f"{name}: the Hugging Face modeling file copies public, documented"):
+        hf_export.modeling_source()

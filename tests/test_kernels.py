@@ -23,6 +23,7 @@ import torch
 from conftest import small_model_cfg
 from sdd_train.kernels import norm
 from sdd_train.kernels import triton_rms_norm as kernels
+from sdd_train.kernels.settings import set_norm_kernel
 from sdd_train.model import Transformer
 
 pytestmark = pytest.mark.skipif(not kernels.triton_available(), reason="needs triton (pip install triton)")
@@ -134,8 +135,11 @@ def test_dispatch_uses_pytorch_off_cuda_and_when_forced(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert kernels.use_fused_norm(x)
     assert not kernels.use_fused_norm(x.double())  # float64 references stay on the PyTorch path
-    monkeypatch.setenv("SDD_TRAIN_NORM_KERNEL", "torch")
-    assert not kernels.use_fused_norm(x)
+    set_norm_kernel("torch")
+    try:
+        assert not kernels.use_fused_norm(x)
+    finally:
+        set_norm_kernel(None)
 
 
 def _signature(kernel, dtype: str, groups: int, block_n: int) -> tuple[dict[str, str], dict[str, int]]:

@@ -92,7 +92,7 @@ def test_pytorch_norm_in_cpu_row_blocks_matches_float64(monkeypatch, dtype, grou
     """The PyTorch-path norm (hand-written backward, CPU rows in cache-sized blocks): output, input
     and gain gradients against float64 autograd, over several blocks with a ragged last one and a
     strided input (a slice of a wider projection, as q and k are)."""
-    monkeypatch.setattr(norm, "_CPU_BLOCK_ELEMENTS", 3 * 40)  # 3 rows of width 40 per block
+    monkeypatch.setattr(norm, "NORM_BLOCK_ELEMENTS", 3 * 40)  # 3 rows of width 40 per block
     torch.manual_seed(0)
     wide = (torch.randn(2, 7, 64) * 3).to(dtype)
     x = wide[..., 8:48].detach().requires_grad_()  # 14 rows of 40 = 4 full blocks + 2 rows

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdd_train.checkpoint.manifest import MANIFEST, read_manifest, size_problem
 from sdd_train.checkpoint.storage import CORRUPT, META, PARTIAL, checkpoint_dir, latest, step_of, verify_checkpoint
-from sdd_train.exit_codes import EXIT_CONFIG, EXIT_OK
+from sdd_train.exit_codes import EXIT_CONFIG, EXIT_OK, CheckpointUnusable, report_usage_error
 
 
 def _size(path: Path) -> int:
@@ -62,8 +62,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def list_run(run_dir: Path) -> int:
     checkpoints = _checkpoints(run_dir)
     if not checkpoints:
-        print(f"error: {run_dir}: no checkpoints in {checkpoint_dir(run_dir)}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_usage_error(CheckpointUnusable(f"{run_dir}: no checkpoints in {checkpoint_dir(run_dir)}"))
     newest = latest(run_dir)
     print(f"{'checkpoint':<22} {'step':>8} {'tokens':>16} {'size':>11}  status")
     for path in checkpoints:
@@ -115,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     complete = [p for p in _checkpoints(path) if (p / META).is_file() and PARTIAL not in p.name
                 and CORRUPT not in p.name]
     if not complete:
-        print(f"error: {path}: neither a checkpoint nor a run directory with complete checkpoints", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_usage_error(CheckpointUnusable(f"{path}: neither a checkpoint nor a run directory with complete"
+                                                     " checkpoints"))
     return verify_paths(complete)
 
 

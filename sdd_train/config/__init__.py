@@ -1,5 +1,6 @@
 """Run configuration: the typed schema (:mod:`.schema`), reading YAML (:mod:`.loading`) and the
-rules across keys (:mod:`.validation`). The bottom layer: it imports nothing else of sdd_train."""
+rules across keys (:mod:`.validation`). The bottom layer: of sdd_train it imports only
+:mod:`sdd_train.exit_codes` (its ConfigError is a UsageError, exit code 2)."""
 
 from sdd_train.config.loading import as_dict, config_from_dict, load_config, save_config, to_yaml
 from sdd_train.config.schema import (MODEL_KERNEL_KEYS, CallbackConfig, ConfigError, DataConfig, DatasetConfig, DiagnosticsConfig,

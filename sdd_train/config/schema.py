@@ -10,16 +10,53 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdd_train.exit_codes import UsageError
 
-class ConfigError(ValueError):
-    """A configuration or usage error; the message names the key and what is allowed."""
+
+class ConfigError(UsageError):
+    """A configuration error; the message names the key (or config file) and what is allowed (exit 2)."""
+
+    label = "config error"
+
+
+# The allowed values of every key that takes a name, each listed once, here, next to its field;
+# validation reads them from the field (:func:`choice`), and the code that implements a name may
+# import its tuple. (The names of block schemes and feed-forwards are the model's registries:
+# sdd_train.model.BLOCKS and FEED_FORWARDS.)
+INIT_SCHEMES = ("auto", "megatron", "sdd", "deepnorm")
+QK_NORMS = ("auto", "none", "head", "full")
+SDD_FFN_NORMS = ("fused", "per_branch")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+GROUPED_MM_MODES = ("auto", "loop")
+DATA_SOURCES = ("stdlib", "prepared")
+EVAL_SPLITS = ("val", "train")
+PRECISIONS = ("bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT_FAILURE_ACTIONS = ("stop", "retry")
+NONFINITE_ACTIONS = ("stop", "skip")
+ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "every_n")
+# in this order the torch dtypes of sdd_train.kernels.precision.PARAM_DTYPES: float32, bfloat16
+PARAM_DTYPE_NAMES = ("fp32", "bf16")
+WANDB_MODES = ("disabled", "online", "offline")
+SPIKE_ACTIONS = ("none", "log", "skip", "rollback")
+
+
+def choice(allowed: tuple[str, ...], default: str | None = None) -> Any:
+    """A string field that must hold one of ``allowed`` (its default: ``default``, else the first);
+    :func:`sdd_train.config.validation.check_choices` checks every such field."""
+    default = allowed[0] if default is None else default
+    if default not in allowed:
+        raise ValueError(f"default {default!r} is not one of {allowed}")
+    return field(default=default, metadata={"choices": allowed})
 
 
 @dataclass
 class InitConfig:
+    """``model.init``: how the weights are initialised."""
+
     # 'auto' takes the block scheme's own scheme (megatron for pre/post/reordered/spannorm,
     # sdd for sdd/sdd_pre, deepnorm for deepnorm).
-    scheme: str = "auto"
+    scheme: str = choice(INIT_SCHEMES)
     # Base std sigma; null means 1/sqrt(2.5 * d_model) (OLMo2).
     std: float | None = None
     # Multiplies every std (the paper's "init std x 0.1" ablation is std_multiplier=0.1).
@@ -33,6 +70,8 @@ class InitConfig:
 
 @dataclass
 class SpanNormConfig:
+    """``model.spannorm``: the SpanNorm block scheme's settings."""
+
     # Multiplier on the residual x that spans the block: x' = N(beta*x + A(.) + F(.)).
     residual_scale: float = 1.0
 
@@ -47,7 +86,7 @@ class MoEConfig:
     renormalize: bool = False  # combine weights: raw top-k probabilities (SPEC) or renormalised to sum 1
     lb_loss_weight: float = 0.01  # load balancing, averaged over layers
     z_loss_weight: float = 0.001  # router z-loss, averaged over layers
-    grouped_mm: str = "auto"  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
+    grouped_mm: str = choice(GROUPED_MM_MODES)  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
     # Multiplies the SDD experts' output gain in the forward (the parameter keeps its 1/sqrt(2L) init).
     # 1 is the formula; the reference code's sparse ops compute expert_hidden / n_experts here (docs/paper.md).
     sdd_out_gain_scale: float = 1.0
@@ -59,6 +98,8 @@ MODEL_KERNEL_KEYS = ("model.attention_backend", "model.moe.grouped_mm")
 
 @dataclass
 class ModelConfig:
+    """``model``: the architecture (what a checkpoint's tensors depend on) and its attention backend."""
+
     d_model: int = 256
     n_layers: int = 6
     n_heads: int = 4
@@ -71,11 +112,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     block: str = "pre"
     # none | head (per-head, gain shared across heads) | full (over all q / k features, OLMo2) | auto
-    qk_norm: str = "auto"
+    qk_norm: str = choice(QK_NORMS)
     # SDD up+gate projection: one norm over the fused vector (reference) or one per branch.
-    sdd_ffn_norm: str = "fused"
+    sdd_ffn_norm: str = choice(SDD_FFN_NORMS)
     ffn: str = "dense"  # dense (SwiGLU) | moe (model.moe)
-    attention_backend: str = "auto"  # auto | sdpa | flash
+    # auto: flash-attn where it runs, else FlexAttention (CUDA, documents), the CPU kernel or SDPA;
+    # sdpa: always PyTorch's SDPA; flash: flash-attn or refuse to start (sdd_train.kernels.attention)
+    attention_backend: str = choice(ATTENTION_BACKENDS)
     init: InitConfig = field(default_factory=InitConfig)
     spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -96,14 +139,14 @@ class DatasetConfig:
 class EvalSetConfig:
     name: str = "???"  # logged as val/<name>/loss
     path: str = "???"  # a directory written by 'sdd-data prepare' (same tokenizer as the training data)
-    split: str = "val"  # val (its held-out documents) | train (its main split)
+    split: str = choice(EVAL_SPLITS)  # val (its held-out documents) | train (its main split)
 
 
 @dataclass
 class DataConfig:
     # 'stdlib': the embedded default corpus built from this Python's standard library sources.
     # 'prepared': the datasets listed under data.datasets.
-    source: str = "stdlib"
+    source: str = choice(DATA_SOURCES)
     datasets: list[DatasetConfig] = field(default_factory=list)
     # Named validation sets; empty: the held-out split of every training dataset, named after it.
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
@@ -142,8 +185,8 @@ class TrainConfig:
     seq_len: int = 256
     global_batch_size: int = 32  # sequences per optimizer step
     micro_batch_size: int = 16  # sequences per forward/backward
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    precision: str = choice(PRECISIONS)  # bf16 (autocast, fp32 master weights) | fp32
+    device: str = choice(DEVICES)  # auto: CUDA when there is one
     compile: bool | None = None  # torch.compile each block (fullgraph); null: on with CUDA, off on CPU
     # > 0: LM head + cross-entropy fused, this many tokens at a time: the full logits never exist,
     # and the softmax gradient is formed in the forward pass (faster than autograd's on CPU too);
@@ -164,12 +207,13 @@ class TrainConfig:
     allow_model_change: bool = False
     # A save that fails (full disk, quota, permissions): stop (exit 1) | retry (log it, save again at the
     # next interval). The last step's save and a stop signal's always stop on failure.
-    checkpoint_failure: str = "stop"
+    checkpoint_failure: str = choice(CHECKPOINT_FAILURE_ACTIONS)
     # Under torchrun the ranks agree on a SIGTERM/SIGUSR1 every N steps (and at checkpoints): one
     # all-reduce and a device read, so not every step; a signal is acted on within N steps. One
     # process acts at the end of the step the signal arrives in.
     signal_check_interval: int = 10
-    nonfinite: str = "stop"  # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
+    # NaN/Inf loss or gradient: stop (exit 3) | skip (drop the update, count it)
+    nonfinite: str = choice(NONFINITE_ACTIONS)
     max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
     peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
@@ -182,18 +226,18 @@ class ParallelConfig:
     dp_replicate: int = 1  # replica groups; > 1 is HSDP
     dp_shard: int = -1  # ranks per shard group; -1: world_size / dp_replicate
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
-    activation_checkpointing: str = "none"  # none | full | every_n
+    activation_checkpointing: str = choice(ACTIVATION_CHECKPOINTING_MODES)  # full: every block; every_n: see ac_every
     ac_every: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
     defer_grad_sync: bool = True  # reduce-scatter gradients once per step, not per micro-batch
     # Parameters gathered and computed in: fp32 | bf16 (the reference's FSDP "mixed": half the all-gather
     # bytes; embedding output, residual stream and gains bf16). Master weights and gradient reduction stay
     # fp32; one process computes what N ranks compute in both. bf16 needs train.precision=bf16.
-    param_dtype: str = "fp32"
+    param_dtype: str = choice(PARAM_DTYPE_NAMES)
 
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "disabled"  # disabled | online | offline (offline needs no network; sync later)
+    wandb: str = choice(WANDB_MODES)  # offline needs no network (sync later)
     wandb_project: str = "sdd_train"
     wandb_entity: str | None = None
     wandb_group: str | None = None
@@ -204,7 +248,8 @@ class LoggingConfig:
 class SpikeConfig:
     """Loss-spike detection against rolling statistics of the recent finite steps."""
 
-    action: str = "log"  # none | log (record the event) | skip (drop the update) | rollback (reload, skip the data)
+    # none | log (record the event) | skip (drop the update) | rollback (reload, skip the data)
+    action: str = choice(SPIKE_ACTIONS, default="log")
     window: int = 100  # steps in the rolling mean / std
     min_history: int = 20  # no verdicts before this many steps are in the window
     loss_sigmas: float = 6.0  # spike: loss > mean + loss_sigmas * std; 0 disables

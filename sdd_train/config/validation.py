@@ -1,15 +1,49 @@
-"""Cross-field rules of a run config that its types cannot express, each failing with the key's name."""
+"""Cross-field rules of a run config that its types cannot express, each failing with the key's name.
+
+Each rule is written once, here; the checks that need what only a running job knows (the world
+size, the tokenizer) call the same functions with it (:func:`check_batch_split`, :func:`check_vocab_covers`).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields, is_dataclass
+from typing import Any
 
 from sdd_train.config.schema import ConfigError, OptimConfig, RunConfig, TrainConfig
 
 
-def _choice(key: str, value: str, allowed: list[str] | tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+def check_choices(section: Any, prefix: str = "") -> None:
+    """Every field declared with :func:`sdd_train.config.schema.choice` in ``section`` (a config
+    dataclass, its nested sections and lists of them) holds one of its allowed values."""
+    for f in fields(section):
+        key, value = f"{prefix}{f.name}", getattr(section, f.name)
+        allowed = f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if is_dataclass(item):
+                check_choices(item, f"{key}." if i is None else f"{key}.{i}.")
+
+
+def check_batch_split(t: TrainConfig, world_size: int = 1) -> None:
+    """Every rank gets whole micro-batches of every global batch (at load time: one rank)."""
+    if t.global_batch_size % (world_size * t.micro_batch_size) == 0:
+        return
+    if world_size == 1:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of"
+                          f" train.micro_batch_size={t.micro_batch_size}")
+    raise ConfigError(
+        f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world_size})"
+        f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
+    )
+
+
+def check_vocab_covers(vocab_size: int, pieces: int, tokenizer: str) -> None:
+    """The embedding has a row for every token id of the tokenizer (described by ``tokenizer``)."""
+    if vocab_size < pieces:
+        raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than {tokenizer}")
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
@@ -23,6 +57,7 @@ def validate(cfg: RunConfig) -> None:
     feed-forwards belong to the model's registries and are checked where the model is built
     (:func:`sdd_train.model.check_model_config`)."""
     m, t, o, d, par = cfg.model, cfg.train, cfg.optim, cfg.data, cfg.parallel
+    check_choices(cfg)
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
     _positive("model.rope_theta", m.rope_theta)
@@ -33,10 +68,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.n_kv_heads: n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
     if m.head_dim % 2:
         raise ConfigError(f"model.n_heads: head_dim={m.head_dim} must be even for RoPE")
-    _choice("model.qk_norm", m.qk_norm, ["auto", "none", "head", "full"])
-    _choice("model.sdd_ffn_norm", m.sdd_ffn_norm, ["fused", "per_branch"])
-    _choice("model.attention_backend", m.attention_backend, ["auto", "sdpa", "flash"])
-    _choice("model.init.scheme", m.init.scheme, ["auto", "megatron", "sdd", "deepnorm"])
     if m.init.std is not None:
         _positive("model.init.std", m.init.std)
     _positive("model.init.std_multiplier", m.init.std_multiplier)
@@ -50,9 +81,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"model.moe.top_k: {m.moe.top_k} is more than model.moe.n_experts={m.moe.n_experts}")
         _positive("model.moe.lb_loss_weight", m.moe.lb_loss_weight, allow_zero=True)
         _positive("model.moe.z_loss_weight", m.moe.z_loss_weight, allow_zero=True)
-        _choice("model.moe.grouped_mm", m.moe.grouped_mm, ["auto", "loop"])
 
-    _choice("data.source", d.source, ["stdlib", "prepared"])
     if d.source == "prepared" and not d.datasets:
         raise ConfigError("data.datasets: data.source=prepared needs at least one dataset"
                           " ({path: DIR, weight: 1.0}, prepared with 'sdd-data prepare')")
@@ -63,17 +92,14 @@ def validate(cfg: RunConfig) -> None:
     for i, es in enumerate(d.eval_sets):
         if not es.name or "/" in es.name or not es.path:
             raise ConfigError(f"data.eval_sets.{i}: needs a name (without '/') and the path of a prepared dataset")
-        _choice(f"data.eval_sets.{i}.split", es.split, ["val", "train"])
     eval_names = [es.name for es in d.eval_sets]
     if len(set(eval_names)) != len(eval_names):
         raise ConfigError(f"data.eval_sets: names must be unique, got {', '.join(eval_names)}")
     if d.tokenizer_vocab_size < 300:
         raise ConfigError(f"data.tokenizer_vocab_size: must be >= 300 (256 byte pieces + specials), got {d.tokenizer_vocab_size}")
-    if d.source == "stdlib" and m.vocab_size < d.tokenizer_vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {m.vocab_size} is smaller than data.tokenizer_vocab_size={d.tokenizer_vocab_size};"
-            " the embedding must cover every token id"
-        )
+    if d.source == "stdlib":
+        check_vocab_covers(m.vocab_size, d.tokenizer_vocab_size,
+                           f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}; the embedding must cover every token id")
     _positive("data.max_corpus_bytes", d.max_corpus_bytes)
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
@@ -95,16 +121,8 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not a multiple of"
-            f" train.micro_batch_size={t.micro_batch_size}"
-        )
-    _choice("train.precision", t.precision, ["bf16", "fp32"])
-    _choice("train.device", t.device, ["auto", "cpu", "cuda"])
+    check_batch_split(t)
     _positive("train.permanent_checkpoint_interval", t.permanent_checkpoint_interval, allow_zero=True)
-    _choice("train.nonfinite", t.nonfinite, ["stop", "skip"])
-    _choice("train.checkpoint_failure", t.checkpoint_failure, ["stop", "retry"])
     _positive("train.max_nonfinite_skips", t.max_nonfinite_skips)
     if t.peak_tflops is not None:
         _positive("train.peak_tflops", t.peak_tflops)
@@ -112,17 +130,13 @@ def validate(cfg: RunConfig) -> None:
     _positive("parallel.dp_replicate", par.dp_replicate)
     if par.dp_shard != -1:
         _positive("parallel.dp_shard", par.dp_shard)
-    _choice("parallel.activation_checkpointing", par.activation_checkpointing, ["none", "full", "every_n"])
     _positive("parallel.ac_every", par.ac_every)
-    _choice("parallel.param_dtype", par.param_dtype, ["fp32", "bf16"])
     if par.param_dtype == "bf16" and t.precision != "bf16":
         raise ConfigError(f"parallel.param_dtype: bf16 parameters need train.precision=bf16 (got {t.precision});"
                           " set train.precision=bf16 or parallel.param_dtype=fp32")
-    _choice("logging.wandb", cfg.logging.wandb, ["disabled", "online", "offline"])
     diag, spike = cfg.diagnostics, cfg.diagnostics.spike
     _positive("diagnostics.layer_stats_interval", diag.layer_stats_interval, allow_zero=True)
     _positive("diagnostics.activation_interval", diag.activation_interval, allow_zero=True)
-    _choice("diagnostics.spike.action", spike.action, ["none", "log", "skip", "rollback"])
     for key in ("window", "min_history", "skip_batches"):
         _positive(f"diagnostics.spike.{key}", getattr(spike, key))
     for key in ("loss_sigmas", "grad_norm_sigmas", "min_increase", "max_rollbacks"):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sdd_train.data.sources import FORMATS, DataError, iter_documents, list_units
+from sdd_train.exit_codes import EXIT_OK, report_usage_error
 
 
 def _input_args(p: argparse.ArgumentParser) -> None:
@@ -107,10 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError (a UsageError)
+        return report_usage_error(e)
+    return EXIT_OK
 
 
 def main_cli() -> None:

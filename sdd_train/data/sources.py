@@ -16,13 +16,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdd_train.exit_codes import UsageError
+
 FORMATS = ("auto", "text", "lines", "jsonl", "json", "parquet", "hf")
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".tex", ".html", ".c", ".h", ".cpp", ".js", ".ts", ".rs"}
 UNIT_BYTES = 32 * 2**20  # text/JSONL files larger than this are split into line-aligned byte ranges
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file and what to do."""
+class DataError(UsageError):
+    """Bad input data (files, datasets, tokenizers): the message names the file and what to do (exit 2)."""
+
+    label = "data error"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from sdd_train.config import ConfigError
 from sdd_train.diagnostics import plots
 from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.summary import format_cell, read_records, results, summarise, write_table
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 
 DEPTH_KEY = "model.n_layers"
 
@@ -172,24 +173,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = Path(args.directory)
     out = Path(args.out) if args.out else directory / "report"
-    out.mkdir(parents=True, exist_ok=True)
     try:
+        if not ((directory / "sweep.json").is_file() or (directory / "metrics.jsonl").is_file()):
+            raise UsageError(f"{directory}: neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
+        out.mkdir(parents=True, exist_ok=True)
         if (directory / "sweep.json").is_file():
             path = sweep_report(directory, out)
-        elif (directory / "metrics.jsonl").is_file():
+        else:
             on_demand = None
             if args.activations:
                 on_demand = checkpoint_activations(directory, Path(args.checkpoint) if args.checkpoint else None)
                 print(f"activations at step {on_demand['step']}: residual RMS per layer "
                       + " ".join(f"{v:.3g}" for v in on_demand["rms"]))
             path = run_report(directory, out, on_demand)
-        else:
-            raise ConfigError(f"{directory}: neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
-    except ConfigError as e:
-        print(f"report error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_usage_error(e)
     print(f"wrote {path}")
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

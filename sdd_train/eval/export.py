@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from sdd_train.checkpoint import checkpoint_config, read_meta, read_model_state, resolve_checkpoint, verified
-from sdd_train.config import ConfigError, save_config
+from sdd_train.config import save_config
 from sdd_train.eval.inference import TOKENIZER_FILE, run_tokenizer
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 
 
 def export(run_dir: Path, out: Path | None = None, step: int | None = None) -> Path:
@@ -44,11 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(Path(args.run_dir), Path(args.out) if args.out else None, args.step)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_usage_error(e)
     print(f"exported: {out / 'model.safetensors'}")
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sdd_train.config import ConfigError
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 from sdd_train.model import Transformer
 
 
@@ -128,20 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        print("error: need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1", file=sys.stderr)
-        return 2
+        return report_usage_error(UsageError("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0,"
+                                             " 0 < --top-p <= 1"))
     try:
         loaded = load_model(args.path, args.step, args.device)
         s = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
         texts = complete(loaded.model, loaded.tokenizer, args.prompt, s, use_cache=not args.no_cache)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a UsageError (config, checkpoint, ...), or prompts that do not fit (generate_ids)
+        return report_usage_error(e)
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
         if len(texts) > 1:
             print("-" * 40)
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

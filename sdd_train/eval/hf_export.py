@@ -6,7 +6,9 @@ generated from an explicit list of definitions: every top-level definition of th
 and the named config classes and PyTorch kernels, each copied as it stands in this package, after
 a fixed header of imports; model code's kernel calls are bound to their PyTorch implementations.
 No source is rewritten, and the generator refuses to write a file that uses a name it does not
-define. The exported model needs only torch and transformers, not sdd_train.
+define, or that copies a private definition (a ``_name``) or an undocumented kernel or config
+function or class: the file is made of sdd_train's public, documented definitions only. The exported
+model needs only torch and transformers, not sdd_train.
 
 ``olmo2`` writes the native ``Olmo2ForCausalLM`` format; it exists for the ``reordered`` scheme
 with full QK-norm, a dense SwiGLU and no SDD layers, which is exactly OLMo2's architecture.
@@ -25,21 +27,27 @@ from dataclasses import asdict
 from pathlib import Path
 from types import ModuleType
 
-from sdd_train.config import ConfigError, ModelConfig, schema
+from sdd_train import exit_codes
+from sdd_train.config import ModelConfig, schema, validation
 from sdd_train.eval.inference import TOKENIZER_FILE, LoadedModel, load_model
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 from sdd_train.kernels import attention, cross_entropy, grouped_mm, norm, precision, swiglu
 from sdd_train.model import blocks, feed_forward, layers, moe, transformer
 
 MODELING_FILE = "modeling_sdd_train.py"
 
 # What the modeling file holds, in this order. Kernel and config modules: the named definitions
-# (the PyTorch paths only); model modules: every top-level definition, so a new layer or scheme is
-# exported without a change here. Imports are never copied: the header provides them.
+# (the PyTorch paths only; public, and documented where a function or class); model modules: every
+# top-level definition (public), so a new layer or scheme is exported without a change here. Imports
+# are never copied: the header provides them.
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
-    (schema, ("ConfigError", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
+    (exit_codes, ("UsageError",)),
+    (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
+              "choice", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
+    (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
-    (norm, ("_CPU_BLOCK_ELEMENTS", "_row_blocks", "_RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
-    (attention, ("_SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
+    (norm, ("NORM_BLOCK_ELEMENTS", "norm_row_blocks", "RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
+    (attention, ("SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
                  "sdpa_causal_attention")),
     (swiglu, ("sdd_swiglu_torch",)),
     (grouped_mm, ("expert_mm_loop",)),
@@ -56,7 +64,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -103,7 +111,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel  # n
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 
-def _model_config(d: dict) -> ModelConfig:
+def sdd_model_config(d: dict) -> ModelConfig:
+    """The ModelConfig of config.json's ``sdd_model`` (its sections as nested dicts)."""
     d = dict(d)
     return ModelConfig(init=InitConfig(**d.pop("init", {})), spannorm=SpanNormConfig(**d.pop("spannorm", {})),
                        moe=MoEConfig(**d.pop("moe", {})), **d)
@@ -133,7 +142,7 @@ class SDDTrainForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SDDTrainConfig):
         super().__init__(config)
-        self.model = Transformer(_model_config(config.sdd_model))
+        self.model = Transformer(sdd_model_config(config.sdd_model))
         self.post_init()
 
     def _init_weights(self, module):
@@ -162,10 +171,12 @@ class SDDTrainForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def _definitions(module: ModuleType, names: tuple[str, ...] | None) -> list[str]:
-    """The source of ``names`` (or of every top-level definition) of ``module``, as it stands there."""
+    """The source of ``names`` (or of every top-level definition) of ``module``, as it stands there;
+    each must be public, and a named function or class documented."""
     source = inspect.getsource(module)
     tree = ast.parse(source)
     found: dict[str, str] = {}
+    nodes: dict[str, ast.stmt] = {}
     for node in tree.body:
         if isinstance(node, (ast.Import, ast.ImportFrom)) or (isinstance(node, ast.Expr)
                                                                 and isinstance(node.value, ast.Constant)):
@@ -183,10 +194,18 @@ def _definitions(module: ModuleType, names: tuple[str, ...] | None) -> list[str]
             continue
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         found[name] = "\n".join(source.splitlines()[start - 1:node.end_lineno])
+        nodes[name] = node
     missing = [n for n in names or () if n not in found]
     if missing:
         raise ValueError(f"{module.__name__}: no top-level definition of {', '.join(missing)}")
-    return [found[n] for n in (names or found)]
+    chosen = list(names or found)
+    private = [n for n in chosen if n.startswith("_")]
+    undocumented = [n for n in names or () if isinstance(nodes[n], (ast.FunctionDef, ast.ClassDef))
+                    and not ast.get_docstring(nodes[n])]
+    if private or undocumented:
+        raise ValueError(f"{module.__name__}: {', '.join(private + undocumented)}: the Hugging Face modeling file"
+                         " copies public, documented definitions only")
+    return [found[n] for n in chosen]
 
 
 def _annotations(node: ast.AST) -> list[ast.expr]:
@@ -270,7 +289,7 @@ def export_remote_code(loaded: LoadedModel, out: Path) -> Path:
 
 def olmo2_compatible(m: ModelConfig) -> str | None:
     """Why ``m`` cannot be written as Olmo2ForCausalLM, or None when it can."""
-    qk = m.qk_norm if m.qk_norm != "auto" else "full"
+    qk = m.qk_norm if m.qk_norm != "auto" else getattr(blocks.BLOCKS.get(m.block), "qk_norm", None)
     checks = [(m.block == "reordered", f"model.block is '{m.block}', OLMo2 is 'reordered'"),
               (qk == "full", f"model.qk_norm is '{m.qk_norm}', OLMo2 normalises all q / k features ('full')"),
               (m.ffn == "dense", "model.ffn is 'moe'; OLMo2 has a dense SwiGLU")]
@@ -283,7 +302,7 @@ def export_olmo2(loaded: LoadedModel, out: Path) -> Path:
     m = loaded.cfg.model
     why = olmo2_compatible(m)
     if why is not None:
-        raise ConfigError(f"--format olmo2: {why}; use --format remote_code")
+        raise UsageError(f"--format olmo2: {why}; use --format remote_code")
     d, kv = m.d_model, m.n_kv_heads * m.head_dim
     src = {k: v.detach() for k, v in loaded.model.state_dict().items()}
     state = {"model.embed_tokens.weight": src["embed.weight"], "model.norm.weight": src["final_norm.weight"],
@@ -332,12 +351,11 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.path, args.step)
         exporter = export_olmo2 if args.format == "olmo2" else export_remote_code
         out = exporter(loaded, Path(args.out))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_usage_error(e)
     trust = ", trust_remote_code=True" if args.format == "remote_code" else ""
     print(f"exported {loaded.source} to {out}; load with AutoModelForCausalLM.from_pretrained('{out}'{trust})")
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

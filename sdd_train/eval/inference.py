@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from sdd_train.checkpoint import checkpoint_config, read_model_state, resolve_checkpoint, verified
-from sdd_train.config import ConfigError, RunConfig, load_config
+from sdd_train.config import RunConfig, load_config
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.run_data import open_run_data
 from sdd_train.data.tokenizer import Tokenizer
 from sdd_train.distributed.world import World
+from sdd_train.exit_codes import UsageError
 from sdd_train.model import Transformer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,7 +54,7 @@ def load_exported(folder: Path, device: str = "cpu") -> torch.nn.Module:
 def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -> LoadedModel:
     """``path``: a run directory (latest checkpoint, or ``step``), one checkpoint directory, or an
     ``sdd-export`` folder. The model is returned in eval mode, fp32, on ``device``. A checkpoint is
-    verified against its manifest first: a corrupt one is a ConfigError naming the file. It is
+    verified against its manifest first: a corrupt one is a one-line UsageError naming the file. It is
     rebuilt from the config it was written with (its meta.json), not the run's latest config.yaml."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
@@ -67,7 +68,7 @@ def load_model(path: str | Path, step: int | None = None, device: str = "cpu") -
         elif (path / "config.yaml").is_file():
             source = verified(resolve_checkpoint(path, step))
         else:
-            raise ConfigError(f"{path}: not a run directory, a checkpoint or an sdd-export folder")
+            raise UsageError(f"{path}: not a run directory, a checkpoint or an sdd-export folder")
         cfg = checkpoint_config(source)
         model = Transformer(cfg.model)
         model.load_state_dict(read_model_state(source))

@@ -28,6 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from sdd_train.eval.generate import Sampling, complete
 from sdd_train.eval.inference import load_model
+from sdd_train.exit_codes import UsageError, report_usage_error
 
 
 @register_model("sdd_train")
@@ -119,11 +120,15 @@ class SDDTrainLM(TemplateLM):
 
 
 def main_cli() -> None:
-    """``sdd-lm-eval``: the lm_eval command line with the ``sdd_train`` model type registered."""
+    """``sdd-lm-eval``: the lm_eval command line with the ``sdd_train`` model type registered. A checkpoint
+    or config that cannot be used is one line and exit code 2, as in every sdd_train command."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv[0] = "lm_eval"
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UsageError as e:
+        sys.exit(report_usage_error(e))
 
 
 if __name__ == "__main__":

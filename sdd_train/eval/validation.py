@@ -25,6 +25,7 @@ from sdd_train.config import ConfigError, RunConfig
 from sdd_train.data.dataset import PreparedDataset
 from sdd_train.data.loader import open_datasets, val_batches
 from sdd_train.distributed.world import World, all_reduce_sum
+from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 from sdd_train.kernels import autocast
 
 
@@ -115,11 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate_checkpoint(args.path, args.step)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_usage_error(e)
     print(json.dumps(result, indent=1))
-    return 0
+    return EXIT_OK
 
 
 def main_cli() -> None:

@@ -12,18 +12,22 @@ which implementation runs.
 =======================  ==================================================================
 
 Every function has a PyTorch path that needs nothing but torch (what a Hugging Face export runs).
+``SDD_TRAIN_NORM_KERNEL=torch`` sends the norms and the SDD SwiGLU to it everywhere; the variable is
+read once, at the first norm (:func:`set_norm_kernel` changes the setting afterwards).
 """
 
-from sdd_train.kernels.attention import (AttentionMask, DocumentSpans, attention_backend_problem, attention_mask,
-                                         causal_attention, document_mask, document_spans, flash_attn_usable,
-                                         sdpa_causal_attention)
+from sdd_train.kernels.attention import (AttentionMask, BackendUnavailable, DocumentSpans, attention_backend_problem,
+                                         attention_mask, causal_attention, document_mask, document_spans,
+                                         flash_attn_usable, sdpa_causal_attention)
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import rms_norm, rms_norm_torch, row_gain_rms_norm
 from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, upcast
+from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 
-__all__ = ["AttentionMask", "DocumentSpans", "attention_backend_problem", "attention_mask", "autocast", "autocast_dtype",
-           "causal_attention", "compute_dtype", "document_mask", "document_spans", "expert_counts", "expert_mm", "flash_attn_usable",
-           "linear_cross_entropy", "lm_loss", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu",
-           "sdpa_causal_attention", "upcast"]
+__all__ = ["AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem", "attention_mask",
+           "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
+           "expert_counts", "expert_mm", "flash_attn_usable", "linear_cross_entropy", "lm_loss", "norm_kernel",
+           "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
+           "set_norm_kernel", "upcast"]

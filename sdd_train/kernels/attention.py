@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sdd_train.exit_codes import UsageError
 from sdd_train.kernels.cpu_attention import cpu_attention_usable, cpu_causal_attention
 
 try:  # optional: pip install flash-attn (GPU only)
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 
 # SDPA takes grouped k/v directly from torch 2.5 on (torch.__version__ compares with (major, minor)).
-_SDPA_HAS_GQA = torch.__version__ >= (2, 5)
+SDPA_HAS_GQA = torch.__version__ >= (2, 5)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,13 @@ def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out.transpose(1, 2)
 
 
+class BackendUnavailable(UsageError, RuntimeError):
+    """``model.attention_backend`` names a kernel that this device, precision, input or installation
+    cannot run: a usage error (exit 2, one line), and a RuntimeError where it is raised mid-forward."""
+
+    label = "backend error"
+
+
 def flash_attn_usable(t: torch.Tensor) -> bool:
     """flash-attn is installed and ``t`` is on CUDA (it also needs half precision, checked per call)."""
     return flash_attn_func is not None and t.is_cuda
@@ -169,7 +177,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
                                      mask.cu_seqlens, s, s, causal=True)
         return out.unflatten(0, (b, s))
     if backend == "flash":
-        raise RuntimeError(
+        raise BackendUnavailable(
             "model.attention_backend=flash needs the flash-attn package, CUDA half-precision tensors and no"
             " KV cache; use 'auto' or 'sdpa'"
         )
@@ -190,7 +198,7 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     causal = {"is_causal": True} if mask is None else {"attn_mask": mask}
     if q.shape[1] != k.shape[1]:
-        if _SDPA_HAS_GQA:
+        if SDPA_HAS_GQA:
             out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **causal)
             return out.transpose(1, 2)
         rep = q.shape[1] // k.shape[1]

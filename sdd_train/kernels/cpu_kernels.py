@@ -9,8 +9,9 @@ in cache. The kernels work row by row while the row is in L1 (docs/benchmarks.md
 Built on first use with the system C compiler (``$CC``, which may carry arguments, else ``cc``;
 inductor needs one on CPU too) with ``-O3 -march=native -fopenmp`` into
 ``$SDD_TRAIN_CACHE/kernels`` (keyed by source, compiler command, flags and CPU), loaded with ctypes.
-Without a compiler, for dtypes other than fp32/bf16, or with ``SDD_TRAIN_NORM_KERNEL=torch``,
-:func:`kernel_for` returns None and the callers compute the same in PyTorch.
+Without a compiler, for dtypes other than fp32/bf16, or with ``SDD_TRAIN_NORM_KERNEL=torch``
+(:func:`sdd_train.kernels.settings.norm_kernel`, read once), :func:`kernel_for` returns None and the
+callers compute the same in PyTorch.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sdd_train.kernels.triton_rms_norm import NORM_KERNEL_ENV
+from sdd_train.kernels.settings import norm_kernel
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,6 @@ def library() -> ctypes.CDLL | None:
 
 def kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
     """The library where its kernels take ``x`` (a CPU fp32/bf16 tensor, not forced off), else None."""
-    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or os.environ.get(NORM_KERNEL_ENV, "auto") == "torch":
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or norm_kernel() == "torch":
         return None
     return library()

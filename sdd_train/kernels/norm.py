@@ -32,27 +32,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1)
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
     """:func:`rms_norm` in PyTorch ops (the fallback, and what torch.compile fuses)."""
-    return _RMSNormFunction.apply(x, weight, eps, groups)
+    return RMSNormFunction.apply(x, weight, eps, groups)
 
 
 # Rows per step of the PyTorch-path norm on CPU: each elementwise op then streams ~2 MiB of fp32
 # that stays in cache for the next op, instead of the whole [tokens, width] tensor through memory
 # (the tiny model's SwiGLU-width SDD norm, fwd+bwd on the 2-core dev machine: 7.4 ms, ~20 ms on
 # whole tensors or as composite ops; benchmarks/cpu_ops.py).
-_CPU_BLOCK_ELEMENTS = 1 << 19
+NORM_BLOCK_ELEMENTS = 1 << 19
 
 
-def _row_blocks(x: torch.Tensor, rows: int, width: int) -> list[slice]:
+def norm_row_blocks(x: torch.Tensor, rows: int, width: int) -> list[slice]:
     """The blocks of rows the norm works through: one (the whole tensor) on GPUs, which stream
     anyway, and inside torch.compile, where inductor fuses it and where no size arithmetic may
     reach the graph (torch 2.11's dynamo fails on it once shapes turn symbolic)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return [slice(None)]
-    step = max(_CPU_BLOCK_ELEMENTS // width, 1)
+    step = max(NORM_BLOCK_ELEMENTS // width, 1)
     return [slice(s, s + step) for s in range(0, rows, step)]
 
 
-class _RMSNormFunction(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
     """RMSNorm with a hand-written backward: autograd through the composite ops runs ~3x as many
     elementwise kernels and keeps an upcast copy of the input; this keeps ``x`` in its own dtype and
     one inverse RMS per row and group. Computes in fp32 (fp64 stays fp64), on CPU in cache-sized
@@ -67,7 +67,7 @@ class _RMSNormFunction(torch.autograd.Function):
         w = weight.to(dtype).view(groups, d)
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         rstd = torch.empty(n, groups, 1, dtype=dtype, device=x.device)
-        for rows in _row_blocks(x, n, x.shape[-1]):
+        for rows in norm_row_blocks(x, n, x.shape[-1]):
             xf = x2[rows].to(dtype, copy=True)
             r = torch.linalg.vecdot(xf, xf).unsqueeze_(-1).mul_(1.0 / d).add_(eps).rsqrt_()
             rstd[rows] = r
@@ -85,7 +85,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(x2.shape)
         dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
         dw = torch.zeros(groups, d, dtype=dtype, device=x2.device) if ctx.needs_input_grad[1] else None
-        for rows in _row_blocks(x2, n, groups * d):
+        for rows in norm_row_blocks(x2, n, groups * d):
             r = rstd[rows]
             x_hat = x2[rows].to(dtype, copy=True).mul_(r)
             dyf = dy2[rows].to(dtype, copy=True)

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from sdd_train.config.schema import PARAM_DTYPE_NAMES
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half precision; fp32 and fp64 unchanged (so float64 references stay exact)."""
@@ -33,9 +35,10 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# ``parallel.param_dtype``: the dtype parameters are gathered and computed in. The optimizer's master
-# weights and the gradient reduction stay fp32 in both (sdd_train/distributed/parallelize.py).
-PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# ``parallel.param_dtype``: the dtype parameters are gathered and computed in, by the names the schema
+# lists (in its order). The optimizer's master weights and the gradient reduction stay fp32 in both
+# (sdd_train/distributed/parallelize.py).
+PARAM_DTYPES = dict(zip(PARAM_DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -89,6 +92,16 @@ def bf16_products_of_bf16_values(device: torch.device) -> Iterator[None]:
     with AMX may multiply in bf16. Elsewhere (other devices, CPUs without native bf16, torch < 2.9)
     this changes nothing. The mode is process-wide while the context is open, so keep it around
     model code only: inside it, an fp32 matmul of values that are not bf16 may lose precision.
+
+    Why a context entered once per step, and not a setting made once per run and restored at its
+    end: the premise (every fp32 product multiplies bf16 values) holds for the model's forward and
+    backward under bf16 autocast only. Between steps the same process computes in fp32 with values
+    the premise does not cover: the diagnostics' statistics of fp32 parameters and activations, the
+    optimizer, user callbacks, evaluation, and other fp32 runs in the same process (tests, notebooks);
+    a run-wide setting would round their fp32 matmuls to bf16 multiplies without a word
+    (tests/test_precision.py checks that evaluation runs without it). The trainer enters it once per
+    step around all micro-batches, not per op or per micro-batch; setting the flag is one attribute
+    write each way, nothing next to a step.
     """
     if device.type != "cpu" or not bf16_products_available():
         yield

@@ -19,9 +19,10 @@ the CPU through Triton's interpreter (how the tests check them on machines witho
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from sdd_train.kernels.settings import norm_kernel
 
 try:  # optional: pip install triton (GPU builds of PyTorch ship it)
     import triton
@@ -30,8 +31,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
 
-# SDD_TRAIN_NORM_KERNEL=torch forces the PyTorch path everywhere (for A/B comparisons and debugging).
-NORM_KERNEL_ENV = "SDD_TRAIN_NORM_KERNEL"
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -40,9 +39,10 @@ def triton_available() -> bool:
 
 
 def use_fused_norm(x: torch.Tensor) -> bool:
-    """True where the Triton kernel runs: CUDA, triton installed, fp32/bf16/fp16, outside torch.compile."""
-    return (x.is_cuda and triton is not None and x.dtype in FUSED_DTYPES
-            and os.environ.get(NORM_KERNEL_ENV, "auto") != "torch" and not torch.compiler.is_compiling())
+    """True where the Triton kernel runs: CUDA, triton installed, fp32/bf16/fp16, outside torch.compile,
+    not forced off (:func:`sdd_train.kernels.settings.norm_kernel`)."""
+    return (not torch.compiler.is_compiling() and x.is_cuda and triton is not None and x.dtype in FUSED_DTYPES
+            and norm_kernel() != "torch")
 
 
 def _forward_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps,

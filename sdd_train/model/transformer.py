@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sdd_train.config import ConfigError, ModelConfig
+from sdd_train.config.validation import check_choices
 from sdd_train.kernels import attention_mask, linear_cross_entropy, lm_loss
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
@@ -28,7 +29,9 @@ from sdd_train.model.moe import MoEAux
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """The names only the model's registries know (the rest of ``model.*`` is checked with the config)."""
+    """The names only the model's registries know (the rest of ``model.*`` is checked with the config),
+    and the config's own named choices (a ModelConfig built in code has not been validated)."""
+    check_choices(cfg, "model.")
     if cfg.block not in BLOCKS:
         raise ConfigError(f"model.block: '{cfg.block}' is not one of {', '.join(sorted(BLOCKS))}")
     if cfg.ffn not in FEED_FORWARDS:

@@ -34,9 +34,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from sdd_train.config import ConfigError
 from sdd_train.diagnostics.summary import EXIT_FILE, write_table
-from sdd_train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED
+from sdd_train.exit_codes import EXIT_DIVERGED, UsageError, report_usage_error
 from sdd_train.sweeps.grid import Run, Sweep, load_sweep
 
 
@@ -105,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
-    except ConfigError as e:
-        print(f"sweep error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except UsageError as e:
+        return report_usage_error(e)
     write_manifest(sweep)
     if args.command == "slurm":
         script = write_slurm(sweep, args.nproc, args.sbatch, Path(args.sweep).resolve())
@@ -118,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = sweep.runs
         if args.index is not None:
             if not 0 <= args.index < len(runs):
-                print(f"sweep error: --index {args.index} is outside 0..{len(runs) - 1}", file=sys.stderr)
-                return EXIT_CONFIG
+                return report_usage_error(UsageError(f"--index {args.index} is outside 0..{len(runs) - 1}"))
             runs = [runs[args.index]]
         for i, run in enumerate(runs):
             if args.dry_run:

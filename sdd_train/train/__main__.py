@@ -1,7 +1,8 @@
 """``sdd-train CONFIG.yaml [dotted.key=value | group=name ...]`` (also ``python -m sdd_train.train``).
 
-Exit codes (:mod:`sdd_train.exit_codes`): 0 success, 2 configuration or usage error, 3 divergence
-(NaN/Inf), 1 anything else (a failed checkpoint save among them).
+Exit codes (:mod:`sdd_train.exit_codes`): 0 success, 2 a configuration, data, checkpoint or usage error
+(any :class:`~sdd_train.exit_codes.UsageError`, printed as one line), 3 divergence (NaN/Inf), 1 anything
+else (a failed checkpoint save among them).
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import argparse
 import os
 import sys
 
-from sdd_train.config import ConfigError, load_config, to_yaml
-from sdd_train.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_FAILURE, EXIT_OK
+from sdd_train.config import load_config, to_yaml
+from sdd_train.exit_codes import EXIT_DIVERGED, EXIT_FAILURE, EXIT_OK, UsageError, report_usage_error
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,9 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             report(f"error: {e}; the previous checkpoint is intact, re-run the command to resume from it",
                    file=sys.stderr)
             return EXIT_FAILURE
-    except ConfigError as e:
-        report(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+    except UsageError as e:
+        return report_usage_error(e, report)
     report(f"run directory: {run_dir}")
     return EXIT_OK
 

@@ -3,7 +3,8 @@
 The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
 scheme names, the run directory, the callbacks' import paths, the data (datasets, tokenizer and
 vocabulary, validation sets) and the model itself (built on the meta device). Each failure is a
-:class:`ConfigError` naming the key or file (exit code 2), and the run directory is untouched.
+:class:`~sdd_train.exit_codes.UsageError` (a ConfigError, DataError, BackendUnavailable, ...) naming
+the key or file (exit code 2), and the run directory is untouched.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from pathlib import Path
 
 from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import ConfigError, RunConfig
+from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
-from sdd_train.data.sources import DataError
 from sdd_train.distributed.world import World, barrier, close_world, init_world
 from sdd_train.eval.validation import EvalSet, build_eval_sets
-from sdd_train.kernels import attention_backend_problem
+from sdd_train.kernels import BackendUnavailable, attention_backend_problem
 from sdd_train.model import check_model_config
 from sdd_train.train.callbacks import build_callbacks
 from sdd_train.train.callbacks.run_log import import_wandb
@@ -31,15 +32,10 @@ from sdd_train.train.trainer import Trainer
 def check_world(cfg: RunConfig, world: World) -> None:
     """The checks that need the world size."""
     t = cfg.train
-    per_step = world.world_size * t.micro_batch_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not a multiple of world_size ({world.world_size})"
-            f" x train.micro_batch_size ({t.micro_batch_size}); change either so every rank gets whole micro-batches"
-        )
+    check_batch_split(t, world.world_size)
     problem = attention_backend_problem(cfg.model.attention_backend, world.device, t.precision)
     if problem:
-        raise ConfigError(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
+        raise BackendUnavailable(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
     if cfg.logging.wandb != "disabled" and world.is_main:
         import_wandb(cfg.logging.wandb)
 
@@ -99,9 +95,7 @@ def _eval_sets(cfg: RunConfig, datasets, names: list[str], log: Callable[..., No
 def train(cfg: RunConfig, log: Callable[..., None] = print) -> Path:
     """Train ``cfg`` to ``train.max_steps`` (resuming if a checkpoint exists); return the run directory."""
     world = init_world(cfg.train.device, cfg.parallel)  # checks the data-parallel mesh
-    try:
+    try:  # a UsageError (bad config, data, checkpoint) passes to the command, which exits 2 with its one line
         return build_trainer(cfg, world, log if world.is_main else (lambda *a, **k: None)).fit()
-    except DataError as e:  # bad data is a usage error (exit 2), found before anything is written
-        raise ConfigError(f"data: {e}") from None
     finally:
         close_world()
