@@ -4,8 +4,8 @@ written with.
 The newest checkpoint that verifies, loads and fits this run wins. One whose files fail
 verification is moved aside (``step_N.corrupt``); one that cannot be verified (no manifest, or
 verification off) and fails to load is skipped where it is; either is logged, returned as an
-``events.jsonl`` record, and the one before it is tried; when none is left a ConfigError names each
-one and why. One that does not fit this run moves nothing and is a ConfigError: the run's command
+``events.jsonl`` record, and the one before it is tried; when none is left a CheckpointUnusable
+names each one and why. One that does not fit this run moves nothing and is a ConfigError: the run's command
 or machine changed, not its checkpoints. That covers other tensors, intact files that fail to load,
 and a model config that computes other math (any model key but the kernel choices,
 :data:`sdd_train.config.MODEL_KERNEL_KEYS`) unless ``train.allow_model_change`` says so.
@@ -22,6 +22,7 @@ from sdd_train.checkpoint.storage import (CheckpointError, Checkpointer, Checkpo
                                           complete_checkpoints, first_of, model_changes, read_meta)
 from sdd_train.config import MODEL_KERNEL_KEYS, ConfigError, RunConfig, config_from_dict
 from sdd_train.distributed.world import broadcast_object
+from sdd_train.exit_codes import CheckpointUnusable
 
 
 def checkpoint_config(path: Path) -> RunConfig:
@@ -30,7 +31,7 @@ def checkpoint_config(path: Path) -> RunConfig:
     try:
         values = read_meta(path)["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}: {e});"
+        raise CheckpointUnusable(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}: {e});"
                           " use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return config_from_dict(values, f"{Path(path) / 'meta.json'}: config")
 
@@ -94,7 +95,7 @@ class Restore:
                          " continuing with this run's")
             return Restored(path, meta, changes)
         if failures:
-            raise ConfigError(f"{checkpoint_dir(self.cfg.resolved_run_dir)}: no usable checkpoint"
+            raise CheckpointUnusable(f"{checkpoint_dir(self.cfg.resolved_run_dir)}: no usable checkpoint"
                               f" ({'; '.join(failures)}); damaged ones are kept as step_*.corrupt; delete the run"
                               " directory to start over")
         return None

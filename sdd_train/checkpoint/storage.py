@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from sdd_train.checkpoint.manifest import (MANIFEST, checkpoint_files, describe_files, manifest_text, problems_of,
                                            read_manifest)
-from sdd_train.config import ConfigError
+from sdd_train.exit_codes import CheckpointUnusable
 from sdd_train.distributed.world import World, all_gather_object
 
 # DCP warns on every single-process save/load, even when asked for one explicitly.
@@ -113,11 +113,11 @@ def resolve_checkpoint(run_dir: Path, step: int | None) -> Path:
     if step is None:
         ckpt = latest(run_dir)
         if ckpt is None:
-            raise ConfigError(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
+            raise CheckpointUnusable(f"{run_dir}: no complete checkpoint in {checkpoint_dir(run_dir)}")
         return ckpt
     ckpt = checkpoint_dir(run_dir) / f"step_{step:07d}"
     if not (ckpt / "meta.json").is_file():
-        raise ConfigError(f"--step: no complete checkpoint {ckpt}")
+        raise CheckpointUnusable(f"--step: no complete checkpoint {ckpt}")
     return ckpt
 
 
@@ -137,10 +137,10 @@ def first_of(problems: list[str]) -> str:
 
 
 def verified(path: Path) -> Path:
-    """``path``, or a ConfigError naming what is corrupt (for the offline tools: one line, exit 2)."""
+    """``path``, or a CheckpointUnusable naming what is corrupt (for the offline tools: one line, exit 2)."""
     problems = verify_checkpoint(path)
     if problems:
-        raise ConfigError(f"{path}: corrupt checkpoint: {first_of(problems)}; `sdd-ckpt verify {path}` lists every"
+        raise CheckpointUnusable(f"{path}: corrupt checkpoint: {first_of(problems)}; `sdd-ckpt verify {path}` lists every"
                           " problem; use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)")
     return path
 
@@ -384,7 +384,7 @@ class Checkpointer:
         n = 1
         while target.exists():
             target, n = path.with_name(f"{path.name}{CORRUPT}{n}"), n + 1
-        self._agreed(lambda: self.world.is_main and path.rename(target), ConfigError,
+        self._agreed(lambda: self.world.is_main and path.rename(target), CheckpointUnusable,
                      f"{path} failed verification or loading and cannot be set aside (make the run directory"
                      " writable, or move it away yourself)", share=False)
         return target
@@ -392,12 +392,12 @@ class Checkpointer:
 
 def read_model_state(path: Path) -> dict[str, torch.Tensor]:
     """The full (consolidated) model tensors of a checkpoint, in one process, on CPU; a checkpoint
-    that cannot be read is a ConfigError naming it."""
+    that cannot be read is a CheckpointUnusable naming it."""
     try:
         state = {"model": {key: torch.empty(md.size, dtype=md.properties.dtype)
                            for key, md in _model_tensors(path).items()}}
         dcp.load(state, checkpoint_id=str(path), **_single_process(dcp.load, True))
     except (Exception, CheckpointException) as e:
-        raise ConfigError(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {_reason(e)}); use another"
+        raise CheckpointUnusable(f"{path}: the checkpoint cannot be read ({type(e).__name__}: {_reason(e)}); use another"
                           " checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return state["model"]
