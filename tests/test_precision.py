@@ -143,3 +143,16 @@ def test_trainer_uses_bf16_products_in_bf16_steps_only(tmp_path, data_cache, pre
     assert main(args) == 0
     assert seen["step"] == ({"bf16"} if precision == "bf16" else {outside})
     assert seen["eval"] and "bf16" not in seen["eval"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_cpu_without_onednn_bf16_gemms_is_named_slow_for_bf16(native, monkeypatch):
+    """Where oneDNN has no bf16 GEMMs (AVX2-only x86), PyTorch multiplies bf16 in a reference loop:
+    a bf16 run says so at start-up (a warning naming train.precision=fp32); elsewhere it says nothing."""
+    from sdd_train.kernels import slow_bf16_matmuls
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    problem = slow_bf16_matmuls(torch.device("cpu"))
+    assert (problem is None) == native
+    assert native or "train.precision=fp32" in problem
+    assert slow_bf16_matmuls(torch.device("cuda")) is None

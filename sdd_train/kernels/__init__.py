@@ -22,7 +22,7 @@ from sdd_train.kernels.attention import (AttentionMask, BackendUnavailable, Docu
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import rms_norm, rms_norm_torch, row_gain_rms_norm
-from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, upcast
+from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, slow_bf16_matmuls, upcast
 from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 
@@ -30,4 +30,4 @@ __all__ = ["AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_ba
            "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
            "expert_counts", "expert_mm", "flash_attn_usable", "linear_cross_entropy", "lm_loss", "norm_kernel",
            "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
-           "set_norm_kernel", "upcast"]
+           "set_norm_kernel", "slow_bf16_matmuls", "upcast"]

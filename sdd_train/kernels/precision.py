@@ -79,6 +79,19 @@ def bf16_products_available() -> bool:
     return any(check is not None and check() for check in checks)
 
 
+def slow_bf16_matmuls(device: torch.device) -> str | None:
+    """Why bf16 matmuls are slow on ``device``, or None. PyTorch's CPU bf16 GEMMs go to oneDNN only
+    where it has bf16 kernels (AVX-512 and up); elsewhere (AVX2-only x86) a reference loop multiplies
+    them, several times slower than fp32 (docs/benchmarks.md), so a bf16 run trains far slower there."""
+    if device.type != "cpu":
+        return None
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if torch.backends.mkldnn.is_available() and supported is not None and supported():
+        return None
+    return ("this CPU has no oneDNN bf16 GEMMs (they need AVX-512): PyTorch multiplies bf16 matrices in its"
+            " reference loop, several times slower than fp32; train.precision=fp32 trains faster here")
+
+
 @contextlib.contextmanager
 def bf16_products_of_bf16_values(device: torch.device) -> Iterator[None]:
     """On CPU, let oneDNN compute fp32 matmuls with bf16 multiplies (its bf16 fpmath mode).

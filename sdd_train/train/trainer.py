@@ -20,6 +20,7 @@ from sdd_train.config import RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.distributed.world import World, broadcast_object
 from sdd_train.eval.validation import EvalSet
+from sdd_train.kernels import slow_bf16_matmuls
 from sdd_train.train.callbacks import Action, Callback, Verdict
 from sdd_train.train.data_feed import DataFeed
 from sdd_train.train.train_module import StepOutput, TrainModule
@@ -66,6 +67,9 @@ class Trainer:
         self.log(f"train: {t.max_steps} steps x {t.global_batch_size * t.seq_len:,} tokens ({self.feed.accum}"
                  f" micro-batches of {t.micro_batch_size} x {t.seq_len} per rank), {t.precision} on"
                  f" {self.world.device}{par}{ac}, run dir {self.run_dir}")
+        slow = slow_bf16_matmuls(self.world.device) if t.precision == "bf16" else None
+        if slow:
+            self.log(f"warning: train.precision=bf16: {slow}")
         if self.step >= t.max_steps:
             self.log(f"train: already complete at step {self.step}")
             return self.run_dir
