@@ -15,10 +15,12 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import RunConfig
 from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.layer_stats import LayerStats
@@ -177,6 +179,16 @@ class TrainModule:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+
+    # ------------------------------------------------------------------ its state
+
+    def save(self, checkpointer: Checkpointer, step: int, meta: dict[str, Any]) -> Path:
+        """The model and the optimizer (each rank its shards), with the loop's ``meta``, as step ``step``."""
+        return checkpointer.save(step, self.model, self.optimizer, meta)
+
+    def load(self, checkpointer: Checkpointer, path: Path) -> dict[str, Any]:
+        """Restore the model and the optimizer from ``path`` (resharded to this world); its meta.json."""
+        return checkpointer.load(path, self.model, self.optimizer)
 
     # ------------------------------------------------------------------ for callbacks and the loop
 

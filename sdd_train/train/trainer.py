@@ -158,11 +158,11 @@ class Trainer:
                 "fingerprints": self.data_fingerprints, "skipped_positions": sorted(self.excluded)}
         meta = {"tokens_seen": self.position * t.seq_len, "data": data,
                 "callbacks": {c.name: c.state_dict() for c in self.callbacks}, "config": as_dict(self.cfg)}
-        return self.checkpointer.save(self.step, self.module.model, self.module.optimizer, meta)
+        return self.module.save(self.checkpointer, self.step, meta)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore everything :meth:`save_checkpoint` wrote (resharding to this world as needed)."""
-        meta = self.checkpointer.load(path, self.module.model, self.module.optimizer)
+        meta = self.module.load(self.checkpointer, path)
         data = meta.get("data", {})
         self.step = meta["step"]
         self.position = data.get("instances_consumed", self.step * self.cfg.train.global_batch_size)
