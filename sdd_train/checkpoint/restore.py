@@ -5,10 +5,11 @@ The newest checkpoint that verifies, loads and fits this run wins. One whose fil
 verification is moved aside (``step_N.corrupt``); one that cannot be verified (no manifest, or
 verification off) and fails to load is skipped where it is; either is logged, returned as an
 ``events.jsonl`` record, and the one before it is tried; when none is left a CheckpointUnusable
-names each one and why. One that does not fit this run moves nothing and is a ConfigError: the run's command
-or machine changed, not its checkpoints. That covers other tensors, intact files that fail to load,
-and a model config that computes other math (any model key but the kernel choices,
-:data:`sdd_train.config.MODEL_KERNEL_KEYS`) unless ``train.allow_model_change`` says so.
+names each one and why. One that does not fit this run moves nothing and is a ConfigError: the
+run's command or machine changed, not its checkpoints. That covers other tensors, intact files that
+fail to load, and a model config that computes other math (any model key but the kernel choices,
+:data:`sdd_train.config.MODEL_KERNEL_KEYS`) unless ``train.allow_model_change`` says so (then the
+change is logged and recorded as a ``model_changed`` event).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from sdd_train.checkpoint.storage import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir,
                                           complete_checkpoints, first_of, model_changes, read_meta)
-from sdd_train.config import MODEL_KERNEL_KEYS, ConfigError, RunConfig, config_from_dict
+from sdd_train.config import MODEL_KERNEL_KEYS, ConfigError, RunConfig, as_dict, config_from_dict
 from sdd_train.distributed.world import broadcast_object
 from sdd_train.exit_codes import CheckpointUnusable
 
@@ -31,8 +32,8 @@ def checkpoint_config(path: Path) -> RunConfig:
     try:
         values = read_meta(path)["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointUnusable(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}: {e});"
-                          " use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
+        raise CheckpointUnusable(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}:"
+                                 f" {e}); use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return config_from_dict(values, f"{Path(path) / 'meta.json'}: config")
 
 
@@ -45,7 +46,6 @@ def math_changes(changes: list[str]) -> list[str]:
 class Restored:
     path: Path
     meta: dict[str, Any]  # what the checkpoint's meta.json holds (step, data position, callbacks' states)
-    model_changes: list[str] = field(default_factory=list)  # allowed changes of the model config, "key: there -> here"
 
 
 @dataclass
@@ -54,13 +54,12 @@ class Restore:
 
     cfg: RunConfig
     checkpointer: Checkpointer
-    model: dict[str, Any]  # this run's resolved model config (as_dict(cfg)["model"])
     log: Callable[..., None]
-    events: list[dict[str, Any]] = field(default_factory=list)  # checkpoints set aside, for events.jsonl
+    events: list[dict[str, Any]] = field(default_factory=list)  # checkpoints set aside, changes allowed
 
     def newest(self, load: Callable[[Path], dict[str, Any]]) -> Restored | None:
         """Load (with ``load``) the newest usable checkpoint of the run; None when there is none."""
-        t, failures = self.cfg.train, []
+        t, failures, model = self.cfg.train, [], as_dict(self.cfg)["model"]
         for path in broadcast_object(complete_checkpoints(self.cfg.resolved_run_dir)[::-1]):
             problems = self.checkpointer.verify(path) if t.verify_checkpoints else None
             if t.verify_checkpoints and problems is None:
@@ -69,7 +68,7 @@ class Restore:
             if problems:
                 self._set_aside(path, first_of(problems), failures)
                 continue
-            changes = model_changes(path, self.model)
+            changes = model_changes(path, model)
             try:
                 meta = load(path)
             except CheckpointError as e:
@@ -93,11 +92,12 @@ class Restore:
             if changes:
                 self.log(f"warning: {path} was written with another model config ({', '.join(changes)});"
                          " continuing with this run's")
-            return Restored(path, meta, changes)
+                self.events.append({"event": "model_changed", "checkpoint": path.name, "changes": changes})
+            return Restored(path, meta)
         if failures:
             raise CheckpointUnusable(f"{checkpoint_dir(self.cfg.resolved_run_dir)}: no usable checkpoint"
-                              f" ({'; '.join(failures)}); damaged ones are kept as step_*.corrupt; delete the run"
-                              " directory to start over")
+                                     f" ({'; '.join(failures)}); damaged ones are kept as step_*.corrupt; delete the"
+                                     " run directory to start over")
         return None
 
     def _set_aside(self, path: Path, reason: str, failures: list[str]) -> None:

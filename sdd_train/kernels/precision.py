@@ -82,7 +82,8 @@ def bf16_products_available() -> bool:
 def slow_bf16_matmuls(device: torch.device) -> str | None:
     """Why bf16 matmuls are slow on ``device``, or None. PyTorch's CPU bf16 GEMMs go to oneDNN only
     where it has bf16 kernels (AVX-512 and up); elsewhere (AVX2-only x86) a reference loop multiplies
-    them, several times slower than fp32 (docs/benchmarks.md), so a bf16 run trains far slower there."""
+    them, several times slower than fp32 (README: a tiny-model step of 122 s), so a bf16 run trains
+    far slower there."""
     if device.type != "cpu":
         return None
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)

@@ -40,7 +40,7 @@ class Trainer:
         self.start_step = 0  # the step this process started from
         self.stop_reason: str | None = None
         self._metrics: dict[str, Any] = {}  # recorded by callbacks during the current step
-        self.restore = Restore(cfg, checkpointer, as_dict(cfg)["model"], log)
+        self.restore = Restore(cfg, checkpointer, log)
 
     # ------------------------------------------------------------------ the loop
 
@@ -53,9 +53,6 @@ class Trainer:
             if meta.get("data", {}).get("fingerprints", self.data_fingerprints) != self.data_fingerprints:
                 self.log("warning: the training data changed since this checkpoint; continuing at the same"
                          " stream position")
-            if restored.model_changes:  # allowed by train.allow_model_change
-                self.restore.events.append({"event": "model_changed", "checkpoint": restored.path.name,
-                                            "changes": restored.model_changes})
             self.log(f"resume: from {restored.path} (step {self.step}, {self.position:,} instances consumed, written"
                      f" by {meta['world_size']} rank(s))")
         if self.world.is_main:
