@@ -25,6 +25,7 @@ from sdd_train.diagnostics.summary import read_records
 from sdd_train.distributed.world import World
 from sdd_train.train.__main__ import main
 from sdd_train.train.callbacks import checkpointing
+from sdd_train.train.stop_signals import StopSignals
 from sdd_train.train.trainer import Trainer
 
 ROOT = str(Path(__file__).resolve().parents[1] / "sdd_train")
@@ -140,9 +141,10 @@ def test_ranks_agree_on_a_stop_signal_every_n_steps_and_at_checkpoints(world_siz
     monkeypatch.setattr(checkpointing, "all_reduce_max", lambda t: reduced.append(trainer.step) or t)
     trainer.module = SimpleNamespace(parameters_finite=lambda: reduced.append(trainer.step) is None)  # one reduction
     callback = checkpointing.CheckpointCallback()
+    monkeypatch.setattr(checkpointing, "STOPS", StopSignals())
     for trainer.step in range(1, 21):
         if trainer.step == 9:
-            callback._handle(signal.SIGUSR1, None)
+            checkpointing.STOPS._record(signal.SIGUSR1, None)
         callback.post_step(trainer, trainer.step, None)
         if trainer.stop_reason:
             break

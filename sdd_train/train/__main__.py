@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         from sdd_train.checkpoint import CheckpointSaveError
         from sdd_train.train.errors import TrainingDiverged
         from sdd_train.train.launch import train
+        from sdd_train.train.stop_signals import STOPS
 
+        STOPS.install()  # from here on, SIGTERM/SIGUSR1 stop the run instead of killing the process
         try:
             run_dir = train(cfg)
         except TrainingDiverged as e:
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             report(f"error: {e}; the previous checkpoint is intact, re-run the command to resume from it",
                    file=sys.stderr)
             return EXIT_FAILURE
+        finally:
+            STOPS.restore()
     except UsageError as e:
         return report_usage_error(e, report)
     report(f"run directory: {run_dir}")

@@ -13,7 +13,7 @@ failure: there is no later chance."""
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,28 +21,24 @@ from sdd_train.checkpoint import CheckpointSaveError, checkpoint_dir
 from sdd_train.distributed.world import all_reduce_max
 from sdd_train.train.callbacks.base import Callback
 from sdd_train.train.errors import TrainingDiverged
+from sdd_train.train.stop_signals import STOPS
 
 if TYPE_CHECKING:
     from sdd_train.train.train_module import StepOutput
     from sdd_train.train.trainer import Trainer
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class CheckpointCallback(Callback):
     name = "checkpointing"
     priority = 50
 
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
     def on_fit_start(self, trainer: Trainer) -> None:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        STOPS.install()  # sdd-train installed it at start-up; a trainer built in code installs it here
+        stopping = self._stop_requested(trainer, agree=True)  # arrived while the run was set up
+        if stopping:
+            trainer.log(f"stopped by {signal.Signals(stopping).name} before step {trainer.step + 1}; nothing new"
+                        " to checkpoint. Re-run the same command to resume.")
+            trainer.request_stop(signal.Signals(stopping).name)
 
     def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
         t = trainer.cfg.train
@@ -77,16 +73,14 @@ class CheckpointCallback(Callback):
         ranks agree (an all-reduce, and a read of its result) only where ``agree``: every
         ``train.signal_check_interval`` steps and at checkpoints, the same steps on every rank."""
         if not trainer.world.distributed:
-            return self.received or 0
+            return STOPS.received
         if not agree:
             return 0
-        flag = torch.tensor(float(self.received or 0), device=trainer.world.device)
+        flag = torch.tensor(float(STOPS.received), device=trainer.world.device)
         return int(all_reduce_max(flag).item())
 
     def on_fit_end(self, trainer: Trainer) -> None:
         trainer.checkpointer.wait()  # an async save in flight completes (or fails) before the process ends
 
     def close(self, trainer: Trainer) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        STOPS.restore()
