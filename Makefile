@@ -7,6 +7,9 @@
 #                memory; with CUDA also benchmarks/gpu_suite.py: GPU tests, fused-norm kernels, dense 1B and MoE MFU)
 #   make soak    set up, then the fault-injection suite at length (kill -9, damaged checkpoints, a full disk, a dead
 #                rank; not part of CI): its table goes into docs/reliability.md
+#   make slurm-test  set up, then the Slurm tests (tests/test_slurm.py, ~15 min) on a one-node Slurm on this machine:
+#                scripts/slurm/local_cluster.sh installs (apt, root) and starts it, and stops it afterwards
+#                unless it was already running
 #   make matrix  set up, then the feature matrix: every combination of ffn, block, grouped_mm, compile, activation
 #                checkpointing, doc_mask, ranks, precision, param_dtype and loss path runs 3 steps against its
 #                reference (hours; resumes; MATRIX_ARGS="--subset pairwise" is CI's subset); its table goes into
@@ -59,6 +62,13 @@ bench: setup
 
 soak: setup
 	$(PY) scripts/soak.py $(SOAK_ARGS)
+
+.PHONY: slurm-test
+slurm-test: setup
+	@was_up=$$(pgrep -x slurmctld >/dev/null && echo yes); \
+	scripts/slurm/local_cluster.sh start || exit $$?; \
+	SDD_TRAIN_SLURM_TESTS=1 $(PY) -m pytest -v -rA tests/test_slurm.py; rc=$$?; \
+	[ -n "$$was_up" ] || scripts/slurm/local_cluster.sh stop; exit $$rc
 
 MATRIX_ARGS ?=
 .PHONY: matrix
