@@ -31,6 +31,7 @@ from matrix_run import Diff, Outcome, Row  # noqa: E402
 from sdd_train.exit_codes import UsageError, report_usage_error  # noqa: E402
 
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+POOL = 24  # multi-rank combinations per torchrun launch (tests/rank_pool.py); a failure loses the rest of one
 
 
 def select(subset: str, only: list[str]) -> list[Combo]:
@@ -134,6 +135,8 @@ def run_matrix() -> int:
         if combo.name in done:
             runner.rows[combo], runner.outcomes[combo] = done[combo.name]
             continue
+        if combo.world > 1 and combo not in runner.prefetched:  # the next multi-rank runs: one launch
+            runner.prefetch([c for c in todo[i - 1:] if c.world == combo.world and c.name not in done][:POOL])
         row = runner.row(combo)
         save_row(results, row, runner.outcomes[combo])
         done[combo.name] = row, runner.outcomes[combo]

@@ -119,8 +119,6 @@ class Diff:
 
 
 def compare(run_dir: Path, ref_dir: Path) -> Diff:
-    import torch
-
     from sdd_train import checkpoint
     from sdd_train.diagnostics.summary import read_records
 
@@ -188,20 +186,46 @@ def judge_diff(combo: Combo, kind: str, diff: Diff) -> tuple[str, str]:
     return "fail", f"beyond {steps_tol:g} rel / {weights_tol if weights_tol is not None else '-'} abs"
 
 
+def run_pooled(combos: list[Combo], work: Path, cache: Path, timeout: float = 1800) -> dict[Combo, Outcome]:
+    """Train multi-rank ``combos`` of one world size in one torchrun launch (tests/rank_pool.py), each with
+    the arguments :func:`run` gives it; a refusal is exit 2 with one line, as there."""
+    import rank_pool
+
+    (world,) = {c.world for c in combos}
+    for combo in combos:
+        shutil.rmtree(work / combo.name, ignore_errors=True)
+    jobs = [small_run(work / c.name, cache, *c.overrides()) for c in combos]
+    pool_dir = work / f"pool-{world}-{combos[0].name}"
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    results = rank_pool.launch(world, jobs, pool_dir, timeout)
+    # a combination the pool did not reach is left out: it runs on its own, as run() starts it
+    return {c: judge_exit(r.code, r.output, r.seconds) if r.code is not None
+            else Outcome("fail", r.seconds, first_error(r.output)) for c, r in zip(combos, results) if r.ran}
+
+
 class Runner:
-    """Runs combinations into ``work`` (each once, references first) and keeps their rows."""
+    """Runs combinations into ``work`` (each once, references first) and keeps their rows. ``prefetch``
+    trains the multi-rank ones of a list together, one torchrun launch per world size."""
 
     def __init__(self, work: Path, cache: Path, in_process: bool, timeout: float = 1800):
         self.work, self.cache, self.in_process, self.timeout = work, cache, in_process, timeout
         self.outcomes: dict[Combo, Outcome] = {}
         self.rows: dict[Combo, Row] = {}
+        self.prefetched: dict[Combo, Outcome] = {}
+
+    def prefetch(self, combos: list[Combo]) -> None:
+        todo = [c for c in combos if c.world > 1 and c not in self.rows and c not in self.prefetched]
+        for world in sorted({c.world for c in todo}):
+            self.prefetched.update(run_pooled([c for c in todo if c.world == world], self.work, self.cache,
+                                              self.timeout))
 
     def row(self, combo: Combo) -> Row:
         if combo not in self.rows:
             ref = reference(combo)
             if ref:
                 self.row(ref[0])
-            outcome = run(combo, self.work / combo.name, self.cache, self.in_process, self.timeout)
+            outcome = self.prefetched.pop(combo, None) or run(combo, self.work / combo.name, self.cache,
+                                                              self.in_process, self.timeout)
             self.outcomes[combo] = outcome
             self.rows[combo] = verdict(combo, outcome, self.work / combo.name, ref,
                                        self.outcomes.get(ref[0]) if ref else None,

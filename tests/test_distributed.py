@@ -16,6 +16,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+import rank_pool
 from conftest import small_run
 from sdd_train.config import ConfigError
 from sdd_train import checkpoint
@@ -66,12 +67,39 @@ def single(cache, tmp_path_factory) -> Path:
     return run_dir
 
 
+MOE = ["model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=32",
+       "train.max_steps=4", "train.checkpoint_interval=0"]
+VALIDATION = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.checkpoint_interval=0"]
+# The 2-rank runs the tests below compare, trained in one torchrun launch (tests/rank_pool.py).
+TWO_RANK_RUNS = {
+    "fsdp2": [],
+    "batch6": ["train.global_batch_size=6"],
+    "compile_ac_async": ["train.compile=true", "parallel.activation_checkpointing=every_n",
+                         "train.async_checkpoint=true", "train.max_steps=4", "train.checkpoint_interval=2"],
+    "moe": [*MOE, "parallel.activation_checkpointing=full"],
+    "validation": VALIDATION,
+    "plain_loss": ["train.loss_chunk_size=0"],
+}
+
+
 @pytest.fixture(scope="module")
-def fsdp2(cache, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("fsdp2")
-    result = torchrun(2, args_for(run_dir, cache))
-    assert result.returncode == 0, result.stderr[-3000:]
+def two_ranks(cache, tmp_path_factory) -> dict[str, tuple[Path, rank_pool.PoolResult]]:
+    """Each of TWO_RANK_RUNS' run directory and result."""
+    work = tmp_path_factory.mktemp("two_ranks")
+    jobs = [args_for(work / name, cache, *extra) for name, extra in TWO_RANK_RUNS.items()]
+    results = rank_pool.launch(2, jobs, work / "pool", timeout=600)
+    return {name: (work / name, result) for name, result in zip(TWO_RANK_RUNS, results)}
+
+
+def two_rank_run(two_ranks, name: str) -> Path:
+    run_dir, result = two_ranks[name]
+    assert result.code == 0, result.output[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp2(two_ranks) -> Path:
+    return two_rank_run(two_ranks, "fsdp2")
 
 
 def layer_stats(run_dir: Path) -> dict[int, dict]:
@@ -167,25 +195,7 @@ def _wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: fl
     raise AssertionError(f"the run did not reach step {step} (exit {proc.poll()})")
 
 
-def test_sigkill_two_ranks_then_rerun_is_bitwise_identical(fsdp2, cache, tmp_path):
-    cmd = torchrun_cmd(2, args_for(tmp_path, cache, "train.checkpoint_interval=2"))
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_step(tmp_path, proc, 5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
-    assert 2 <= interrupted < 10, "the run finished before it could be killed"
-    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    losses = {s: r["loss"] for s, r in records(tmp_path).items()}
-    assert losses == {s: r["loss"] for s, r in records(fsdp2).items()}  # the same floats, every step
-
-
 SLURM = Path(__file__).resolve().parents[1] / "scripts" / "slurm"
-
-
-def _cmdline(pid: int) -> str:
-    return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
 
 
 def _children(pid: int) -> list[int]:
@@ -218,25 +228,20 @@ def _assert_complete_checkpoint(run_dir: Path, step: int) -> None:
 
 
 def test_sigusr1_to_the_workers_checkpoints_exits_0_and_resumes_bitwise(fsdp2, cache, tmp_path):
-    """The sbatch scripts' preemption path: Slurm sends SIGUSR1 to the batch shell only
-    (``--signal=B:USR1@120``), whose trap sends it to the workers with ``pkill -USR1 -f -- PATTERN``
-    and not to torchrun (SIGUSR1 would kill it). Here PATTERN selects among this run's processes
-    (never another run's on this machine): the workers stop at one step, save it, exit 0, torchrun
-    exits 0, and re-running resumes to the same losses, bitwise, as an uninterrupted run."""
-    patterns = {re.search(r'pkill -USR1 -f -- "([^"]+)"', f.read_text()).group(1) for f in SLURM.glob("*.sbatch")}
-    assert len(patterns) == 1, patterns  # both scripts signal the same processes
-    pattern = patterns.pop()
+    """single_node.sbatch's preemption path: Slurm sends SIGUSR1 to the batch shell only
+    (``--signal=B:USR1@120``), whose trap sends it to torchrun's children, the workers, with
+    ``pkill -USR1 -P $TRAIN_PID``, and not to torchrun (SIGUSR1 would kill it): the workers stop at one
+    step, save it, exit 0, torchrun exits 0, and re-running resumes to the same losses, bitwise, as an
+    uninterrupted run. (multi_node.sbatch's, through srun, runs in tests/test_slurm.py.)"""
+    trap = re.search(r"requeue\(\) \{(.*?)\n\}", (SLURM / "single_node.sbatch").read_text(), re.S).group(1)
+    assert 'pkill -USR1 -P "$TRAIN_PID"' in trap
     cmd = torchrun_cmd(2, args_for(tmp_path, cache))  # fsdp2's run
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        _wait_for_step(tmp_path, proc, 1)  # rank 0 logged a step: every rank is in the loop, handlers set
-        workers = _children(proc.pid)
-        assert len(workers) == 2
-        matched = [pid for pid in [proc.pid, *workers] if re.search(pattern, _cmdline(pid))]
-        assert matched == workers, [_cmdline(pid) for pid in [proc.pid, *workers]]
-        for pid in matched:
-            os.kill(pid, signal.SIGUSR1)
+        _wait_for_step(tmp_path, proc, 1)  # rank 0 logged a step: every rank is in the loop
+        assert len(_children(proc.pid)) == 2
+        subprocess.run(["pkill", "-USR1", "-P", str(proc.pid)], check=True)
         output = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
@@ -277,43 +282,34 @@ def test_sigterm_to_every_process_checkpoints_before_torchrun_ends(cache, tmp_pa
     _assert_complete_checkpoint(tmp_path, stopped_at)
 
 
-def test_batch_not_divisible_by_ranks_is_a_config_error(cache, tmp_path):
-    result = torchrun(2, args_for(tmp_path, cache, "train.global_batch_size=6"))
-    assert result.returncode != 0
-    assert "train.global_batch_size: 6 is not a multiple of world_size (2)" in result.stdout + result.stderr
-    assert not (tmp_path / "checkpoints").exists()
+def test_batch_not_divisible_by_ranks_is_a_config_error(two_ranks):
+    run_dir, result = two_ranks["batch6"]
+    assert result.code == 2, result.output[-3000:]
+    assert "train.global_batch_size: 6 is not a multiple of world_size (2)" in result.output
+    assert not run_dir.exists()
 
 
-def test_fsdp2_with_compile_ac_and_async_checkpoints_matches(single, cache, tmp_path):
+def test_fsdp2_with_compile_ac_and_async_checkpoints_matches(single, two_ranks):
     """Everything applied at once (compile, activation checkpointing, async DCP) still trains the same model."""
-    result = torchrun(2, args_for(tmp_path, cache, "train.compile=true", "parallel.activation_checkpointing=every_n",
-                                  "train.async_checkpoint=true", "train.max_steps=4", "train.checkpoint_interval=2"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_run(records(single), records(tmp_path), range(1, 4), rel=1e-5)  # measured 5.6e-7
-    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*")) == ["step_0000002",
-                                                                                          "step_0000004"]
+    run_dir = two_rank_run(two_ranks, "compile_ac_async")
+    assert_same_run(records(single), records(run_dir), range(1, 4), rel=1e-5)  # measured 5.6e-7
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(run_dir).glob("step_*")) == ["step_0000002",
+                                                                                         "step_0000004"]
 
 
-def test_moe_under_fsdp2_matches_one_process(cache, tmp_path):
-    moe = ["model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=32",
-           "train.max_steps=4", "train.checkpoint_interval=0"]
-    assert main(args_for(tmp_path / "one", cache, *moe)) == 0
-    result = torchrun(2, args_for(tmp_path / "two", cache, *moe, "parallel.activation_checkpointing=full"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+def test_moe_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
+    assert main(args_for(tmp_path / "one", cache, *MOE)) == 0
+    one, two = records(tmp_path / "one"), records(two_rank_run(two_ranks, "moe"))
     assert_same_run(one, two, range(1, 5), rel=1e-5)
     for step in (1, 4):
         assert two[step]["moe_lb_loss"] == pytest.approx(one[step]["moe_lb_loss"], rel=1e-5)
         assert two[step]["moe/layer_0/load_max"] == one[step]["moe/layer_0/load_max"]  # global, not per rank
 
 
-def test_validation_is_split_over_ranks_and_matches_one_process(cache, tmp_path):
+def test_validation_is_split_over_ranks_and_matches_one_process(cache, two_ranks, tmp_path):
     """3 batches over 2 ranks (one rank runs a padding forward): the same named losses as one process."""
-    extra = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.checkpoint_interval=0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(args_for(one, cache, *extra)) == 0
-    result = torchrun(2, args_for(two, cache, *extra))
-    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = tmp_path / "one", two_rank_run(two_ranks, "validation")
+    assert main(args_for(one, cache, *VALIDATION)) == 0
     v1, v2 = ({r["step"]: r for r in read_records(d / "metrics.jsonl") if "val_loss" in r} for d in (one, two))
     assert v1.keys() == v2.keys() == {2, 4}
     for step in v1:
@@ -323,14 +319,13 @@ def test_validation_is_split_over_ranks_and_matches_one_process(cache, tmp_path)
             assert v2[step][key] == pytest.approx(v1[step][key], rel=1e-5), (step, key)
 
 
-def test_plain_loss_under_fsdp2_matches_the_fused_loss_in_one_process(single, cache, tmp_path):
+def test_plain_loss_under_fsdp2_matches_the_fused_loss_in_one_process(single, two_ranks):
     """``single`` runs the default fused head + loss (inside the root forward, where FSDP2 has gathered
     the head weight); the plain logits-then-loss path under FSDP2 gives the same run."""
-    result = torchrun(2, args_for(tmp_path, cache, "train.loss_chunk_size=0"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = two_rank_run(two_ranks, "plain_loss")
     # two loss implementations round differently on top of the rank count: step 6's grad norm (the
     # spike of the comment at LAYER_STATS_REL) differs by 1.12e-5 (fused loss on 2 ranks: 4.9e-6)
-    assert_same_run(records(single), records(tmp_path), range(1, 11), rel=3e-5)
+    assert_same_run(records(single), records(run_dir), range(1, 11), rel=3e-5)
 
 
 def test_cpu_ranks_without_fsdp2_cpu_support_are_a_config_error(monkeypatch):

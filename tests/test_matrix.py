@@ -80,6 +80,7 @@ def runner(data_cache, tmp_path_factory) -> matrix_run.Runner:
 def test_combination(combo: Combo, runner: matrix_run.Runner):
     """Runs, and agrees with its reference (AC bitwise; compiled and multi-rank runs within the measured
     tolerances), or, where tests/matrix.py's REFUSALS say so, is refused at start-up with exit 2 and one line."""
+    runner.prefetch([c for c in RUNS if c.world == combo.world])  # one torchrun launch for them all
     row = runner.row(combo)
     print(matrix_run.format_row(row))  # the largest differences, in the log (pytest -rP)
     assert row.status == ("refused" if matrix.refusal(combo) else "pass"), matrix_run.format_row(row)
