@@ -39,6 +39,11 @@ PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers", "atten
 DENSE_MFU, SDD_OVER_PRE, NORM_OVER_COPY, MOE_MFU = 0.50, 1.03, 1.2, 0.30
 
 
+# The smoke runs check the suite's plumbing: in fp32, as bf16 matrix products on a CPU without native
+# bf16 (AVX2 only) take PyTorch's reference loop, seconds per tiny step.
+SMOKE_PRECISION = ["--precision", "fp32"]
+
+
 def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
     """The command lines of one part (a part with several writes one JSON per command)."""
     py = sys.executable
@@ -59,7 +64,7 @@ def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
         if smoke:
             config = "configs/tiny.yaml" if part == "dense" else "configs/tiny_moe.yaml"
             return [step + ["--config", str(ROOT / config), "--blocks", "pre", "sdd", "--modes", "eager",
-                            "--steps", "1", "--warmup", "1", "--set", "train.global_batch_size=8",
+                            "--steps", "1", "--warmup", "1", *SMOKE_PRECISION, "--set", "train.global_batch_size=8",
                             "train.micro_batch_size=4", "train.seq_len=32"]]
         config, blocks = ("dense_1b", ["pre", "reordered", "sdd"]) if part == "dense" else ("moe_paper", ["pre", "sdd"])
         # 2 micro-batches of 4 x 4096 tokens, the chunked fused loss, compiled blocks
@@ -70,7 +75,7 @@ def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
                 "--peers", "olmo-core", "torchtitan"]
         if smoke:
             return [step + ["--config", str(ROOT / "configs" / "tiny.yaml"), "--modes", "eager", "--steps", "1",
-                            "--warmup", "1", "--json", str(out / "peers_eager.json"), "--set",
+                            "--warmup", "1", "--json", str(out / "peers_eager.json"), *SMOKE_PRECISION, "--set",
                             "train.global_batch_size=8", "train.micro_batch_size=4", "train.seq_len=32"]]
         return [step + ["--config", str(ROOT / "configs" / "dense_1b.yaml"), "--sequential", "--modes", mode, "--steps",
                         "10", "--json", str(out / f"peers_{mode}.json"), "--set", "train.global_batch_size=8"]

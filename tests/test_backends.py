@@ -12,34 +12,17 @@ from sdd_train.distributed.parallelize import apply_compile
 
 
 @pytest.mark.parametrize("block", ["sdd", "pre"])
-def test_compiled_blocks_match_eager(block):
-    torch.manual_seed(0)
-    model = Transformer(small_model_cfg(block))
-    tokens = torch.randint(0, 97, (2, 16))
-    eager = model(tokens)
-    eager.sum().backward()
-    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    apply_compile(model.parallel_plan())  # fullgraph=True: a graph break is an error
-    compiled = model(tokens)
-    compiled.sum().backward()
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5 * eager.abs().max().item())
-    for n, p in model.named_parameters():
-        scale = eager_grads[n].abs().max().item()
-        torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
-    assert set(model.state_dict()) == set(Transformer(small_model_cfg(block)).state_dict())  # names unchanged
-
-
-@pytest.mark.parametrize("block", ["sdd", "pre"])
-def test_compiled_blocks_follow_shape_changes(block):
-    """A new batch size or sequence length (a short validation batch) recompiles and still gives
-    eager's result. With sizes turned symbolic, torch 2.11's dynamo (the GPU image's) failed on
-    the CPU attention's span loop and on the norm's row blocks."""
+def test_compiled_blocks_match_eager_and_follow_shape_changes(block):
+    """Compiled blocks (full graph: a graph break is an error) give eager's outputs and gradients, and
+    a new batch size or sequence length (a short validation batch) recompiles and still does. With
+    sizes turned symbolic, torch 2.11's dynamo (the GPU image's) failed on the CPU attention's span
+    loop and on the norm's row blocks."""
     torch.manual_seed(0)
     model = Transformer(small_model_cfg(block))
     compiled = Transformer(small_model_cfg(block))
     compiled.load_state_dict(model.state_dict())
     apply_compile(compiled.parallel_plan())
+    assert set(compiled.state_dict()) == set(model.state_dict())  # parameter names unchanged
     for shape in [(2, 16), (3, 16), (3, 24), (2, 8)]:
         tokens = torch.randint(0, 97, shape)
         want = model(tokens)

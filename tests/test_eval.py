@@ -181,9 +181,9 @@ doc_to_target: "{{{{answer}}}}"
 metric_list:
   - metric: acc
 """)
+    tasks_here = TaskManager(include_path=str(tasks), include_defaults=False)  # lm_eval's own: the CLI's below
     results = lm_eval.simple_evaluate(model="sdd_train", model_args=f"checkpoint={run},batch_size=4",
-                                      tasks=["sdd_local_mc"], task_manager=TaskManager(include_path=str(tasks)),
-                                      log_samples=True)
+                                      tasks=["sdd_local_mc"], task_manager=tasks_here, log_samples=True)
     samples = results["samples"]["sdd_local_mc"]
     assert len(samples) == len(docs) and all(len(s["resps"]) == 2 for s in samples)  # one loglikelihood per choice
     # the accuracy the direct loglikelihoods of each (context, choice) request imply

@@ -10,9 +10,10 @@ import yaml
 
 from conftest import SMALL_RUN, TINY, small_run
 from sdd_train.diagnostics import report
-from sdd_train.sweeps.launch import main as sweep_main
+from sdd_train.sweeps.grid import load_sweep
+from sdd_train.sweeps.launch import write_manifest
 from sdd_train.train.__main__ import main
-from sdd_train.diagnostics.summary import read_records
+from sdd_train.diagnostics.summary import EXIT_FILE, read_records
 
 
 def assert_png(path: Path) -> None:
@@ -46,7 +47,12 @@ def test_sweep_report_renders_table_depth_and_similarity(tmp_path, data_cache):
                      {"name": "depth", "key": "model.n_layers", "values": [1, 2]}]}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    assert sweep_main(["run", str(path)]) == 0
+    # the runs as `sdd-sweep run` trains and records them (tests/test_sweep.py), here in this process
+    sweep = load_sweep(path)
+    write_manifest(sweep)
+    for run in sweep.runs:
+        assert main([str(sweep.base), *run.overrides]) == 0
+        (Path(run.run_dir) / EXIT_FILE).write_text("0\n")
     assert report.main([str(tmp_path / "sweep")]) == 0
     out = tmp_path / "sweep" / "report"
     for name in ("table.png", "loss.png", "grad_by_layer_0.png", "similarity.png", "loss_vs_depth.png"):

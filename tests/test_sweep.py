@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,14 +15,15 @@ import yaml
 
 from conftest import SMALL_RUN, TINY
 from sdd_train.config import ConfigError
+from sdd_train.diagnostics.summary import EXIT_FILE, read_records
 from sdd_train.sweeps.grid import load_sweep
 from sdd_train.sweeps.launch import main
 
 
-def write_sweep(tmp_path: Path, cache: Path, axes: list, **extra) -> Path:
+def write_sweep(tmp_path: Path, cache: Path, axes: list, overrides_extra: tuple[str, ...] = (), **extra) -> Path:
     spec = {"name": "t", "base": TINY, "out": str(tmp_path / "out"),
             "overrides": [*SMALL_RUN, f"data.cache_dir={cache}", "train.max_steps=6", "train.eval_interval=0",
-                          "diagnostics.activation_interval=0"],
+                          "diagnostics.activation_interval=0", *overrides_extra],
             "axes": axes, **extra}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -88,6 +93,32 @@ def test_slurm_array_script(tmp_path, data_cache):
     assert "#SBATCH --array=0-2" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --gpus-per-task=4" in script
     assert '--index "$SLURM_ARRAY_TASK_ID" --nproc 4' in script
+    # preemptible: every segment appended to the log, SIGUSR1 before the limit, requeued (tests/test_slurm.py)
+    assert "#SBATCH --open-mode=append" in script and "#SBATCH --requeue" in script
+    assert "#SBATCH --signal=B:USR1@120" in script and "trap requeue USR1" in script
     manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert [r["name"] for r in manifest["runs"]] == ["pre", "sdd", "post"]
     assert main(["run", str(path), "--index", "3"]) == 2  # out of range
+
+
+def test_a_preempted_run_is_not_recorded_as_finished_and_resumes(tmp_path, data_cache):
+    """SIGUSR1 to ``sdd-sweep run`` (a Slurm array task's preemption warning) reaches the training process,
+    which checkpoints and exits 0; that exit must not mark the run finished, or the requeued task would
+    skip it. The re-run resumes it and finishes."""
+    path = write_sweep(tmp_path, data_cache, [{"name": "block", "key": "model.block", "values": ["sdd"]}],
+                       overrides_extra=["train.max_steps=60", "train.checkpoint_interval=1000", "train.precision=fp32"])
+    run_dir = tmp_path / "out" / "sdd"
+    cmd = [sys.executable, "-m", "sdd_train.sweeps.launch", "run", str(path), "--no-table"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file() or not read_records(run_dir / "metrics.jsonl"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped by SIGUSR1" in output, output[-3000:]
+    stopped_at = read_records(run_dir / "metrics.jsonl")[-1]["step"]
+    assert stopped_at < 60 and not (run_dir / EXIT_FILE).exists()
+    assert main(["run", str(path), "--no-table"]) == 0
+    assert read_records(run_dir / "metrics.jsonl")[-1]["step"] == 60
+    assert (run_dir / EXIT_FILE).read_text() == "0\n"

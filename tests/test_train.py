@@ -1,13 +1,8 @@
-"""End-to-end CPU training: every scheme learns, exact resume after SIGKILL, accumulation, divergence."""
+"""End-to-end CPU training: every scheme learns, accumulation, divergence (kill-and-resume: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -20,13 +15,15 @@ from sdd_train.diagnostics.summary import read_records
 from sdd_train.train.optim import param_groups
 from sdd_train.model import Transformer
 
+
 def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_records(run_dir / "metrics.jsonl") if "loss" in r}
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
 def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
-    assert main(small_run(tmp_path, data_cache, f"model.block={block}", "train.max_steps=30", "train.eval_interval=30")) == 0
+    assert main(small_run(tmp_path, data_cache, f"model.block={block}", "train.max_steps=30", "train.eval_interval=30",
+                          "train.precision=fp32")) == 0
     loss = losses(tmp_path)
     first, last = loss[1], sum(loss[s] for s in range(26, 31)) / 5
     assert first == pytest.approx(math.log(512), abs=0.6)
@@ -38,27 +35,6 @@ def test_every_scheme_learns_in_30_steps(block, tmp_path, data_cache):
     assert load_config(tmp_path / "config.yaml").model.block == block
     final = checkpoint.latest(tmp_path)
     assert final is not None and checkpoint.read_meta(final)["step"] == 30
-
-
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path, data_cache):
-    args = ["train.max_steps=40", "train.checkpoint_interval=4", "train.precision=fp32", "train.eval_interval=0",
-            "model.block=sdd"]
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
-    assert main(small_run(ref_dir, data_cache, *args)) == 0
-    cmd = [sys.executable, "-m", "sdd_train.train", *small_run(run_dir, data_cache, *args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file() and any(s >= 10 for s in losses(run_dir)):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    interrupted_at = checkpoint.read_meta(checkpoint.latest(run_dir))["step"]
-    assert 4 <= interrupted_at < 40
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
-    assert losses(run_dir) == losses(ref_dir)  # bitwise: the same floats, every step
 
 
 def test_rerun_of_finished_run_is_a_no_op(tmp_path, data_cache):
