@@ -3,10 +3,10 @@ the runs one after the other, each through ``sdd-train``'s own ``main`` with its
 a fresh process group for each (the run's ``close_world`` ends it). A launch costs about 7 s on 2 CPU
 cores before any training starts; the multi-rank tests and ``make matrix`` pay it once per pool.
 
-Each run rendezvouses through a store of its own (rank 0's, on MASTER_PORT + 1 + its index), not
-torchrun's: a process group created again under torchrun's store finds the previous group's
-addresses there under the same keys, and a rank that reads them before they are overwritten
-connects to a closed port.
+Each run rendezvouses through a store of its own (rank 0's, on a free port rank 0 picks and passes
+on through torchrun's store), not torchrun's: a process group created again under torchrun's store
+finds the previous group's addresses there under the same keys, and a rank that reads them before
+they are overwritten connects to a closed port.
 
 A run that fails (exit other than 0 or 2) ends the pool: the other ranks may be waiting in a
 collective that will not come, and torchrun stops them. The runs after it report "not run".
@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,12 @@ def launch(nproc: int, jobs: list[list[str]], work: Path, timeout: float = 1800)
     return results
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _work(work: Path) -> None:
     """A worker: every job in turn; a failed one ends this process (and so the pool)."""
     import torch
@@ -71,10 +78,12 @@ def _work(work: Path) -> None:
     from sdd_train.train.__main__ import main
 
     rank = int(os.environ["RANK"])
-    port = int(os.environ["MASTER_PORT"])
+    agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"
     for i, args in enumerate(json.loads((work / "jobs.json").read_text())):
-        os.environ["MASTER_PORT"] = str(port + 1 + i)
+        if rank == 0:
+            agent.set(f"rank_pool/port/{i}", str(_free_port()))
+        os.environ["MASTER_PORT"] = agent.get(f"rank_pool/port/{i}").decode()
         out = io.StringIO()
         start = time.perf_counter()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
