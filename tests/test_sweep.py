@@ -17,7 +17,7 @@ from conftest import SMALL_RUN, TINY
 from sdd_train.config import ConfigError
 from sdd_train.diagnostics.summary import EXIT_FILE, read_records
 from sdd_train.sweeps.grid import load_sweep
-from sdd_train.sweeps.launch import main
+from sdd_train.sweeps.launch import StopForwarder, main
 
 
 def write_sweep(tmp_path: Path, cache: Path, axes: list, overrides_extra: tuple[str, ...] = (), **extra) -> Path:
@@ -122,3 +122,24 @@ def test_a_preempted_run_is_not_recorded_as_finished_and_resumes(tmp_path, data_
     assert main(["run", str(path), "--no-table"]) == 0
     assert read_records(run_dir / "metrics.jsonl")[-1]["step"] == 60
     assert (run_dir / EXIT_FILE).read_text() == "0\n"
+
+
+def test_a_stop_signal_reaches_torchruns_workers_not_torchrun(tmp_path):
+    """With --nproc > 1 the run is torchrun, which SIGUSR1 would kill: the signal goes to its children (the
+    workers, as tests/test_distributed.py checks torchrun's are). A stand-in parent with two children
+    that record the signal, and that dies of SIGUSR1 itself, checks where it goes."""
+    child = ("import signal, sys, time, pathlib; f = pathlib.Path(sys.argv[1])"
+             "; signal.signal(signal.SIGUSR1, lambda *a: f.write_text('USR1')); f.write_text('ready')"
+             "; [time.sleep(0.02) for _ in range(500) if f.read_text() != 'USR1']")
+    parent = (f"import subprocess, sys; ps = [subprocess.Popen([sys.executable, '-c', {child!r}, p])"
+              " for p in sys.argv[1:]]; [p.wait() for p in ps]")
+    files = [tmp_path / "w0", tmp_path / "w1"]
+    proc = subprocess.Popen([sys.executable, "-c", parent, *map(str, files)])
+    deadline = time.monotonic() + 60
+    while not all(f.is_file() and f.read_text() == "ready" for f in files):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    forwarder = StopForwarder(proc, torchrun=True)
+    forwarder._forward(signal.SIGUSR1, None)
+    assert proc.wait(timeout=30) == 0  # the parent was not signalled; its children ended on theirs
+    assert [f.read_text() for f in files] == ["USR1", "USR1"] and forwarder.received == signal.SIGUSR1

@@ -42,6 +42,7 @@ from pathlib import Path
 from sdd_train.diagnostics.summary import EXIT_FILE, write_table
 from sdd_train.exit_codes import EXIT_DIVERGED, UsageError, report_usage_error
 from sdd_train.sweeps.grid import Run, Sweep, load_sweep
+from sdd_train.train.stop_signals import STOP_SIGNALS
 
 
 def train_command(sweep: Sweep, run: Run, nproc: int) -> list[str]:
@@ -57,15 +58,16 @@ def write_manifest(sweep: Sweep) -> None:
     (sweep.out / "sweep.json").write_text(json.dumps(manifest, indent=1))
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 def _children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (torchrun's: the training workers), from /proc."""
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The direct children of ``pid`` (torchrun's: the training workers), from /proc: those of each of its
+    threads, whichever thread started them."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread (or the process) ended meanwhile
+            continue
+    return children
 
 
 class StopForwarder:

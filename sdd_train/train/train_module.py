@@ -179,7 +179,6 @@ class TrainModule:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-
     # ------------------------------------------------------------------ its state
 
     def save(self, checkpointer: Checkpointer, step: int, meta: dict[str, Any]) -> Path:
