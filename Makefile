@@ -29,26 +29,33 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 SOAK_ARGS ?=
+# the tests run in TEST_WORKERS pytest-xdist processes, a test module to each (its module-scoped fixtures,
+# such as test_distributed.py's pooled torchrun launch, then run once); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup train test test-fast bench bench-gpu soak clean
 
 setup: $(VENV)/.installed
 
+# torch comes from pip (pip's configuration may point at a local CPU wheel; uv does not read it); the other packages
+# come from uv, which resolves and installs them in parallel, several times faster than pip, with torch held at
+# the installed build so that no dependency can swap it for a CUDA build
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" uv
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/torch-pin.txt -e ".[dev]"
 	touch $@
 
 train: setup
 	$(VENV)/bin/sdd-train configs/tiny.yaml $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 bench: setup
 	$(PY) benchmarks/step_time.py $(ARGS)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def _compiles(item) -> bool:
     """A test of torch.compile: by its name, or a ``compile`` parameter set to true."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     return "compile" in item.originalname or params.get("compile") is True
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers) each worker takes its share of the cores, for
+    its own ops and, through OMP_NUM_THREADS, for the processes it starts: two workers of two threads
+    on 2 cores would oversubscribe them, and OpenMP threads that wait for a descheduled peer spin."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -3,6 +3,7 @@ feed-forward's norm + SwiGLU, each one kernel per direction."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 
@@ -34,6 +35,18 @@ def kernel():
     """The C path: fails (instead of silently testing the fallback) where the kernel cannot be built."""
     set_norm_kernel("auto")
     assert cpu_kernels.library() is not None, "the C kernel did not build (see the log)"
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``n`` intra-op threads, whatever the process had (a pytest-xdist worker has its share of
+    the cores, one on 2 cores): the kernels split rows between threads, so 1 and 2 must both be run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):
@@ -95,18 +108,15 @@ def test_swiglu_kernel_equals_pytorch_path_and_ignores_thread_count(kernel):
     """fp32: the kernel and the fallback agree to rounding; the kernel's per-row results (h, dx) are
     bitwise the same with one thread or two (rows are split between threads, never a row)."""
     x, weight, dh = inputs(torch.float32)
-    ours = run(x, weight, dh, 1)
+    with threads(2):
+        ours = run(x, weight, dh, 1)
     set_norm_kernel("torch")
     fallback = run(x, weight, dh, 1)
     for a, b in zip(ours, fallback):
         assert_close_fp32(a, b)
     set_norm_kernel("auto")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads(1):
         single = run(x, weight, dh, 1)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(single[0], ours[0]) and torch.equal(single[1], ours[1])
     assert_close_fp32(single[2], ours[2])
 
@@ -192,19 +202,16 @@ def test_norm_matches_float64_and_pytorch_path(kernel, dtype, shape, groups):
     torch.manual_seed(0)
     x = (torch.randn(shape) * 3).to(dtype)
     weight, dy = torch.rand(shape[-1]) + 0.5, torch.randn(shape).to(dtype)
-    got = norm_run(cpu_rms_norm.cpu_rms_norm, x, weight, dy, groups)
+    with threads(2):
+        got = norm_run(cpu_rms_norm.cpu_rms_norm, x, weight, dy, groups)
     for g, w in zip(got, norm_reference(x, weight, dy, groups)):
         assert relative_error(g, w) < TOLERANCE[dtype]
     assert got[0].dtype == got[1].dtype == dtype and got[2].dtype == torch.float32
     if dtype == torch.float32:
         for a, b in zip(got, norm_run(rms_norm_torch, x, weight, dy, groups)):
             assert_close_fp32(a, b)
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with threads(1):
             single = norm_run(cpu_rms_norm.cpu_rms_norm, x, weight, dy, groups)
-        finally:
-            torch.set_num_threads(threads)
         assert torch.equal(single[0], got[0]) and torch.equal(single[1], got[1])
 
 

@@ -39,9 +39,10 @@ def test_the_transformer_describes_what_to_parallelize():
 
 
 @pytest.mark.parametrize("mode,compile,ffn", [("full", False, "dense"), ("every_n", False, "dense"),
-                                              ("full", True, "dense"), ("full", False, "moe"), ("every_n", True, "moe")])
+                                              ("full", False, "moe"), ("every_n", True, "moe")])
 def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
-    """MoE + AC + compile crashed at the first forward while the MoE wrote its aux losses onto itself."""
+    """MoE + AC + compile crashed at the first forward while the MoE wrote its aux losses onto itself.
+    Compiled dense blocks under checkpointing: tests/test_matrix.py's compiled AC combinations."""
     torch.manual_seed(0)
     moe = MoEConfig(n_experts=4, top_k=2, expert_hidden=16)
     cfg = small_model_cfg("sdd", n_layers=4, ffn=ffn, moe=moe)
