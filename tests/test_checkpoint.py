@@ -139,3 +139,52 @@ def test_nonfinite_stop_is_the_default(data_cache, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(transformer, "lm_loss", NaNAt(calls={5}))
     assert run(tmp_path, data_cache, PLAIN_LOSS) == 3
     assert "train.nonfinite=skip" in capsys.readouterr().err
+
+
+def _snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")}
+
+
+def test_a_branch_from_another_runs_checkpoint_continues_it_exactly(reference, data_cache, tmp_path):
+    """``train.init_from``: a new run started from the reference's step-5 checkpoint with the same
+    config trains steps 6-10 bitwise as the reference did (weights, optimizer state, step and data
+    position taken over); the reference's files are only read; a re-run resumes from the branch's
+    own checkpoint, not from init_from again."""
+    before = _snapshot(reference)
+    start = checkpoint.checkpoint_dir(reference) / "step_0000005"
+    assert run(tmp_path, data_cache, f"train.init_from={start}") == 0
+    want = {step: loss for step, loss in losses(reference).items() if step > 5}
+    assert losses(tmp_path) == want
+    assert _snapshot(reference) == before
+    events = read_records(tmp_path / "events.jsonl")
+    assert [e["from_step"] for e in events if e["event"] == "branched"] == [5]
+    assert run(tmp_path, data_cache, f"train.init_from={start}", "train.max_steps=12") == 0
+    assert sorted(losses(tmp_path)) == list(range(6, 13))  # steps 11-12 appended after step 10's checkpoint
+
+
+def test_a_decay_branch_follows_its_own_schedule(reference, data_cache, tmp_path):
+    """A WSD cooldown branched off step 5: from step 6 on, the learning rate is the branch's schedule's."""
+    from sdd_train.config import load_config
+    from conftest import TINY, SMALL_RUN
+    from sdd_train.train.schedules import lr_at
+
+    start = checkpoint.checkpoint_dir(reference) / "step_0000005"
+    branch = ["optim.schedule=wsd", "optim.decay_steps=4", "optim.decay_shape=1-sqrt", "train.max_steps=9"]
+    assert run(tmp_path, data_cache, f"train.init_from={start}", *branch) == 0
+    cfg = load_config(TINY, [*SMALL_RUN, *EXTRA, *branch])
+    lrs = {r["step"]: r["lr"] for r in read_records(tmp_path / "metrics.jsonl") if "lr" in r}
+    tokens = cfg.train.global_batch_size * cfg.train.seq_len
+    assert lrs == {s: lr_at(s - 1, cfg.optim, 9, tokens) for s in range(6, 10)}
+    assert lrs[6] > lrs[7] > lrs[8] > lrs[9] == pytest.approx(cfg.optim.alpha_f * cfg.optim.lr)
+
+
+def test_a_branch_from_a_checkpoint_that_is_not_one_writes_nothing(reference, data_cache, tmp_path, capsys):
+    """A missing checkpoint, or one of the run itself, is refused before anything is written."""
+    run_dir, before = tmp_path / "branch", _snapshot(reference)
+    cases = [(run_dir, tmp_path / "nowhere" / "step_0000005", "is not a complete checkpoint"),
+             (reference, checkpoint.checkpoint_dir(reference) / "step_0000005", "in this run's own directory")]
+    for target, start, needle in cases:
+        assert run(target, data_cache, f"train.init_from={start}") == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("config error: train.init_from:") and needle in err and len(err.splitlines()) == 1, err
+    assert not run_dir.exists() and _snapshot(reference) == before

@@ -28,6 +28,15 @@ def test_every_block_file_loads():
         assert load_config(TINY, [f"block={path.stem}"]).model.block == path.stem
 
 
+def test_every_example_sweep_loads():
+    """Each sweep in configs/sweeps expands into runs whose configs load (the axis values included)."""
+    from sdd_train.sweeps.grid import load_sweep
+
+    sweeps = {path.stem: load_sweep(path) for path in sorted((CONFIGS / "sweeps").glob("*.yaml"))}
+    assert [r.name for r in sweeps["schedules"].runs] == ["cosine", "wsd", "linear", "inverse_sqrt"]
+    assert all(s.runs for s in sweeps.values())
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DENSE_1B, ["block=deepnorm", "train.max_steps=7"])
     save_config(cfg, tmp_path / "config.yaml")

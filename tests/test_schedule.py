@@ -8,7 +8,7 @@ import pytest
 
 from conftest import TINY
 from sdd_train.config import ConfigError, load_config
-from sdd_train.train.optim import lr_at
+from sdd_train.train.schedules import lr_at
 
 
 def olmo_cos_with_warmup(lr: float, t: float, warmup: float, horizon: float, alpha_f: float,
@@ -78,3 +78,62 @@ def test_horizon_in_steps_is_independent_of_max_steps():
 def test_bad_schedule_keys_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"^{key}"):
         load_config(TINY, overrides)
+
+
+def schedule(*overrides: str):
+    return load_config(TINY, ["optim.lr=1.0", "optim.warmup_steps=10", "optim.alpha_f=0.1", *overrides]).optim
+
+
+def test_every_schedule_by_hand():
+    """Steps are 0-based, the schedule reads the steps done including this one (t = step + 1); 10
+    warmup steps, horizon 110 (the max_steps passed), floor 0.1."""
+    linear = schedule("optim.schedule=linear")
+    assert lr_at(4, linear, 110) == pytest.approx(0.5)  # the warmup is the same for all
+    assert lr_at(59, linear, 110) == pytest.approx(1 - 0.9 * 50 / 100)
+    assert lr_at(109, linear, 110) == pytest.approx(0.1) and lr_at(300, linear, 110) == pytest.approx(0.1)
+    constant = schedule("optim.schedule=constant")
+    assert [lr_at(s, constant, 110) for s in (9, 109, 10**6)] == [1.0, 1.0, 1.0]
+    inverse_sqrt = schedule("optim.schedule=inverse_sqrt")
+    assert lr_at(9, inverse_sqrt, 110) == 1.0
+    assert lr_at(39, inverse_sqrt, 110) == pytest.approx(math.sqrt(10 / 40))
+    assert lr_at(999, inverse_sqrt, 110) == pytest.approx(0.1)  # no floor, no horizon: t = 1000
+    assert lr_at(3, schedule("optim.schedule=inverse_sqrt", "optim.warmup_steps=0"), 110) == pytest.approx(0.5)
+    # wsd: 20% of 110 steps decay (from t = 88), the rest after the warmup stable at lr
+    for shape, half_way in (("linear", 0.55), ("cosine", 0.55), ("1-sqrt", 1 - 0.9 * math.sqrt(0.5))):
+        wsd = schedule("optim.schedule=wsd", f"optim.decay_shape={shape}")
+        assert lr_at(9, wsd, 110) == 1.0 and lr_at(87, wsd, 110) == 1.0  # t = 88: the decay's start
+        assert lr_at(98, wsd, 110) == pytest.approx(half_way)  # t = 99: 11 of its 22 steps
+        assert lr_at(109, wsd, 110) == pytest.approx(0.1) and lr_at(500, wsd, 110) == pytest.approx(0.1)
+    wsd_cos = schedule("optim.schedule=wsd", "optim.decay_shape=cosine")
+    assert lr_at(92, wsd_cos, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 22)))
+    steps = schedule("optim.schedule=wsd", "optim.decay_steps=30", "optim.horizon_steps=200")
+    assert lr_at(169, steps, 110) == 1.0 and lr_at(184, steps, 110) == pytest.approx(0.55)  # t = 185: 15 of 30
+    tokens = load_config(TINY, ["optim.lr=1.0", "optim.warmup_tokens=100", "optim.horizon_tokens=1000",
+                                "optim.schedule=wsd", "optim.decay_fraction=0.5"]).optim
+    assert lr_at(49, tokens, 10, 10) == 1.0 and lr_at(74, tokens, 10, 10) == pytest.approx(0.55)  # 10 tokens a step
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction"),
+    (["optim.schedule=wsd", "optim.decay_fraction=1.5"], "optim.decay_fraction"),
+    (["optim.schedule=wsd", "optim.warmup_steps=130", "train.max_steps=150"], "optim.decay_fraction"),
+    (["optim.schedule=wsd", "optim.decay_steps=0"], "optim.decay_steps"),
+    (["optim.schedule=wsd", "optim.decay_steps=200", "train.max_steps=150"], "optim.decay_steps"),
+    (["optim.schedule=exponential"], "optim.schedule"),
+    (["optim.schedule=wsd", "optim.decay_shape=sqrt"], "optim.decay_shape"),
+])
+def test_bad_wsd_keys_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        load_config(TINY, overrides)
+
+
+def test_dry_run_describes_and_draws_the_schedule(tmp_path, capsys):
+    from sdd_train.train.__main__ import main
+
+    png = tmp_path / "lr.png"
+    args = [TINY, "optim.schedule=wsd", "optim.decay_shape=1-sqrt", "train.max_steps=100", "optim.warmup_steps=10",
+            "--dry-run", "--plot-schedule", str(png)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "schedule: wsd; warmup 10 steps" in out and "stable to step 80, then a 1-sqrt decay" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

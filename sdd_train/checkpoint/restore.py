@@ -10,6 +10,9 @@ run's command or machine changed, not its checkpoints. That covers other tensors
 fail to load, and a model config that computes other math (any model key but the kernel choices,
 :data:`sdd_train.config.MODEL_KERNEL_KEYS`) unless ``train.allow_model_change`` says so (then the
 change is logged and recorded as a ``model_changed`` event).
+
+A run with no checkpoint of its own and ``train.init_from`` set starts from that checkpoint of another
+run (a decay branch), under the same checks.
 """
 
 from __future__ import annotations
@@ -98,7 +101,30 @@ class Restore:
             raise CheckpointUnusable(f"{checkpoint_dir(self.cfg.resolved_run_dir)}: no usable checkpoint"
                                      f" ({'; '.join(failures)}); damaged ones are kept as step_*.corrupt; delete the"
                                      " run directory to start over")
-        return None
+        return self._branch(load, model) if t.init_from else None
+
+    def _branch(self, load: Callable[[Path], dict[str, Any]], model: dict[str, Any]) -> Restored:
+        """This run's start from another run's checkpoint (``train.init_from``), held to the checks of a
+        resume; that run's files are only read: a damaged one is an error here, not set aside."""
+        path, t = Path(self.cfg.train.init_from), self.cfg.train
+        fix = "; give train.init_from a complete step_N directory of another run (`sdd-ckpt list RUN_DIR`)"
+        problems = self.checkpointer.verify(path) if t.verify_checkpoints else None
+        if problems:
+            raise CheckpointUnusable(f"train.init_from: {path}: {first_of(problems)}{fix}")
+        changes = model_changes(path, model)
+        refused = math_changes(changes)
+        if refused and not t.allow_model_change:
+            raise ConfigError(f"train.init_from: {path} was written with another model config, checkpoint -> this"
+                              f" run: {', '.join(refused[:3])}; branch with the model it was trained as, or set"
+                              " train.allow_model_change=true")
+        try:
+            meta = load(path)
+        except CheckpointError as e:
+            raise ConfigError(f"train.init_from: {path}: {e}{fix}") from None
+        self.log(f"branch: this run starts from {path} (another run's step {meta['step']}), with this run's config")
+        self.events.append({"event": "branched", "checkpoint": str(path), "from_step": meta["step"],
+                            **({"changes": changes} if changes else {})})
+        return Restored(path, meta)
 
     def _set_aside(self, path: Path, reason: str, failures: list[str]) -> None:
         moved = self.checkpointer.quarantine(path)

@@ -92,8 +92,13 @@ def write_atomic(path: Path, text: str) -> None:
 def _complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and _COMPLETE_NAME.fullmatch(p.name)
-                   and (p / META).is_file()), key=step_of)
+    return sorted((p for p in root.glob("step_*") if is_complete_checkpoint(p)), key=step_of)
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint directory whose save finished (``step_N`` with its meta.json)."""
+    path = Path(path)
+    return path.is_dir() and bool(_COMPLETE_NAME.fullmatch(path.name)) and (path / META).is_file()
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -31,6 +31,8 @@ GROUPED_MM_MODES = ("auto", "loop")
 DATA_SOURCES = ("stdlib", "prepared")
 EVAL_SPLITS = ("val", "train")
 PRECISIONS = ("bf16", "fp32")
+SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FAILURE_ACTIONS = ("stop", "retry")
 NONFINITE_ACTIONS = ("stop", "skip")
@@ -167,8 +169,14 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_gains: bool = True  # weight decay on norm gains and SDD alphas (reference: yes)
     decay_embeddings: bool = False  # weight decay on the token embedding (reference dense: no)
-    # Schedule: linear warmup from warmup_start * lr to lr, then a cosine down to alpha_f * lr at the horizon,
-    # then constant. Evaluated at the steps (tokens) done including the current one, as OLMo's scheduler.
+    # Schedule (sdd_train/train/schedules.py): linear warmup from warmup_start * lr to lr, then the schedule's
+    # shape down to alpha_f * lr at the horizon, constant after it. Evaluated at the steps (tokens) done
+    # including the current one, as OLMo's schedulers. cosine (the reference's) | linear | constant |
+    # inverse_sqrt (lr * sqrt(warmup / t)) | wsd (stable at lr, then a decay over the horizon's last part)
+    schedule: str = choice(SCHEDULES)
+    decay_fraction: float = 0.2  # wsd: the share of the horizon its decay takes
+    decay_steps: int | None = None  # wsd: the decay's length in steps instead (replaces decay_fraction)
+    decay_shape: str = choice(DECAY_SHAPES)  # wsd: linear | cosine | 1-sqrt
     warmup_steps: int = 2000
     warmup_tokens: float | None = None  # the warmup in tokens instead (replaces warmup_steps when set)
     warmup_start: float = 0.0  # lr of the warmup's start as a fraction of lr (OLMo's warmup_min_lr / lr)
@@ -205,6 +213,10 @@ class TrainConfig:
     # MODEL_KERNEL_KEYS) stops with exit 2 naming the keys; true continues the checkpoint as this
     # run's model (the tensors must still fit). Each checkpoint keeps the config it was written with.
     allow_model_change: bool = False
+    # A step_N checkpoint directory of another run: this run, while it has no checkpoint of its own, starts
+    # from that one's weights, optimizer state, step and data position (a decay branch off a WSD run's
+    # stable phase, with this run's schedule); that run is only read. The model config must match as on resume.
+    init_from: str | None = None
     # A save that fails (full disk, quota, permissions): stop (exit 1) | retry (log it, save again at the
     # next interval). The last step's save and a stop signal's always stop on failure.
     checkpoint_failure: str = choice(CHECKPOINT_FAILURE_ACTIONS)

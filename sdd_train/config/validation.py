@@ -10,6 +10,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from sdd_train.config.schedule import phases
 from sdd_train.config.schema import ConfigError, OptimConfig, RunConfig, TrainConfig
 
 
@@ -171,3 +172,16 @@ def _validate_schedule(o: OptimConfig, t: TrainConfig) -> None:
         if tokens <= warmup:
             raise ConfigError(f"optim.{key}: the horizon ({horizon:g}) must lie beyond the warmup"
                               f" ({warmup:g} tokens = {warmup / tokens_per_step:g} steps)")
+    if o.schedule != "wsd":
+        return
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction: must be in (0, 1] (a share of the horizon), got {o.decay_fraction}")
+    if o.decay_steps is not None:
+        _positive("optim.decay_steps", o.decay_steps)
+    ph = phases(o, t.max_steps, tokens_per_step)
+    if ph.decay_start < ph.warmup:
+        key = "optim.decay_steps" if o.decay_steps is not None else "optim.decay_fraction"
+        decay = ph.horizon - ph.decay_start
+        raise ConfigError(f"{key}: the wsd decay ({decay / tokens_per_step:g} steps) would start before the"
+                          f" warmup ends ({ph.warmup / tokens_per_step:g} of the horizon's"
+                          f" {ph.horizon / tokens_per_step:g} steps); shorten the decay or the warmup")

@@ -159,3 +159,18 @@ def table_image(cells: list[list[str]], row_labels: list[str], col_labels: list[
     if title:
         ax.set_title(title)
     return _save(fig, path)
+
+
+def lr_schedule(curves: dict[str, list[tuple[int, float]]], path: Path, marks: Sequence[tuple[int, str]] = ()) -> Path:
+    """Learning rate against the step, one line per schedule, with its phase boundaries marked."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), layout="constrained")
+    for name, points in curves.items():
+        ax.plot(*zip(*points), lw=1.4, label=name)
+    for step, label in marks:
+        ax.axvline(step, color="0.6", lw=0.8, ls="--")
+        ax.annotate(label, (step, 0), xycoords=("data", "axes fraction"), xytext=(3, 4), textcoords="offset points",
+                    fontsize=7, color="0.35")
+    ax.set(xlabel="optimizer step", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

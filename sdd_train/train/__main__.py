@@ -24,8 +24,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("config", help="run config YAML (may pull others through 'defaults:')")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, or group=name to swap a defaults entry")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, the model size and the learning-rate schedule, then exit")
+    parser.add_argument("--plot-schedule", metavar="PNG", help="with --dry-run: also draw the learning rate of"
+                        " every step to this PNG")
+    args = parser.parse_args(argv)
+    if args.plot_schedule and not args.dry_run:
+        parser.error("--plot-schedule goes with --dry-run")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
             from sdd_train.model import Transformer
 
+            from sdd_train.train.schedules import describe, plot
+
             print(to_yaml(cfg))
             with torch.device("meta"):
                 print(Transformer(cfg.model).describe(cfg.train.seq_len))
+            print(describe(cfg))
+            if args.plot_schedule:
+                print(f"learning-rate schedule: {plot(cfg, args.plot_schedule)}")
             return EXIT_OK
         from sdd_train.checkpoint import CheckpointSaveError
         from sdd_train.train.errors import TrainingDiverged

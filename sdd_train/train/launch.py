@@ -1,7 +1,7 @@
 """Starting a run: everything it needs is checked before anything is written, then it is assembled.
 
 The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
-scheme names, the run directory, the callbacks' import paths, the data (datasets, tokenizer and
+scheme names, the run directory, the checkpoint a branch starts from, the callbacks' import paths, the data (datasets, tokenizer and
 vocabulary, validation sets) and the model itself (built on the meta device). Each failure is a
 :class:`~sdd_train.exit_codes.UsageError` (a ConfigError, DataError, BackendUnavailable, ...) naming
 the key or file (exit code 2), and the run directory is untouched.
@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from sdd_train.checkpoint import Checkpointer
+from sdd_train.checkpoint import Checkpointer, is_complete_checkpoint
 from sdd_train.config import ConfigError, RunConfig
 from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
@@ -52,12 +52,26 @@ def check_run_dir(run_dir: Path) -> None:
             return
 
 
+def check_init_from(cfg: RunConfig) -> None:
+    """``train.init_from`` names a checkpoint whose save finished, outside this run."""
+    path = cfg.train.init_from
+    if path is None:
+        return
+    if not is_complete_checkpoint(Path(path)):
+        raise ConfigError(f"train.init_from: {path} is not a complete checkpoint (a step_N directory holding"
+                          " meta.json); list a run's with `sdd-ckpt list RUN_DIR`")
+    if Path(path).resolve().is_relative_to(cfg.resolved_run_dir.resolve()):
+        raise ConfigError(f"train.init_from: {path} is in this run's own directory, which resumes by itself;"
+                          " give this run another run_dir (or name)")
+
+
 def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Trainer:
     t = cfg.train
     check_world(cfg, world)
     check_model_config(cfg.model)
     run_dir = cfg.resolved_run_dir
     check_run_dir(run_dir)
+    check_init_from(cfg)
     callbacks = build_callbacks(cfg)
     datasets, names = open_run_data(cfg, log=log, is_main=world.is_main, barrier=barrier)
     tokenizer = datasets[0].tokenizer

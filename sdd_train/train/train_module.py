@@ -30,7 +30,8 @@ from sdd_train.eval.validation import EvalSet, evaluate_sets
 from sdd_train.kernels import autocast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
-from sdd_train.train.optim import build_optimizer, lr_at
+from sdd_train.train.optim import build_optimizer
+from sdd_train.train.schedules import lr_at
 
 
 @dataclass(eq=False)
