@@ -145,6 +145,18 @@ class EvalSetConfig:
 
 
 @dataclass
+class InstanceFilterConfig:
+    """``data.instance_filter``: OLMo's repetition filter (sdd_train/data/instance_filter.py). A training
+    instance where an n-gram of min_period..max_period tokens repeats max_count times in a row or more
+    has its targets ignored. The reference configs set 13 / 1 / 32."""
+
+    enabled: bool = False
+    repetition_max_period: int = 13
+    repetition_min_period: int = 1
+    repetition_max_count: int = 32
+
+
+@dataclass
 class DataConfig:
     # 'stdlib': the embedded default corpus built from this Python's standard library sources.
     # 'prepared': the datasets listed under data.datasets.
@@ -153,6 +165,7 @@ class DataConfig:
     # Named validation sets; empty: the held-out split of every training dataset, named after it.
     eval_sets: list[EvalSetConfig] = field(default_factory=list)
     doc_mask: bool = False  # attention stays within documents (EOS-separated) instead of spanning them
+    instance_filter: InstanceFilterConfig = field(default_factory=InstanceFilterConfig)
     prefetch: bool = True  # read the next step's batches in a background thread
     # stdlib corpus only:
     tokenizer_vocab_size: int = 8192

@@ -102,6 +102,14 @@ def validate(cfg: RunConfig) -> None:
         check_vocab_covers(m.vocab_size, d.tokenizer_vocab_size,
                            f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}; the embedding must cover every token id")
     _positive("data.max_corpus_bytes", d.max_corpus_bytes)
+    f = d.instance_filter
+    _positive("data.instance_filter.repetition_min_period", f.repetition_min_period)
+    if f.repetition_max_period < f.repetition_min_period:
+        raise ConfigError(f"data.instance_filter.repetition_max_period: {f.repetition_max_period} is below"
+                          f" repetition_min_period={f.repetition_min_period}")
+    if f.repetition_max_count < 2:
+        raise ConfigError(f"data.instance_filter.repetition_max_count: must be >= 2 (a repetition), got"
+                          f" {f.repetition_max_count}")
     if not 0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdd_train.config import InstanceFilterConfig
 from sdd_train.data.dataset import PreparedDataset, TokenSplit
+from sdd_train.data.instance_filter import mask_repetitive
 from sdd_train.data.sources import DataError
 
 
@@ -30,8 +32,10 @@ def doc_ids_of(inputs: np.ndarray, eos_id: int) -> np.ndarray:
 
 class MixtureLoader:
     def __init__(self, splits: list[TokenSplit], weights: list[float], seq_len: int, seed: int, eos_id: int,
-                 names: list[str] | None = None, doc_mask: bool = False):
+                 names: list[str] | None = None, doc_mask: bool = False,
+                 instance_filter: InstanceFilterConfig | None = None):
         self.splits, self.seq_len, self.seed, self.eos_id, self.doc_mask = splits, seq_len, seed, eos_id, doc_mask
+        self.instance_filter = instance_filter if instance_filter is not None and instance_filter.enabled else None
         names = names or [f"dataset {i}" for i in range(len(splits))]
         self.counts = [s.n_instances(seq_len) for s in splits]
         for name, count in zip(names, self.counts):
@@ -77,7 +81,11 @@ class MixtureLoader:
     def batch(self, consumed: int, start: int, size: int) -> dict[str, torch.Tensor]:
         """Sequences ``start:start+size`` of the global batch that begins at stream position ``consumed``."""
         chunk = self.instances(consumed + start, size)
-        batch = {"inputs": torch.from_numpy(chunk[:, :-1]), "targets": torch.from_numpy(chunk[:, 1:])}
+        targets = chunk[:, 1:]
+        if self.instance_filter is not None:
+            targets = targets.copy()
+            mask_repetitive(chunk, targets, self.instance_filter)
+        batch = {"inputs": torch.from_numpy(chunk[:, :-1]), "targets": torch.from_numpy(targets)}
         if self.doc_mask:
             batch["doc_ids"] = torch.from_numpy(doc_ids_of(chunk[:, :-1], self.eos_id))
         return batch

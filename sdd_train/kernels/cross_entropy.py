@@ -1,5 +1,9 @@
 """Language-modelling loss: token-mean cross-entropy in fp32, with optional logits z-loss.
 
+A target of ``IGNORE`` (-100, what the repetition instance filter writes) adds nothing to either
+term nor to the gradient, and the mean still divides by every token, as OLMo's loss does (the sum
+over the batch's tokens divided by their number).
+
 ``lm_loss`` takes logits. ``linear_cross_entropy`` takes the hidden states and the LM-head weight
 and never holds more than ``chunk_size`` rows of logits: it computes the loss and both gradients
 chunk by chunk in the forward pass (the backward only scales them), so a 100k vocabulary at long
@@ -14,14 +18,18 @@ import torch
 import torch.nn.functional as F
 
 
+IGNORE = -100
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss_weight: float = 0.0
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Return (total loss, cross-entropy, z-loss or None); z-loss = mean(logsumexp(logits)^2)."""
-    logits = logits.float().flatten(0, -2)
-    ce = F.cross_entropy(logits, targets.flatten())
+    logits, targets = logits.float().flatten(0, -2), targets.flatten()
+    n = targets.numel()
+    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum") / n
     if z_loss_weight <= 0:
         return ce, ce, None
-    z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    z = torch.logsumexp(logits, dim=-1).pow(2).masked_fill(targets == IGNORE, 0.0).sum() / n
     return ce + z_loss_weight * z, ce, z
 
 
@@ -47,17 +55,19 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, z_weight: 
     for start in range(0, rows, step):
         block = logits[start:start + step]
         t = targets[start:start + step, None]
+        kept = (t != IGNORE).float()  # 1, or 0 for an ignored target: multiplies exactly
+        t = t.clamp(min=0)
         x = block.float()  # fp32 logits: the block itself, updated in place
         target_logit = x.gather(1, t)
         row_max = x.amax(dim=-1, keepdim=True)
         probs = x.sub_(row_max).exp_()  # softmax and logsumexp from one exp
         total = probs.sum(dim=-1, keepdim=True)
         lse = row_max + total.log()
-        ce_sum += (lse - target_logit).sum()
-        z_sum += lse.square().sum()
-        # (softmax * (1 + 2 w lse) - onehot) / n
-        probs.mul_(((1.0 + 2.0 * z_weight * lse) / n) / total)
-        probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0 / n))
+        ce_sum += ((lse - target_logit) * kept).sum()
+        z_sum += (lse.square() * kept).sum()
+        # (softmax * (1 + 2 w lse) - onehot) / n, zero on an ignored row
+        probs.mul_(kept * (((1.0 + 2.0 * z_weight * lse) / n) / total))
+        probs.scatter_add_(1, t, kept * (-1.0 / n))
         if probs is not block:
             block.copy_(probs)
     return ce_sum, z_sum
@@ -72,15 +82,17 @@ def _cross_entropy_grad_fusible_(logits: torch.Tensor, targets: torch.Tensor, z_
     (docs/benchmarks.md); run eagerly, this form is the slow one.
     """
     x = logits.float()  # fp32 logits: ``logits`` itself, so read all of x before the copy_
-    target_logit = x.gather(1, targets[:, None])
+    kept = (targets[:, None] != IGNORE).float()
+    t = targets[:, None].clamp(min=0)
+    target_logit = x.gather(1, t)
     row_max = x.amax(dim=-1, keepdim=True)
     probs = (x - row_max).exp()
     total = probs.sum(dim=-1, keepdim=True)
     lse = row_max + total.log()
-    grad = probs * (((1.0 + 2.0 * z_weight * lse) / n) / total)
-    is_target = torch.arange(x.shape[-1], device=x.device) == targets[:, None]
-    logits.copy_(torch.where(is_target, grad - 1.0 / n, grad))
-    return (lse - target_logit).sum(), lse.square().sum()
+    grad = probs * (kept * (((1.0 + 2.0 * z_weight * lse) / n) / total))
+    is_target = torch.arange(x.shape[-1], device=x.device) == t
+    logits.copy_(torch.where(is_target, grad - kept * (1.0 / n), grad))
+    return ((lse - target_logit) * kept).sum(), (lse.square() * kept).sum()
 
 
 @functools.cache

@@ -80,7 +80,7 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
                           f" {tokenizer.vocab_size} pieces ({tokenizer.model_file})")
     weights = [d.weight for d in cfg.data.datasets] if cfg.data.source == "prepared" else [1.0]
     loader = MixtureLoader([d.train for d in datasets], weights, t.seq_len, t.seed, tokenizer.eos_id, names,
-                           cfg.data.doc_mask)
+                           cfg.data.doc_mask, cfg.data.instance_filter)
     eval_sets = _eval_sets(cfg, datasets, names, log)
     module = TrainModule(cfg, world)
     # ---- everything checked: nothing was written to the run directory before this line (config.yaml
