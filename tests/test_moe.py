@@ -185,6 +185,21 @@ def test_aux_losses_match_hand_computation():
                      "moe/layer_1/load_max": 16, "moe/layer_1/load_entropy": 0.0}
 
 
+def test_the_default_router_z_loss_weight_is_the_references_as_it_applies_it():
+    """The reference's moe_zloss_weight 0.001 divides the summed lse^2 by layers x tokens x top_k; ours is
+    the mean over layers and tokens, so the default weight is 0.001 / top_k, and the loss uses it."""
+    assert load_config(MOE_PAPER).model.moe.router_z_loss_weight() == pytest.approx(0.001 / 8)
+    assert load_config(str(CONFIGS / "tiny_moe.yaml")).model.moe.router_z_loss_weight() == pytest.approx(0.001 / 2)
+    assert MoEConfig(top_k=2, z_loss_weight=0.01).router_z_loss_weight() == 0.01
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2, vocab_size=31, max_seq_len=8,
+                      moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8))
+    tokens = torch.randint(0, 31, (2, 8))
+    out = Transformer(cfg)(tokens[:, :-1], targets=tokens[:, 1:])
+    expected = out.ce + 0.01 * out.moe_lb_loss + 0.0005 * out.moe_router_z_loss
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=0)
+
+
 def test_paper_moe_hand_count():
     cfg = load_config(MOE_PAPER).model
     d, L, V, E, k, h, hd = 1024, 32, 50304, 64, 8, 512, 64

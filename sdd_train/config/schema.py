@@ -78,6 +78,9 @@ class SpanNormConfig:
     residual_scale: float = 1.0
 
 
+REFERENCE_ROUTER_Z_LOSS = 0.001  # the reference MoE yml's moe_zloss_weight
+
+
 @dataclass
 class MoEConfig:
     """Used when model.ffn=moe: dropless token-choice routing over n_experts SwiGLU experts."""
@@ -87,11 +90,18 @@ class MoEConfig:
     expert_hidden: int = 512  # per SwiGLU branch of each expert
     renormalize: bool = False  # combine weights: raw top-k probabilities (SPEC) or renormalised to sum 1
     lb_loss_weight: float = 0.01  # load balancing, averaged over layers
-    z_loss_weight: float = 0.001  # router z-loss, averaged over layers
+    # Router z-loss weight on the mean over layers and tokens of logsumexp(router logits)^2. null: the
+    # reference's, moe_zloss_weight 0.001 applied (by its megablocks zloss branch) to the sum over layers and
+    # tokens divided by layers x tokens x top_k, i.e. 0.001 / top_k here (docs/paper.md, item 11)
+    z_loss_weight: float | None = None
     grouped_mm: str = choice(GROUPED_MM_MODES)  # auto: torch._grouped_mm where it runs, else a per-expert loop | loop
     # Multiplies the SDD experts' output gain in the forward (the parameter keeps its 1/sqrt(2L) init).
     # 1 is the formula; the reference code's sparse ops compute expert_hidden / n_experts here (docs/paper.md).
     sdd_out_gain_scale: float = 1.0
+
+    def router_z_loss_weight(self) -> float:
+        """The weight the router z-loss gets: ``z_loss_weight``, or the reference's 0.001 / top_k."""
+        return REFERENCE_ROUTER_Z_LOSS / self.top_k if self.z_loss_weight is None else self.z_loss_weight
 
 
 # Model keys that choose a kernel, not the math the model computes: a resume may change them.

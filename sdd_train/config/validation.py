@@ -81,7 +81,8 @@ def validate(cfg: RunConfig) -> None:
         if m.moe.top_k > m.moe.n_experts:
             raise ConfigError(f"model.moe.top_k: {m.moe.top_k} is more than model.moe.n_experts={m.moe.n_experts}")
         _positive("model.moe.lb_loss_weight", m.moe.lb_loss_weight, allow_zero=True)
-        _positive("model.moe.z_loss_weight", m.moe.z_loss_weight, allow_zero=True)
+        if m.moe.z_loss_weight is not None:
+            _positive("model.moe.z_loss_weight", m.moe.z_loss_weight, allow_zero=True)
 
     if d.source == "prepared" and not d.datasets:
         raise ConfigError("data.datasets: data.source=prepared needs at least one dataset"

@@ -121,7 +121,7 @@ class Transformer(nn.Module):
             moe = self.cfg.moe
             out.moe_lb_loss = torch.stack([a.lb_loss for a in aux]).mean()
             out.moe_router_z_loss = torch.stack([a.router_z_loss for a in aux]).mean()
-            out.loss = total + moe.lb_loss_weight * out.moe_lb_loss + moe.z_loss_weight * out.moe_router_z_loss
+            out.loss = total + moe.lb_loss_weight * out.moe_lb_loss + moe.router_z_loss_weight() * out.moe_router_z_loss
             out.expert_load = torch.stack([a.load for a in aux])
         return out
 
