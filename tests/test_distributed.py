@@ -130,8 +130,17 @@ def assert_same_run(a: dict[int, dict], b: dict[int, dict], steps, rel: float) -
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=rel), step
 
 
-def test_fsdp2_two_ranks_match_one_process(single, fsdp2):
+def test_fsdp2_two_ranks_match_one_process(single, fsdp2, two_ranks, cache):
     one, two = records(single), records(fsdp2)
+    # what deferring the reduce-scatter over the step's 2 micro-batches costs, said at start-up
+    from sdd_train.config import load_config
+    from sdd_train.model import Transformer
+
+    args = args_for(fsdp2, cache)
+    with torch.device("meta"):
+        total = Transformer(load_config(args[0], args[1:]).model).param_counts().total
+    assert (f"parallel.defer_grad_sync holds every gradient unsharded in fp32 across the 2 micro-batches of a step,"
+            f" {4 * total / 2**20:,.1f} MiB on each rank") in two_ranks["fsdp2"][1].output
     assert set(one) == set(two) == set(range(1, 11))
     assert_same_run(one, two, range(1, 11), rel=1e-5)
     assert two[10]["loss"] < two[1]["loss"] - 0.5  # and it trained

@@ -195,6 +195,14 @@ class TrainModule:
     def describe(self, seq_len: int) -> str:
         return self.model.describe(seq_len)
 
+    def deferred_gradient_bytes(self, accum: int) -> int:
+        """What ``parallel.defer_grad_sync`` costs each rank: with FSDP2 and several micro-batches a
+        step, every parameter's gradient is held unsharded in fp32 until the step's last micro-batch
+        reduce-scatters it (0 where nothing is deferred)."""
+        if not (self.world.distributed and accum > 1 and self.cfg.parallel.defer_grad_sync):
+            return 0
+        return 4 * self.model.param_counts().total
+
     def num_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward) of the whole model, for MFU."""
         return self.model.flops_per_token(seq_len)

@@ -64,6 +64,11 @@ class Trainer:
         self.log(f"train: {t.max_steps} steps x {t.global_batch_size * t.seq_len:,} tokens ({self.feed.accum}"
                  f" micro-batches of {t.micro_batch_size} x {t.seq_len} per rank), {t.precision} on"
                  f" {self.world.device}{par}{ac}, run dir {self.run_dir}")
+        deferred = self.module.deferred_gradient_bytes(self.feed.accum)
+        if deferred:
+            self.log(f"memory: parallel.defer_grad_sync holds every gradient unsharded in fp32 across the"
+                     f" {self.feed.accum} micro-batches of a step, {deferred / 2**20:,.1f} MiB on each rank;"
+                     " parallel.defer_grad_sync=false keeps them sharded (a reduce-scatter per micro-batch)")
         slow = slow_bf16_matmuls(self.world.device) if t.precision == "bf16" else None
         if slow:
             self.log(f"warning: train.precision=bf16: {slow}")
