@@ -188,3 +188,24 @@ def test_a_branch_from_a_checkpoint_that_is_not_one_writes_nothing(reference, da
         err = capsys.readouterr().err.strip()
         assert err.startswith("config error: train.init_from:") and needle in err and len(err.splitlines()) == 1, err
     assert not run_dir.exists() and _snapshot(reference) == before
+
+
+def test_a_sub_config_neither_model_uses_is_not_a_model_change(tmp_path):
+    """A dense model's model.moe.* computes nothing: a changed MoE default must not stop its resume (the
+    router z-loss default changed on 2026-12-03); for an MoE model on either side it is a change."""
+    import json
+    from sdd_train.config import as_dict, load_config
+    from conftest import TINY
+
+    here = as_dict(load_config(TINY))["model"]
+    written = json.loads(json.dumps(here))
+    written["moe"]["z_loss_weight"], written["spannorm"]["residual_scale"] = 0.001, 0.5
+    ckpt = tmp_path / "step_0000001"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"config": {"model": written}}))
+    assert checkpoint.model_changes(ckpt, here) == []
+    moe = {**here, "ffn": "moe"}
+    assert checkpoint.model_changes(ckpt, moe) == ["model.ffn: 'dense' -> 'moe'", "model.moe.z_loss_weight: 0.001 -> None"]
+    written["block"] = "spannorm"
+    (ckpt / "meta.json").write_text(json.dumps({"config": {"model": written}}))
+    assert "model.spannorm.residual_scale: 0.5 -> 1.0" in checkpoint.model_changes(ckpt, here)
