@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sdd_train.checkpoint.storage import (CheckpointError, Checkpointer, CheckpointMismatch, checkpoint_dir,
-                                          complete_checkpoints, first_of, model_changes, read_meta)
+                                          complete_checkpoints, first_of, read_meta)
 from sdd_train.config import MODEL_KERNEL_KEYS, ConfigError, RunConfig, as_dict, config_from_dict
 from sdd_train.distributed.world import broadcast_object
 from sdd_train.exit_codes import CheckpointUnusable
@@ -38,6 +38,39 @@ def checkpoint_config(path: Path) -> RunConfig:
         raise CheckpointUnusable(f"{Path(path) / 'meta.json'}: holds no readable run config ({type(e).__name__}:"
                                  f" {e}); use another checkpoint (--step N, `sdd-ckpt list RUN_DIR`)") from None
     return config_from_dict(values, f"{Path(path) / 'meta.json'}: config")
+
+
+# Sub-configs that only a setting uses: compared only when the checkpoint's model or this run's uses them
+# (a dense model's model.moe.* computes nothing, so a changed MoE default must not stop its resume).
+_USED_WHEN = {"model.moe.": ("model.ffn", "moe"), "model.spannorm.": ("model.block", "spannorm")}
+
+
+def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
+    """How the resolved model config ``model`` differs from the one the checkpoint was written with,
+    as ``model.key: there -> here`` (keys the checkpoint's config lacks are not compared: they came
+    with a later version, nor the keys of a sub-config neither model uses); [] when its meta.json
+    cannot be read (loading will say why)."""
+    try:
+        written = read_meta(path)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+    def flat(d: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    there, here = flat(written), flat(model)
+
+    def used(key: str) -> bool:
+        prefix = next((p for p in _USED_WHEN if key.startswith(p)), None)
+        if prefix is None:
+            return True
+        setting, value = _USED_WHEN[prefix]
+        return value in (there.get(setting), here.get(setting))
+
+    return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k] and used(k)]
 
 
 def math_changes(changes: list[str]) -> list[str]:

@@ -154,39 +154,6 @@ def read_meta(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / META).read_text())
 
 
-# Sub-configs that only a setting uses: compared only when the checkpoint's model or this run's uses them
-# (a dense model's model.moe.* computes nothing, so a changed MoE default must not stop its resume).
-_USED_WHEN = {"model.moe.": ("model.ffn", "moe"), "model.spannorm.": ("model.block", "spannorm")}
-
-
-def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
-    """How the resolved model config ``model`` differs from the one the checkpoint was written with,
-    as ``model.key: there -> here`` (keys the checkpoint's config lacks are not compared: they came
-    with a later version, nor the keys of a sub-config neither model uses); [] when its meta.json
-    cannot be read (loading will say why)."""
-    try:
-        written = read_meta(path)["config"]["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-    def flat(d: dict[str, Any], prefix: str = "model.") -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    there, here = flat(written), flat(model)
-
-    def used(key: str) -> bool:
-        prefix = next((p for p in _USED_WHEN if key.startswith(p)), None)
-        if prefix is None:
-            return True
-        setting, value = _USED_WHEN[prefix]
-        return value in (there.get(setting), here.get(setting))
-
-    return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k] and used(k)]
-
-
 def _model_tensors(path: Path) -> dict[str, TensorStorageMetadata]:
     """The checkpoint's model tensors by name (global size and dtype), from DCP's metadata."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata

@@ -43,7 +43,7 @@ MODELING_FILE = "modeling_sdd_train.py"
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (exit_codes, ("UsageError",)),
     (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
-              "choice", "InitConfig", "SpanNormConfig", "MoEConfig", "ModelConfig")),
+              "choice", "InitConfig", "SpanNormConfig", "REFERENCE_ROUTER_Z_LOSS", "MoEConfig", "ModelConfig")),
     (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
     (norm, ("NORM_BLOCK_ELEMENTS", "norm_row_blocks", "RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),
@@ -51,7 +51,7 @@ DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
                  "sdpa_causal_attention")),
     (swiglu, ("sdd_swiglu_torch",)),
     (grouped_mm, ("expert_mm_loop",)),
-    (cross_entropy, ("lm_loss",)),
+    (cross_entropy, ("IGNORE", "lm_loss")),
     (layers, None), (moe, None), (feed_forward, None), (blocks, None), (transformer, None),
 )
 
