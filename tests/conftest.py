@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -49,6 +50,20 @@ def _compiles(item) -> bool:
     """A test of torch.compile: by its name, or a ``compile`` parameter set to true."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     return "compile" in item.originalname or params.get("compile") is True
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run with ``n`` intra-op threads, whatever the process had (a pytest-xdist worker has its share of
+    the cores, one on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pytest_configure(config) -> None:

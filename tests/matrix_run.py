@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import small_run
+from conftest import small_run, threads
 from matrix import STEPS, Combo, reference, refusal, tolerance
 
 
@@ -95,15 +95,12 @@ def _run_here(args: list[str], combo: Combo, start: float) -> Outcome:
     from sdd_train.train.__main__ import main
 
     err = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with threads(1), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             code = main(args)
     except Exception as e:  # a crash is this combination's result, not the harness's
         return Outcome("fail", time.perf_counter() - start, f"{type(e).__name__}: {e}".splitlines()[0][:300])
     finally:
-        torch.set_num_threads(threads)
         if combo["compile"] == "on":
             torch._dynamo.reset()  # the next run's models would count as recompiles of these graphs
     return judge_exit(code, err.getvalue(), time.perf_counter() - start)

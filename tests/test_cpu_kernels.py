@@ -3,7 +3,6 @@ feed-forward's norm + SwiGLU, each one kernel per direction."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_model_cfg
+from conftest import small_model_cfg, threads
 from sdd_train.kernels import cpu_kernels, cpu_rms_norm, norm, rms_norm, rms_norm_torch
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu
 from sdd_train.kernels.settings import NORM_KERNEL_ENV, set_norm_kernel
@@ -35,18 +34,6 @@ def kernel():
     """The C path: fails (instead of silently testing the fallback) where the kernel cannot be built."""
     set_norm_kernel("auto")
     assert cpu_kernels.library() is not None, "the C kernel did not build (see the log)"
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    """Run with ``n`` intra-op threads, whatever the process had (a pytest-xdist worker has its share of
-    the cores, one on 2 cores): the kernels split rows between threads, so 1 and 2 must both be run."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, dh: torch.Tensor, groups: int):

@@ -172,7 +172,7 @@ def _validate_schedule(o: OptimConfig, t: TrainConfig) -> None:
     if o.horizon_steps is not None and o.horizon_tokens is not None:
         raise ConfigError("optim.horizon_tokens: set either optim.horizon_steps or optim.horizon_tokens, not both")
     tokens_per_step = t.global_batch_size * t.seq_len
-    warmup = o.warmup_tokens if o.warmup_tokens is not None else o.warmup_steps * tokens_per_step
+    warmup = phases(o, t.max_steps, tokens_per_step).warmup
     for key, horizon in (("horizon_steps", o.horizon_steps), ("horizon_tokens", o.horizon_tokens)):
         if horizon is None:
             continue

@@ -39,9 +39,7 @@ def is_repetitive(tokens: np.ndarray, cfg: InstanceFilterConfig) -> bool:
                for p in range(cfg.repetition_min_period, top + 1))
 
 
-def mask_repetitive(instances: np.ndarray, targets: np.ndarray, cfg: InstanceFilterConfig) -> np.ndarray:
+def mask_repetitive(instances: np.ndarray, targets: np.ndarray, cfg: InstanceFilterConfig) -> None:
     """Set the targets of every repetitive row of ``instances`` [B, L] to IGNORE (``targets`` [B, L - 1],
-    in place); return which rows were masked."""
-    masked = np.array([is_repetitive(row, cfg) for row in instances], dtype=bool)
-    targets[masked] = IGNORE
-    return masked
+    in place)."""
+    targets[np.array([is_repetitive(row, cfg) for row in instances], dtype=bool)] = IGNORE

@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             from sdd_train.model import Transformer
-
             from sdd_train.train.schedules import describe, plot
 
             print(to_yaml(cfg))

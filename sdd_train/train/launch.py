@@ -1,8 +1,9 @@
 """Starting a run: everything it needs is checked before anything is written, then it is assembled.
 
 The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
-scheme names, the run directory, the checkpoint a branch starts from, the callbacks' import paths, the data (datasets, tokenizer and
-vocabulary, validation sets) and the model itself (built on the meta device). Each failure is a
+scheme names, the run directory, the checkpoint a branch starts from, the callbacks' import paths,
+the data (datasets, tokenizer and vocabulary, validation sets) and the model itself (built on the
+meta device). Each failure is a
 :class:`~sdd_train.exit_codes.UsageError` (a ConfigError, DataError, BackendUnavailable, ...) naming
 the key or file (exit code 2), and the run directory is untouched.
 """
