@@ -137,3 +137,6 @@ def test_dry_run_describes_and_draws_the_schedule(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "schedule: wsd; warmup 10 steps" in out and "stable to step 80, then a 1-sqrt decay" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*args[:-1], "/dev/null/lr.png"]) == 2  # an unwritable path: one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("usage error: --plot-schedule: cannot write /dev/null/lr.png") and len(err.splitlines()) == 1, err

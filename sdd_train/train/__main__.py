@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(Transformer(cfg.model).describe(cfg.train.seq_len))
             print(describe(cfg))
             if args.plot_schedule:
-                print(f"learning-rate schedule: {plot(cfg, args.plot_schedule)}")
+                try:
+                    print(f"learning-rate schedule: {plot(cfg, args.plot_schedule)}")
+                except OSError as e:
+                    raise UsageError(f"--plot-schedule: cannot write {args.plot_schedule} ({e.strerror or e});"
+                                     " give a PNG path in a writable directory") from None
             return EXIT_OK
         from sdd_train.checkpoint import CheckpointSaveError
         from sdd_train.train.errors import TrainingDiverged
