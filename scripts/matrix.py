@@ -97,11 +97,15 @@ def write_doc(doc: Path, text: str) -> None:
 
 def main() -> int:
     """Exit 0 when every combination passed or was refused as expected, 1 when one failed, 2 (one line)
-    for a usage error."""
+    for a usage error, 130 when stopped (SIGINT, or SIGTERM during an in-process run)."""
     try:
         return run_matrix()
     except UsageError as e:
         return report_usage_error(e)
+    except KeyboardInterrupt as e:
+        print(f"matrix: {e or 'interrupted'}; the combinations before it are in results.jsonl, re-run to resume",
+              file=sys.stderr)
+        return 130
 
 
 def run_matrix() -> int:

@@ -93,6 +93,7 @@ def _run_here(args: list[str], combo: Combo, start: float) -> Outcome:
     import torch
 
     from sdd_train.train.__main__ import main
+    from sdd_train.train.stop_signals import STOPS
 
     err = io.StringIO()
     try:
@@ -103,6 +104,8 @@ def _run_here(args: list[str], combo: Combo, start: float) -> Outcome:
     finally:
         if combo["compile"] == "on":
             torch._dynamo.reset()  # the next run's models would count as recompiles of these graphs
+    if STOPS.received:  # SIGTERM was meant for the harness: this combination's run is not its result
+        raise KeyboardInterrupt(f"stopped by signal {STOPS.received} during {combo.name}")
     return judge_exit(code, err.getvalue(), time.perf_counter() - start)
 
 

@@ -432,8 +432,10 @@ def test_killed_at_random_moments_resumes_bitwise(data_cache, tmp_path):
 
 def test_a_stop_signal_before_the_first_step_stops_the_run_cleanly(data_cache, tmp_path, monkeypatch, capsys):
     """SIGUSR1 while the run is being set up (here: as its data is opened) does not kill the process (the
-    signal's default action): the run stops before step 1 with exit 0, and re-running trains it."""
+    signal's default action): the run stops before step 1 with exit 0, and re-running trains it. A caller
+    in the same process (``make matrix``) tells the stopped run from the finished one by STOPS.received."""
     from sdd_train.train import launch
+    from sdd_train.train.stop_signals import STOPS
 
     open_data = launch.open_run_data
 
@@ -444,10 +446,10 @@ def test_a_stop_signal_before_the_first_step_stops_the_run_cleanly(data_cache, t
     monkeypatch.setattr(launch, "open_run_data", preempted_while_opening)
     assert main(args(tmp_path, data_cache, "train.max_steps=2")) == 0
     assert "stopped by SIGUSR1 before step 1" in capsys.readouterr().out
-    assert losses(tmp_path) == {}
+    assert losses(tmp_path) == {} and STOPS.received == signal.SIGUSR1
     monkeypatch.setattr(launch, "open_run_data", open_data)
     assert main(args(tmp_path, data_cache, "train.max_steps=2")) == 0
-    assert sorted(losses(tmp_path)) == [1, 2]
+    assert sorted(losses(tmp_path)) == [1, 2] and STOPS.received == 0
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the command restored the handlers
 
 

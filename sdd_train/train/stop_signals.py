@@ -14,7 +14,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class StopSignals:
     """The stop signal this process received (0: none), recorded by handlers that ``install`` sets and
-    ``restore`` removes again (nested installs keep the first one's previous handlers)."""
+    ``restore`` removes again (nested installs keep the first one's previous handlers). The first
+    install forgets an earlier run's signal; ``restore`` keeps it, so a caller that trained in its own
+    process (a test, ``make matrix``) can tell a run that was stopped from one that finished."""
 
     def __init__(self) -> None:
         self.received = 0
@@ -24,6 +26,8 @@ class StopSignals:
         self.received = signum
 
     def install(self) -> None:
+        if not self._previous:
+            self.received = 0
         for sig in STOP_SIGNALS:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._record)
@@ -32,7 +36,6 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-        self.received = 0
 
 
 STOPS = StopSignals()  # this process's: signal handlers are per process
