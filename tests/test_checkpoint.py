@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,21 @@ def test_a_branch_from_a_checkpoint_that_is_not_one_writes_nothing(reference, da
         err = capsys.readouterr().err.strip()
         assert err.startswith("config error: train.init_from:") and needle in err and len(err.splitlines()) == 1, err
     assert not run_dir.exists() and _snapshot(reference) == before
+
+
+def test_another_optimizer_does_not_continue_a_checkpoint(reference, data_cache, tmp_path, capsys):
+    """AdamW's moments are not Muon's momentum: a resume or a branch that switches optim.name stops with
+    one line naming the key, before anything is written."""
+    run_dir, before = tmp_path / "copy", _snapshot(reference)
+    shutil.copytree(reference, run_dir)
+    start = checkpoint.checkpoint_dir(reference) / "step_0000005"
+    for target, extra in ((run_dir, ["train.max_steps=12"]), (tmp_path / "branch", [f"train.init_from={start}"])):
+        assert run(target, data_cache, "optim.name=muon", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds adamw's optimizer state and this run sets optim.name=muon" in err, err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "branch").exists() and _snapshot(reference) == before
+    assert max(losses(run_dir)) == 10
 
 
 def test_a_sub_config_neither_model_uses_is_not_a_model_change(tmp_path):

@@ -73,6 +73,19 @@ def model_changes(path: Path, model: dict[str, Any]) -> list[str]:
     return [f"{k}: {there[k]!r} -> {here[k]!r}" for k in there if k in here and there[k] != here[k] and used(k)]
 
 
+def optimizer_change(path: Path, name: str) -> str | None:
+    """Why the checkpoint's optimizer state cannot continue as optimizer ``name`` (its meta.json names
+    another ``optim.name``; checkpoints from before the key are AdamW's), or None."""
+    try:
+        written = read_meta(path)["config"]["optim"].get("name", "adamw")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if written == name:
+        return None
+    return (f"{path}: holds {written}'s optimizer state and this run sets optim.name={name}; one does not"
+            f" continue as the other: keep optim.name={written}, or give this run another run_dir")
+
+
 def math_changes(changes: list[str]) -> list[str]:
     """The entries of :func:`model_changes` that change what the model computes (not a kernel choice)."""
     return [c for c in changes if c.split(":", 1)[0] not in MODEL_KERNEL_KEYS]
@@ -105,6 +118,8 @@ class Restore:
                 self._set_aside(path, first_of(problems), failures)
                 continue
             changes = model_changes(path, model)
+            if why := optimizer_change(path, self.cfg.optim.name):
+                raise ConfigError(why)
             try:
                 meta = load(path)
             except CheckpointError as e:

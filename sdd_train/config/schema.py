@@ -31,6 +31,9 @@ GROUPED_MM_MODES = ("auto", "loop")
 DATA_SOURCES = ("stdlib", "prepared")
 EVAL_SPLITS = ("val", "train")
 PRECISIONS = ("bf16", "fp32")
+OPTIMIZERS = ("adamw", "muon")
+NS_DTYPES = ("auto", "fp32", "bf16")
+MUON_LR_ADJUSTS = ("match_rms_adamw", "original")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 DEVICES = ("auto", "cpu", "cuda")
@@ -185,7 +188,23 @@ class DataConfig:
 
 
 @dataclass
+class MuonConfig:
+    """``optim.muon`` (optim.name=muon; sdd_train/train/muon.py): Newton-Schulz-orthogonalised momentum on
+    the hidden matrices (attention, FFN, SDD V, experts, router); AdamW with optim.* on the rest."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # quintic Newton-Schulz iterations
+    ns_dtype: str = choice(NS_DTYPES)  # auto: bf16 where bf16 GEMMs are fast (CUDA, AVX-512 bf16/AMX CPUs), else fp32
+    # the update's scale per matrix [A, B]: match_rms_adamw: 0.2 * sqrt(max(A, B)), an update of AdamW's RMS
+    # (Liu et al. 2025: AdamW's lr and weight decay carry over) | original: sqrt(max(1, A / B)) (Jordan's, lr ~0.02)
+    lr_adjust: str = choice(MUON_LR_ADJUSTS)
+    lr_multiplier: float = 1.0  # the Muon matrices' lr is optim.lr times this, through the same schedule
+
+
+@dataclass
 class OptimConfig:
+    name: str = choice(OPTIMIZERS)  # adamw | muon (optim.muon)
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -208,6 +227,7 @@ class OptimConfig:
     alpha_f: float = 0.1  # cosine decays to alpha_f * lr
     grad_clip: float = 1.0  # global norm; 0 disables
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2); 0 disables
+    muon: MuonConfig = field(default_factory=MuonConfig)
 
 
 @dataclass

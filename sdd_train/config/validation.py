@@ -123,6 +123,10 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= o.alpha_f <= 1:
         raise ConfigError(f"optim.alpha_f: must be in [0, 1], got {o.alpha_f}")
     _validate_schedule(o, t)
+    if not 0 <= o.muon.momentum < 1:
+        raise ConfigError(f"optim.muon.momentum: must be in [0, 1), got {o.muon.momentum}")
+    _positive("optim.muon.ns_steps", o.muon.ns_steps)
+    _positive("optim.muon.lr_multiplier", o.muon.lr_multiplier)
 
     for key in ("max_steps", "seq_len", "global_batch_size", "micro_batch_size", "log_interval", "keep_checkpoints",
                 "signal_check_interval"):

@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             from sdd_train.model import Transformer
+            from sdd_train.train import optim
             from sdd_train.train.schedules import describe, plot
 
             print(to_yaml(cfg))
             with torch.device("meta"):
-                print(Transformer(cfg.model).describe(cfg.train.seq_len))
+                model = Transformer(cfg.model)
+            print(model.describe(cfg.train.seq_len))
+            print(optim.describe(model, cfg.optim))
             print(describe(cfg))
             if args.plot_schedule:
                 try:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sdd_train.checkpoint import Checkpointer, is_complete_checkpoint
+from sdd_train.checkpoint.restore import optimizer_change
 from sdd_train.config import ConfigError, RunConfig
 from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
@@ -54,7 +55,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def check_init_from(cfg: RunConfig) -> None:
-    """``train.init_from`` names a checkpoint whose save finished, outside this run."""
+    """``train.init_from`` names a checkpoint whose save finished, outside this run, written with this
+    run's optimizer."""
     path = cfg.train.init_from
     if path is None:
         return
@@ -64,6 +66,8 @@ def check_init_from(cfg: RunConfig) -> None:
     if Path(path).resolve().is_relative_to(cfg.resolved_run_dir.resolve()):
         raise ConfigError(f"train.init_from: {path} is in this run's own directory, which resumes by itself;"
                           " give this run another run_dir (or name)")
+    if why := optimizer_change(Path(path), cfg.optim.name):
+        raise ConfigError(f"train.init_from: {why}")
 
 
 def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Trainer:

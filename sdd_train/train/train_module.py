@@ -174,7 +174,7 @@ class TrainModule:
     def optim_step(self, out: StepOutput) -> None:
         """Update the parameters with the step's learning rate (``out.lr``)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = out.lr
+            group["lr"] = out.lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
 
     def zero_grad(self) -> None:
