@@ -86,7 +86,10 @@ def _like(full: Tensor, template: Tensor) -> Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+    try:
+        return distribute_tensor(full, template.device_mesh, template.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7: no src_data_rank; rank 0's copy is scattered (the same values)
+        return distribute_tensor(full, template.device_mesh, template.placements)
 
 
 class Muon(torch.optim.Optimizer):
