@@ -32,6 +32,7 @@ DATA_SOURCES = ("stdlib", "prepared")
 EVAL_SPLITS = ("val", "train")
 PRECISIONS = ("bf16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
+PARAMETRIZATIONS = ("sp", "mup")
 NS_DTYPES = ("auto", "fp32", "bf16")
 MUON_LR_ADJUSTS = ("match_rms_adamw", "original")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
@@ -137,6 +138,10 @@ class ModelConfig:
     init: InitConfig = field(default_factory=InitConfig)
     spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # sp: standard | mup: maximal update (sdd_train/model/mup.py): init, learning rates, attention and logit
+    # scales follow the width's ratio to mup_base_width, the d_model (same heads) the recipe was tuned at
+    parametrization: str = choice(PARAMETRIZATIONS)
+    mup_base_width: int | None = None
 
     @property
     def head_dim(self) -> int:

@@ -69,6 +69,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.n_kv_heads: n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads}")
     if m.head_dim % 2:
         raise ConfigError(f"model.n_heads: head_dim={m.head_dim} must be even for RoPE")
+    if m.parametrization == "mup":
+        if m.mup_base_width is None:
+            raise ConfigError("model.mup_base_width: model.parametrization=mup needs the d_model its init and learning"
+                              " rates were tuned at (the base width), e.g. model.mup_base_width=256")
+        _positive("model.mup_base_width", m.mup_base_width)
+        if m.mup_base_width % m.n_heads:
+            raise ConfigError(f"model.mup_base_width: {m.mup_base_width} is not divisible by n_heads={m.n_heads} (the"
+                              " base model has the same heads)")
     if m.init.std is not None:
         _positive("model.init.std", m.init.std)
     _positive("model.init.std_multiplier", m.init.std_multiplier)

@@ -174,3 +174,26 @@ def lr_schedule(curves: dict[str, list[tuple[int, float]]], path: Path, marks: S
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def coordinate_check(results: dict[str, dict[int, list[dict[str, float]]]], families: Sequence[str], path: Path) -> Path:
+    """µP's coordinate check: one row per parametrization, one panel per layer family, the mean change of
+    its output since step 1 against width (log-log), one line per training step (from step 2)."""
+    rows = list(results)
+    fig, axes = plt.subplots(len(rows), len(families), figsize=(3.4 * len(families), 2.9 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for r, name in enumerate(rows):
+        widths = sorted(results[name])
+        steps = len(results[name][widths[0]])
+        for c, family in enumerate(families):
+            ax = axes[r][c]
+            for t in range(steps):
+                ax.plot(widths, [results[name][w][t][family] for w in widths], marker="o", ms=3, lw=1.2,
+                        color=plt.cm.viridis(t / max(steps - 1, 1)), label=f"step {t + 2}")
+            ax.set(xscale="log", yscale="log", title=f"{name}: {family}", xlabel="width (d_model)")
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.grid(alpha=0.3)
+            if c == 0:
+                ax.set_ylabel("mean |x_t - x_1|")
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, path)

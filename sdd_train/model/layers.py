@@ -16,6 +16,7 @@ from torch import nn
 
 from sdd_train.config import ModelConfig
 from sdd_train.kernels import AttentionMask, causal_attention, rms_norm, upcast
+from sdd_train.model.mup import query_scale
 
 
 class RMSNorm(nn.Module):
@@ -162,6 +163,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
         self.attn_out = linear(d, d, sdd, cfg.norm_eps)
+        self.q_scale = query_scale(cfg)  # 1 but under µP: its softmax scale (sdd_train/model/mup.py)
 
     def forward(self, x: torch.Tensor, att: AttentionInputs) -> torch.Tensor:
         b, s, d = x.shape
@@ -174,6 +176,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, att.rope), apply_rope(k, att.rope)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         mask = att.mask
         if att.cache is not None:
             k, v = att.cache.update(self.layer_id, k, v)

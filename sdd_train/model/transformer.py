@@ -26,6 +26,7 @@ from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
 from sdd_train.model.moe import MoEAux
+from sdd_train.model.mup import init_stds, logit_scale
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -89,6 +90,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(block_cls(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.logit_scale = logit_scale(cfg)  # 1 but under µP (sdd_train/model/mup.py)
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
         self.init_weights()
 
@@ -115,6 +117,8 @@ class Transformer(nn.Module):
         else:
             if self.final_norm is not None:
                 x = self.final_norm(x)
+            if self.logit_scale != 1.0:
+                x = x * self.logit_scale
             total, ce, z = self.chunked_loss(x, self.head_weight, targets, z_loss, loss_chunk)
         out = LossOutput(total, ce, z)
         if aux:
@@ -170,6 +174,8 @@ class Transformer(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if self.logit_scale != 1.0:
+            x = x * self.logit_scale
         return nn.functional.linear(x, self.head_weight)
 
     # ------------------------------------------------------------------ initialisation
@@ -180,7 +186,7 @@ class Transformer(nn.Module):
         cfg, init = self.cfg, self.cfg.init
         d, n_layers = cfg.d_model, cfg.n_layers
         self.rope.copy_(rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=self.rope.device))
-        sigma = (init.std if init.std is not None else 1.0 / math.sqrt(2.5 * d)) * init.std_multiplier
+        sigma, embed_sigma = init_stds(cfg)  # equal under SP; µP keeps the embedding's at the base width's
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
@@ -189,10 +195,11 @@ class Transformer(nn.Module):
         scheme = self.init_scheme
         # The reference sets one init_std for the whole model: under sdd it is sdd_std, embedding and router too.
         base_std = sigma * init.sdd_std_multiplier if scheme == "sdd" else sigma
+        embed_std = embed_sigma * init.sdd_std_multiplier if scheme == "sdd" else embed_sigma
         # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
-        init_full_(self.embed.weight, lambda w: trunc_normal_(w, base_std))
-        if self.lm_head is not None:
-            init_full_(self.lm_head.weight, lambda w: trunc_normal_(w, d**-0.5))
+        init_full_(self.embed.weight, lambda w: trunc_normal_(w, embed_std))
+        if self.lm_head is not None:  # µP: zero, so the logits' change is the head's update (mup.py)
+            init_full_(self.lm_head.weight, lambda w: w.zero_() if cfg.parametrization == "mup" else trunc_normal_(w, d**-0.5))
 
         for block in self.blocks:
             att_proj, attn_out = block.attention.att_proj, block.attention.attn_out

@@ -7,19 +7,25 @@ import torch
 from torch import nn
 
 from sdd_train.config import OptimConfig
+from sdd_train.model.mup import hidden_lr_scale
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Split parameters into groups: matrices, gains (norm weights, SDD alphas), embeddings, and for Muon
-    the LM head apart from the hidden matrices (AdamW updates it; ``muon`` marks the groups Muon does).
+    or µP the LM head apart from the hidden matrices (AdamW updates it, at the base learning rate under
+    µP; ``muon`` marks the groups Muon updates).
 
     Groups keep a ``name`` so logs and tests can tell them apart; ``lr_scale`` multiplies the schedule's
-    learning rate; empty groups are dropped.
+    learning rate (Muon's ``lr_multiplier``, µP's 1 / width on the hidden matrices); empty groups are
+    dropped.
     """
+    model_cfg = getattr(model, "cfg", None)
+    mup = model_cfg is not None and model_cfg.parametrization == "mup"
+    muon = cfg.name == "muon"
     embed = getattr(model, "embed", None)
     embed_ids = {id(embed.weight)} if embed is not None else set()
     head = getattr(model, "lm_head", None)
-    head_ids = {id(head.weight)} if head is not None and cfg.name == "muon" else set()
+    head_ids = {id(head.weight)} if head is not None and (muon or mup) else set()
     groups: dict[str, list[nn.Parameter]] = {"matrices": [], "head": [], "gains": [], "embeddings": []}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -35,14 +41,20 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         else:
             groups["matrices"].append(p)
     decay = {"matrices": True, "head": True, "gains": cfg.decay_gains, "embeddings": cfg.decay_embeddings}
-    muon = cfg.name == "muon"
-    return [
-        {"name": name, "params": params, "weight_decay": cfg.weight_decay if decay[name] else 0.0,
-         **({"muon": name == "matrices", "lr_scale": cfg.muon.lr_multiplier if name == "matrices" else 1.0}
-            if muon else {})}
-        for name, params in groups.items()
-        if params
-    ]
+    matrices_lr = cfg.muon.lr_multiplier if muon else 1.0
+    if mup:
+        matrices_lr *= hidden_lr_scale(model_cfg, cfg.muon.lr_adjust if muon else None)
+    out = []
+    for name, params in groups.items():
+        if not params:
+            continue
+        group = {"name": name, "params": params, "weight_decay": cfg.weight_decay if decay[name] else 0.0}
+        if muon or mup:
+            group["lr_scale"] = matrices_lr if name == "matrices" else 1.0
+        if muon:
+            group["muon"] = name == "matrices"
+        out.append(group)
+    return out
 
 
 def describe(model: nn.Module, cfg: OptimConfig) -> str:
