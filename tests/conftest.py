@@ -25,6 +25,16 @@ SMALL_RUN = [
 ]
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", CONFIGS.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def small_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
     """sdd-train arguments for a small run (later overrides win)."""
     return [TINY, *SMALL_RUN, f"data.cache_dir={cache}", f"run_dir={run_dir}", *extra]

@@ -4,26 +4,19 @@ of ten thousand), so the losses it measures on an AVX2-only CPU are bf16 losses.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import small_run
+from conftest import load_benchmark, small_run
 from sdd_train.diagnostics.summary import read_records
 from sdd_train.train.__main__ import main
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def bf16_loss():
-    spec = importlib.util.spec_from_file_location("bench_bf16_loss", ROOT / "benchmarks" / "bf16_loss.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bf16_loss")
 
 
 class GemmDtypes(TorchDispatchMode):

@@ -4,7 +4,6 @@ run here: the smoke run of its parts, its failure handling, and the verdicts it 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_suite")
 
 
 def test_smoke_run_writes_every_part_and_the_summary(suite, tmp_path):
@@ -74,8 +72,8 @@ def test_targets_are_judged_from_the_results(suite, tmp_path):
 
 
 # benchmarks/gpu_deps.py: what `make bench-gpu` runs first on a GPU machine without network.
-
 GPU_DEPS = ROOT / "benchmarks" / "gpu_deps.py"
+
 # Imported only behind a guard or on paths the GPU suite does not take (exports, lm-eval, Parquet and
 # Hugging Face datasets, W&B, flash-attn, step_time.py's transformers baseline, which the suite skips).
 NOT_IN_SUITE = {"safetensors", "transformers", "lm_eval", "datasets", "pyarrow", "wandb", "flash_attn"}
@@ -83,10 +81,7 @@ NOT_IN_SUITE = {"safetensors", "transformers", "lm_eval", "datasets", "pyarrow",
 
 @pytest.fixture(scope="module")
 def deps():
-    spec = importlib.util.spec_from_file_location("gpu_deps", GPU_DEPS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_deps")
 
 
 def _run_deps(tmp_path: Path, *args: str, hide: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

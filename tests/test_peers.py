@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_benchmark
 from sdd_train.config import load_config
 from sdd_train.model import Transformer
 
@@ -20,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def step_time():
-    spec = importlib.util.spec_from_file_location("bench_step_time", ROOT / "benchmarks" / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_time")
 
 
 def tiny():
