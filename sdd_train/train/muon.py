@@ -107,7 +107,8 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        assert closure is None, "Muon takes no closure"
+        if closure is not None:
+            raise ValueError("Muon.step takes no closure")
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
