@@ -6,6 +6,8 @@ matrix resumes where it stopped (--fresh starts over).
     python scripts/matrix.py                                # everything (hours on 2 cores)
     python scripts/matrix.py --subset pairwise              # what CI runs
     python scripts/matrix.py --only world=1 --only compile=off
+    python scripts/matrix.py --shard 0/2 & python scripts/matrix.py --shard 1/2   # two at once, then
+    python scripts/matrix.py --table-only                                         # the whole table
 """
 
 from __future__ import annotations
@@ -34,9 +36,16 @@ BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 POOL = 24  # multi-rank combinations per torchrun launch (tests/rank_pool.py); a failure loses the rest of one
 
 
-def select(subset: str, only: list[str]) -> list[Combo]:
+def select(subset: str, only: list[str], shard: str | None = None) -> list[Combo]:
     product = matrix.full_product()
     combos = matrix.pairwise(product) if subset == "pairwise" else product
+    if shard:
+        index, _, count = shard.partition("/")
+        if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+            raise UsageError(f"--shard {shard}: expected I/N with 0 <= I < N, e.g. 0/2")
+        # a combination and its references share a root, so they land in the same shard; roots go round-robin
+        roots = {r: i for i, r in enumerate(dict.fromkeys(matrix.root(c) for c in product))}
+        combos = [c for c in combos if roots[matrix.root(c)] % int(count) == int(index)]
     for condition in only:
         axis, _, value = condition.partition("=")
         if axis not in AXES or value not in (*AXES[axis], matrix.NA):
@@ -120,11 +129,14 @@ def run_matrix() -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one combination may take")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: write the table of the combinations WORK/results.jsonl holds")
+    parser.add_argument("--shard", metavar="I/N", default=None,
+                        help="only the I-th of N disjoint parts (each with its references), to run N at once into"
+                             " one WORK; the table then comes from --table-only")
     parser.add_argument("--in-process", action="store_true",
                         help="one-process combinations in this process, as tests/test_matrix.py (no start-up per run;"
                              " a crash ends the matrix, which re-running resumes)")
     args = parser.parse_args()
-    combos = select(args.subset, args.only)
+    combos = select(args.subset, args.only, args.shard)
     if args.fresh and args.work.exists():
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -148,11 +160,14 @@ def run_matrix() -> int:
     rows = [done[c.name][0] for c in todo if c.name in done]
     wall = sum(row.seconds for row in rows)
     command = "make matrix" + (f" MATRIX_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else "")
-    write_doc(args.doc, table(rows, len(todo), command, wall))
+    if args.shard:
+        print(f"shard {args.shard}: {len(rows)} of its {len(todo)} combinations; the table: --table-only once every"
+              " shard has run")
+    else:
+        write_doc(args.doc, table(rows, len(todo), command, wall))
     failed = [row.combo.name for row in rows if row.status in ("fail", "untested")]
     print(f"{len(rows)} of {len(todo)} combinations in {(time.perf_counter() - start) / 60:.1f} min; {len(failed)} failed"
-          " or untested;"
-          f" table in {args.doc}")
+          " or untested" + ("" if args.shard else f"; table in {args.doc}"))
     return 1 if failed else 0
 
 

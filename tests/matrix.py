@@ -148,6 +148,11 @@ def reference(combo: Combo) -> tuple[Combo, str] | None:
     return (combo.replace(compile="off", world="1"), "+".join(kinds)) if kinds else None
 
 
+def root(combo: Combo) -> Combo:
+    """The eager one-process run without activation checkpointing that ``combo``'s references lead to."""
+    return combo.replace(ac="none", compile="off", world="1")
+
+
 def with_references(combos: list[Combo]) -> list[Combo]:
     """``combos`` and the runs they are compared with, each reference before the combinations that need it."""
     ordered: list[Combo] = []

@@ -38,6 +38,23 @@ def test_references_differ_only_in_what_they_compare():
                                                            for k in kind.split("+")})
 
 
+def test_shards_split_the_product_each_with_its_references():
+    """``make matrix MATRIX_ARGS=--shard I/N``: N disjoint parts that make up the product, each closed under
+    the references its combinations are compared with (so N matrices can run at once into one WORK)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("matrix_script", Path(__file__).parents[1] / "scripts" / "matrix.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    shards = [script.select("full", [], f"{i}/3") for i in range(3)]
+    assert sum(map(len, shards)) == len(PRODUCT) and set().union(*map(set, shards)) == set(PRODUCT)
+    assert max(map(len, shards)) - min(map(len, shards)) <= len(PRODUCT) / 20  # roughly even
+    for shard in shards:
+        assert set(matrix.with_references(shard)) == set(shard)
+    with pytest.raises(script.UsageError, match="--shard 3/3"):
+        script.select("full", [], "3/3")
+
+
 def test_the_subset_covers_every_pair_of_settings():
     assert matrix.missing_pairs(SUBSET, CI) == set()
     # the check can fail: every row the greedy took covered a pair no earlier row did
