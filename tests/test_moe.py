@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -175,6 +176,7 @@ def test_aux_losses_match_hand_computation():
     expected_z = torch.logsumexp(x, -1).pow(2).mean()
     assert aux.lb_loss.item() == pytest.approx(expected_lb.item(), rel=1e-12)
     assert aux.router_z_loss.item() == pytest.approx(expected_z.item(), rel=1e-12)
+    assert aux.logit_rms.item() == pytest.approx(x.pow(2).mean().sqrt().item(), rel=1e-6)  # the router's scale
     # perfectly balanced routing gives lb = 1 (its minimum for uniform router probabilities)
     with torch.no_grad():
         layer.router.weight.zero_()
@@ -244,6 +246,62 @@ def test_tiny_moe_trains_and_logs_expert_load(data_cache, tmp_path, monkeypatch)
         assert last[f"moe/layer_{layer}/load_max"] == int(counts.max())
         assert 0 < last[f"moe/layer_{layer}/load_entropy"] <= 1
     assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30
+    # the router diagnostics: each window's pairs (steps 1, 2-10, 11-20, 21-30) in moe.jsonl, its shares summing to 1
+    windows = read_records(tmp_path / "moe.jsonl")
+    assert [(w["step"], w["steps"]) for w in windows] == [(1, 1), (10, 9), (20, 10), (30, 10)]
+    for w, r in zip(windows, records):
+        assert all(sum(layer) == pytest.approx(1, abs=1e-5) for layer in w["share"])
+        assert all(r[f"moe/layer_{i}/idle_experts"] == sum(s == 0 for s in layer) for i, layer in enumerate(w["share"]))
+        assert all(r[f"moe/layer_{i}/router_logit_rms"] > 0 for i in range(2))
+
+
+class FakeTrainer:
+    """What the router callback sees of the trainer: the log steps, the metrics it records, its writes."""
+
+    def __init__(self, log_interval: int):
+        self.log_interval, self.metrics, self.records = log_interval, {}, []
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.log_interval == 0
+
+    def record_metric(self, key: str, value: float) -> None:
+        self.metrics[key] = value
+
+    def write(self, stream: str, record: dict, **kwargs) -> None:
+        self.records.append((stream, record))
+
+
+def test_router_diagnostics_over_a_window_match_a_hand_computation_and_survive_a_resume():
+    """Two layers of 3 experts over a 3-step window: the loads add up, an expert idle all window is counted,
+    the ratio is most over least loaded (an idle expert as one pair), the logit RMS is the window's mean.
+    Resumed from its state after step 1, the callback writes the same record."""
+    from types import SimpleNamespace
+
+    from sdd_train.train.callbacks.router import RouterCallback
+
+    steps = [([[4, 0, 2], [3, 3, 0]], [1.0, 2.0]), ([[2, 0, 4], [3, 3, 0]], [2.0, 4.0]),
+             ([[6, 0, 0], [0, 0, 6]], [3.0, 0.0])]
+    outs = [SimpleNamespace(expert_load=torch.tensor(load), router_logit_rms=torch.tensor(rms), finite=True)
+            for load, rms in steps]
+
+    def run(callback, trainer, from_step=1):
+        for step, out in enumerate(outs[from_step - 1:], from_step):
+            callback.post_train_step(trainer, step, out)
+
+    whole, trainer = RouterCallback(), FakeTrainer(log_interval=3)
+    run(whole, trainer)
+    assert trainer.metrics == {"moe/layer_0/idle_experts": 1, "moe/layer_0/load_ratio": 12.0,
+                               "moe/layer_0/router_logit_rms": 2.0, "moe/layer_1/idle_experts": 0,
+                               "moe/layer_1/load_ratio": 1.0, "moe/layer_1/router_logit_rms": 2.0}
+    (stream, record), = trainer.records
+    assert stream == "moe" and (record["step"], record["steps"]) == (3, 3)
+    assert record["share"] == [pytest.approx([2 / 3, 0, 1 / 3], abs=1e-6), pytest.approx([1 / 3] * 3, abs=1e-6)]
+    first = RouterCallback()
+    first.post_train_step(FakeTrainer(3), 1, outs[0])
+    resumed, again = RouterCallback(), FakeTrainer(log_interval=3)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as meta.json keeps it
+    run(resumed, again, from_step=2)
+    assert again.metrics == trainer.metrics and again.records == trainer.records
 
 
 @pytest.mark.gpu

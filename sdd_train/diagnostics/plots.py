@@ -197,3 +197,23 @@ def coordinate_check(results: dict[str, dict[int, list[dict[str, float]]]], fami
                 ax.set_ylabel("mean |x_t - x_1|")
     axes[0][-1].legend(fontsize=7)
     return _save(fig, path)
+
+
+def expert_load_heatmaps(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """One panel per MoE layer: each expert's share of the layer's routed pairs (colour) in each logging
+    window (x, by its last step); an idle expert is a dark row, a collapsed router a single bright one."""
+    if not records:
+        return None
+    layers = len(records[0]["share"])
+    steps = [r["step"] for r in records]
+    top = max(max(max(row) for row in r["share"]) for r in records)
+    fig, axes = _grid(layers, width=4.0, height=2.8)
+    for i, ax in enumerate(axes):
+        grid = [[r["share"][i][e] for r in records] for e in range(len(records[0]["share"][i]))]
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma", interpolation="nearest", vmin=0, vmax=top,
+                          extent=(0.5, len(steps) + 0.5, -0.5, len(grid) - 0.5))
+        ticks = sorted({0, len(steps) - 1, (len(steps) - 1) // 2})
+        ax.set_xticks([t + 1 for t in ticks], [str(steps[t]) for t in ticks])
+        ax.set(title=f"layer {i}", xlabel="step", ylabel="expert")
+        fig.colorbar(image, ax=ax, label="share of pairs")
+    return _save(fig, path)

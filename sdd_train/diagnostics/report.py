@@ -76,12 +76,29 @@ def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None
         _image(lines, f"Layer similarity at step {last['step']} (Fig. 9)",
                plots.similarity_matrices({f"step {last['step']}": last["similarity"]}, out / "similarity.png"), out)
         _image(lines, "Residual-stream RMS per layer", plots.residual_rms(acts, out / "residual_rms.png"), out)
+    moe = read_records(run_dir / "moe.jsonl")
+    if moe:
+        _moe_section(lines, metrics, moe, out)
     if events:
         lines += ["### Events", "", "| step | event | action | loss | grad norm |", "|---|---|---|---|---|"]
         lines += [f"| {e['step']} | {e['event']} | {e.get('action', '')} | {format_cell(e.get('loss'))} |"
                   f" {format_cell(e.get('grad_norm'))} |" for e in events]
         lines.append("")
     return _write(out, lines)
+
+
+def _moe_section(lines: list[str], metrics: list[dict[str, Any]], moe: list[dict[str, Any]], out: Path) -> None:
+    """MoE routing: the last logging window's diagnostics per layer, and the expert-load heat map."""
+    last = next((m for m in reversed(metrics) if m.get("step") == moe[-1]["step"] and "loss" in m), {})
+    lines += ["### MoE routing", "", f"Logging window ending at step {moe[-1]['step']} ({moe[-1]['steps']} steps):", "",
+              "| layer | idle experts | most / least loaded | router logit RMS | load entropy |", "|---|---|---|---|---|"]
+    for i in range(len(moe[-1]["share"])):
+        key = f"moe/layer_{i}/"
+        lines.append(f"| {i} | {format_cell(last.get(key + 'idle_experts'))} | {format_cell(last.get(key + 'load_ratio'))}"
+                     f" | {format_cell(last.get(key + 'router_logit_rms'))} | {format_cell(last.get(key + 'load_entropy'))} |")
+    lines.append("")
+    _image(lines, "Expert load per layer (share of the routed pairs, per logging window)",
+           plots.expert_load_heatmaps(moe, out / "expert_load.png"), out)
 
 
 # --------------------------------------------------------------------------- sweep report

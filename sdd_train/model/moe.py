@@ -54,12 +54,14 @@ class GroupedLinear(nn.Module):
 
 
 class MoEAux(NamedTuple):
-    """What one MoE forward routed: the load-balancing loss and router z-loss (SPEC section 6), and
-    the (token, expert) pairs each expert received [E] (no gradient)."""
+    """What one MoE forward routed: the load-balancing loss and router z-loss (SPEC section 6), the
+    (token, expert) pairs each expert received [E], and the RMS of the router's logits, its scale (the
+    last two without gradient)."""
 
     lb_loss: torch.Tensor
     router_z_loss: torch.Tensor
     load: torch.Tensor
+    logit_rms: torch.Tensor
 
 
 class MoE(nn.Module):
@@ -110,5 +112,5 @@ class MoE(nn.Module):
         probs = logits.softmax(dim=-1)
         lb = self.n_experts / (self.top_k * tokens) * (counts.to(probs.dtype) * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return MoEAux(lb, z, counts.detach())
+        return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt())
 

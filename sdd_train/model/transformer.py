@@ -51,6 +51,7 @@ class LossOutput:
     moe_lb_loss: torch.Tensor | None = None
     moe_router_z_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None  # [layers, experts] (token, expert) pairs routed to each expert
+    router_logit_rms: torch.Tensor | None = None  # [layers] RMS of each router's logits
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Transformer(nn.Module):
             out.moe_router_z_loss = torch.stack([a.router_z_loss for a in aux]).mean()
             out.loss = total + moe.lb_loss_weight * out.moe_lb_loss + moe.router_z_loss_weight() * out.moe_router_z_loss
             out.expert_load = torch.stack([a.load for a in aux])
+            out.router_logit_rms = torch.stack([a.logit_rms for a in aux])
         return out
 
     def chunked_loss(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, z_loss: float,

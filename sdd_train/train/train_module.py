@@ -46,6 +46,7 @@ class StepOutput:
     losses: torch.Tensor  # [cross-entropy, z-loss, MoE load balancing, MoE router z-loss], token means
     z_loss: bool = False  # whether the run has the logits z-loss term
     expert_load: torch.Tensor | None = None  # [layers, experts] routed pairs summed over the step and ranks
+    router_logit_rms: torch.Tensor | None = None  # [layers] mean over the step's micro-batches and ranks
     grad_norm_tensor: torch.Tensor | None = None  # global, before clipping: set before any callback sees the step
     lr: float = math.nan
     step_time: float = math.nan  # seconds, from reading the batch to the end of the update
@@ -148,7 +149,7 @@ class TrainModule:
         sharded = world.distributed
         # [cross-entropy, logits z-loss, MoE load balancing, MoE router z-loss], summed over micro-batches
         sums = torch.zeros(4, device=world.device)
-        loads: torch.Tensor | None = None
+        loads = logit_rms = None
         # under bf16 on CPU the step's fp32 products of bf16 values run in oneDNN's bf16 mode, exactly
         with bf16_products_of_bf16_values(world.device) if t.precision == "bf16" else contextlib.nullcontext():
             for micro, batch in enumerate(micro_batches):
@@ -161,11 +162,15 @@ class TrainModule:
                 if out.expert_load is not None:
                     parts += [out.moe_lb_loss.detach(), out.moe_router_z_loss.detach()]
                     loads = out.expert_load if loads is None else loads + out.expert_load
+                    logit_rms = out.router_logit_rms if logit_rms is None else logit_rms + out.router_logit_rms
                 (out.loss / accum).backward()
                 sums[: len(parts)] += torch.stack(parts).float()
-        means = all_reduce_sum(sums) / (accum * world.world_size)
-        return StepOutput(losses=means, z_loss=o.z_loss > 0, lr=self.lr(step),
-                          expert_load=all_reduce_sum(loads) if loads is not None else None)
+        # the routers' logit RMS rides along in the losses' all-reduce: one collective for both
+        reduced = all_reduce_sum(sums if logit_rms is None else torch.cat([sums, logit_rms.float()]))
+        means = reduced / (accum * world.world_size)
+        return StepOutput(losses=means[:4], z_loss=o.z_loss > 0, lr=self.lr(step),
+                          expert_load=all_reduce_sum(loads) if loads is not None else None,
+                          router_logit_rms=means[4:] if logit_rms is not None else None)
 
     def clip_gradients(self, out: StepOutput) -> None:
         """Clip the gradients to ``optim.grad_clip``; ``out`` gets the global pre-clip norm (on the device)."""

@@ -1,8 +1,8 @@
 """Callbacks: everything around the step that the loop does not do itself.
 
 Built in, in the order of their priorities: stability (non-finite steps, loss spikes), layer
-statistics, speed, evaluation, activation statistics, checkpointing (with SIGTERM/SIGUSR1), the run
-log (files, W&B, console). A run adds its own from the config by import path (``callbacks: [{path:
+statistics, speed, the router (MoE runs), evaluation, activation statistics, checkpointing (with
+SIGTERM/SIGUSR1), the run log (files, W&B, console). A run adds its own from the config by import path (``callbacks: [{path:
 pkg.mod:Class, options: {...}}]``); they run by their ``priority`` too (default 0: after the
 built-in ones; docs/callbacks.md).
 """
@@ -15,6 +15,7 @@ from sdd_train.config import CallbackConfig, ConfigError, RunConfig
 from sdd_train.train.callbacks.base import Action, Callback, Verdict
 from sdd_train.train.callbacks.checkpointing import CheckpointCallback
 from sdd_train.train.callbacks.evaluation import EvaluationCallback
+from sdd_train.train.callbacks.router import RouterCallback
 from sdd_train.train.callbacks.run_log import RunLogCallback
 from sdd_train.train.callbacks.speed import SpeedCallback
 from sdd_train.train.callbacks.stability import StabilityCallback
@@ -52,6 +53,8 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         callbacks.append(EvaluationCallback(t.eval_interval))
     if diag.activation_interval:
         callbacks.append(ActivationsCallback(diag.activation_interval))
+    if cfg.model.ffn == "moe":
+        callbacks.append(RouterCallback())
     callbacks += [load_callback(i, spec) for i, spec in enumerate(cfg.callbacks)]
     callbacks.sort(key=lambda c: -c.priority)
     names = [c.name for c in callbacks]

@@ -54,12 +54,13 @@ class RunLog:
     """Rank 0's record streams in the run directory, mirrored to W&B.
 
     ``metrics`` (train / val records, also printed), ``layer_stats`` (per-layer norms),
-    ``activations`` (residual RMS and layer similarity) and ``events`` (loss spikes, rollbacks).
+    ``activations`` (residual RMS and layer similarity), ``moe`` (expert load shares) and ``events``
+    (loss spikes, rollbacks).
     A resumed run drops every record after its checkpoint; a rollback does the same except for
     ``events``, which keeps the history of what happened.
     """
 
-    STREAMS = ("metrics", "layer_stats", "activations", "events")
+    STREAMS = ("metrics", "layer_stats", "activations", "moe", "events")
 
     def __init__(self, run_dir: Path, resume_step: int, wandb: WandbLog | None, say: Callable[[str], None]):
         self.logs = {name: MetricsLog(Path(run_dir) / f"{name}.jsonl", resume_step) for name in self.STREAMS}
