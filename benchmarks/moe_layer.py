@@ -25,7 +25,7 @@ from benchmarks.record import write_json  # noqa: E402
 
 
 def naive(layer: MoE, x: torch.Tensor) -> torch.Tensor:
-    logits, weights, experts = layer.route(x)
+    logits, _, weights, experts = layer.route(x)
     rows = []
     for t in range(x.shape[0]):
         acc = torch.zeros_like(x[t])

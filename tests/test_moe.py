@@ -21,10 +21,10 @@ MOE_PAPER = str(CONFIGS / "moe_paper.yaml")
 
 
 def moe_layer(n_experts: int, top_k: int, sdd: bool, renormalize: bool = False, grouped_mm: str = "auto",
-              d: int = 16, hidden: int = 8) -> MoE:
+              d: int = 16, hidden: int = 8, **routing) -> MoE:
     cfg = ModelConfig(d_model=d, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
                       moe=MoEConfig(n_experts=n_experts, top_k=top_k, expert_hidden=hidden, renormalize=renormalize,
-                                    grouped_mm=grouped_mm))
+                                    grouped_mm=grouped_mm, **routing))
     layer = MoE(cfg, sdd=sdd).double()
     with torch.no_grad():
         for p in layer.parameters():
@@ -185,6 +185,46 @@ def test_aux_losses_match_hand_computation():
     assert stats.pop("moe/layer_0/load_entropy") == pytest.approx(1.0)
     assert stats == {"moe/layer_0/load_min": 4, "moe/layer_0/load_max": 4, "moe/layer_1/load_min": 0,
                      "moe/layer_1/load_max": 16, "moe/layer_1/load_entropy": 0.0}
+
+
+def test_sigmoid_gating_and_the_selection_bias_match_a_hand_computation():
+    """Sigmoid gating: experts by their sigmoid scores, combine weights those scores over their sum, the
+    load-balancing loss on each token's scores over their sum. A selection bias changes which experts
+    are chosen, not what a chosen one weighs; ``balance`` moves it by the rate towards the mean load."""
+    layer = moe_layer(4, 2, sdd=False, d=4, gating="sigmoid", bias_update_rate=0.25)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+    x = torch.tensor([[3.0, 2, 0, -1], [0, 1, 2, 3]], dtype=torch.float64)
+    s = torch.sigmoid(x)
+    _, probs, weights, experts = layer.route(x)
+    assert experts.tolist() == [[0, 1], [3, 2]]
+    assert torch.allclose(weights, torch.stack([s[0, [0, 1]] / s[0, [0, 1]].sum(), s[1, [3, 2]] / s[1, [3, 2]].sum()]))
+    assert torch.allclose(probs, s / s.sum(-1, keepdim=True))
+    counts = torch.tensor([1.0, 1, 1, 1])
+    assert layer(x)[1].lb_loss.item() == pytest.approx((4 / (2 * 2) * (counts * probs.mean(0)).sum()).item())
+    layer.expert_bias.copy_(torch.tensor([0.0, 0, 0.9, 0]))  # expert 2 now beats expert 1 for token 0
+    _, _, weights, experts = layer.route(x)
+    assert experts[0].tolist() == [2, 0] and torch.allclose(weights[0], s[0, [2, 0]] / s[0, [2, 0]].sum())
+    layer.balance(torch.tensor([5, 1, 3, 3]), rate=0.25)  # mean 3: above, below, at, at
+    assert layer.expert_bias.tolist() == pytest.approx([-0.25, 0.25, 0.9, 0.0])
+
+
+def test_aux_free_balancing_moves_the_bias_in_training_and_checkpoints_it(data_cache, tmp_path):
+    """Each update moves every layer's bias by exactly the rate per expert (or not, at the mean), from the
+    step's global load; the checkpoint holds it, and a run without the key has no such buffer."""
+    from sdd_train.checkpoint import read_model_state
+
+    args = small_run(tmp_path, data_cache, "model.ffn=moe", "model.moe.n_experts=4", "model.moe.top_k=2",
+                     "model.moe.expert_hidden=16", "model.moe.bias_update_rate=0.01", "train.max_steps=3",
+                     "train.precision=fp32")
+    assert main(args) == 0
+    state = read_model_state(checkpoint.latest(tmp_path))
+    biases = [v for k, v in state.items() if k.endswith("expert_bias")]
+    assert len(biases) == 2
+    for bias in biases:
+        steps = bias.double() / 0.01  # a sum of three +-1 / 0 moves
+        assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 3 and steps.abs().sum() > 0
+    assert not any("expert_bias" in k for k in moe_layer(4, 2, sdd=False).state_dict())
 
 
 def test_the_default_router_z_loss_weight_is_the_references_as_it_applies_it():

@@ -33,6 +33,7 @@ EVAL_SPLITS = ("val", "train")
 PRECISIONS = ("bf16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
 PARAMETRIZATIONS = ("sp", "mup")
+MOE_GATINGS = ("softmax", "sigmoid")
 NS_DTYPES = ("auto", "fp32", "bf16")
 MUON_LR_ADJUSTS = ("match_rms_adamw", "original")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
@@ -93,6 +94,13 @@ class MoEConfig:
     top_k: int = 8
     expert_hidden: int = 512  # per SwiGLU branch of each expert
     renormalize: bool = False  # combine weights: raw top-k probabilities (SPEC) or renormalised to sum 1
+    # softmax (SPEC): router probabilities | sigmoid (DeepSeek-V3): independent per-expert scores, the top-k
+    # combine weights always normalised to sum 1 (the load-balancing loss uses the scores normalised per token)
+    gating: str = choice(MOE_GATINGS)
+    # Auxiliary-loss-free balancing (DeepSeek-V3): > 0 adds a per-expert bias to the scores for choosing the
+    # experts only (not the combine weights), moved by this much after each update towards the mean load
+    # (+ for an expert below it, - above); a buffer, checkpointed with the model. 0 disables (their 0.001)
+    bias_update_rate: float = 0.0
     lb_loss_weight: float = 0.01  # load balancing, averaged over layers
     # Router z-loss weight on the mean over layers and tokens of logsumexp(router logits)^2. null: the
     # reference's, moe_zloss_weight 0.001 applied (by its megablocks zloss branch) to the sum over layers and

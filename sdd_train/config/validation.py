@@ -83,6 +83,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
     _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
     _positive("model.moe.sdd_out_gain_scale", m.moe.sdd_out_gain_scale)
+    _positive("model.moe.bias_update_rate", m.moe.bias_update_rate, allow_zero=True)
     if m.ffn == "moe":
         for key in ("n_experts", "top_k", "expert_hidden"):
             _positive(f"model.moe.{key}", getattr(m.moe, key))

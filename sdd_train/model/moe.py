@@ -70,27 +70,42 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, sdd: bool):
         super().__init__()
         m = cfg.moe
-        self.n_experts, self.top_k, self.renormalize = m.n_experts, m.top_k, m.renormalize
+        self.n_experts, self.top_k, self.renormalize, self.gating = m.n_experts, m.top_k, m.renormalize, m.gating
         self.router = nn.Linear(cfg.d_model, m.n_experts, bias=False)
+        # auxiliary-loss-free balancing: a selection bias per expert, moved by ``balance`` between steps
+        self.register_buffer("expert_bias", torch.zeros(m.n_experts) if m.bias_update_rate > 0 else None)
         # SDD experts normalise the two branches separately (SPEC section 6: g1*rms(xW1), g2*rms(xV1)).
         self.ff_proj = GroupedLinear(m.n_experts, cfg.d_model, 2 * m.expert_hidden, sdd, cfg.norm_eps,
                                      norm_groups=2, grouped_mm=m.grouped_mm)
         self.ff_out = GroupedLinear(m.n_experts, m.expert_hidden, cfg.d_model, sdd, cfg.norm_eps,
                                     grouped_mm=m.grouped_mm, gain_scale=m.sdd_out_gain_scale)
 
-    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router logits [T, E] in fp32 or wider, combine weights [T, k], expert ids [T, k])."""
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits [T, E] in fp32 or wider, the per-token expert distribution the load-balancing
+        loss uses [T, E], combine weights [T, k], expert ids [T, k])."""
         logits = upcast(F.linear(flat, self.router.weight.to(flat.dtype)))  # fp32 at least
-        probs = logits.softmax(dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
+        scores = logits.softmax(dim=-1) if self.gating == "softmax" else logits.sigmoid()
+        if self.expert_bias is None:
+            weights, experts = scores.topk(self.top_k, dim=-1)
+        else:  # the bias chooses, the scores weigh
+            experts = (scores + self.expert_bias.to(scores.dtype)).topk(self.top_k, dim=-1).indices
+            weights = scores.gather(-1, experts)
+        if self.renormalize or self.gating == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return logits, weights, experts
+        probs = scores if self.gating == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, experts
+
+    @torch.no_grad()
+    def balance(self, load: torch.Tensor, rate: float) -> None:
+        """Move the selection bias by ``rate`` towards the mean load: up for an expert that received fewer
+        (token, expert) pairs than the mean in the step just taken, down for one that received more."""
+        load = load.to(self.expert_bias.dtype)
+        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=rate)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits, weights, experts = self.route(flat)
+        logits, probs, weights, experts = self.route(flat)
         flat_experts = experts.reshape(-1)  # [T * k]: pair p is token p // k
         order = flat_experts.argsort(stable=True)
         token = order // self.top_k
@@ -104,12 +119,11 @@ class MoE(nn.Module):
         y = self.ff_out(F.silu(gate) * up, gemm_counts, row_expert)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
-        return out.view(shape), self.aux_losses(logits, counts)
+        return out.view(shape), self.aux_losses(logits, probs, counts)
 
-    def aux_losses(self, logits: torch.Tensor, counts: torch.Tensor) -> MoEAux:
+    def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> MoEAux:
         """Auxiliary losses (SPEC section 6) and the expert load of this forward."""
         tokens = logits.shape[0]
-        probs = logits.softmax(dim=-1)
         lb = self.n_experts / (self.top_k * tokens) * (counts.to(probs.dtype) * probs.mean(dim=0)).sum()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt())

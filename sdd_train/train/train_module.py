@@ -30,6 +30,7 @@ from sdd_train.eval.validation import EvalSet, evaluate_sets
 from sdd_train.kernels import autocast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
+from sdd_train.model.moe import MoE
 from sdd_train.train.optim import build_optimizer
 from sdd_train.train.schedules import lr_at
 
@@ -130,6 +131,7 @@ class TrainModule:
         self.model = model
         self.optimizer = build_optimizer(model, cfg.optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]  # in the order of the load rows
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
 
     def lr(self, step: int) -> float:
@@ -181,6 +183,10 @@ class TrainModule:
         for group in self.optimizer.param_groups:
             group["lr"] = out.lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
+        rate = self.cfg.model.moe.bias_update_rate
+        if rate > 0 and out.expert_load is not None:  # auxiliary-loss-free balancing, from the step's global load
+            for layer, load in zip(self.moe_layers, out.expert_load):
+                layer.balance(load, rate)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
