@@ -209,6 +209,28 @@ def test_sigmoid_gating_and_the_selection_bias_match_a_hand_computation():
     assert layer.expert_bias.tolist() == pytest.approx([-0.25, 0.25, 0.9, 0.0])
 
 
+def test_the_sequence_wise_load_balancing_loss_matches_a_hand_computation():
+    """lb_loss_scope=sequence: each sequence's own pair counts and mean probabilities, averaged; the two
+    scopes agree on one sequence and differ where the sequences balance each other out."""
+    x = torch.tensor([[[3.0, 2, 0, 0], [3, 2, 0, 0]], [[0, 0, 2, 3], [0, 0, 3, 2]]], dtype=torch.float64)
+    losses = {}
+    for scope in ("micro_batch", "sequence"):
+        layer = moe_layer(4, 2, sdd=False, d=4, lb_loss_scope=scope)
+        with torch.no_grad():
+            layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+        losses[scope] = layer(x)[1].lb_loss.item()
+        assert layer(x[:1])[1].lb_loss.item() == pytest.approx(layer(x[:1].reshape(2, 4))[1].lb_loss.item())
+    probs = torch.softmax(x, -1)
+    per_sequence = []
+    for b in range(2):
+        counts = torch.zeros(4, dtype=torch.float64)
+        for row in probs[b].topk(2, dim=-1).indices:
+            counts[row] += 1
+        per_sequence.append(4 / (2 * 2) * (counts * probs[b].mean(0)).sum())
+    assert losses["sequence"] == pytest.approx(torch.stack(per_sequence).mean().item(), rel=1e-12)
+    assert losses["micro_batch"] < losses["sequence"]  # each sequence uses two experts, the batch all four
+
+
 def test_aux_free_balancing_moves_the_bias_in_training_and_checkpoints_it(data_cache, tmp_path):
     """Each update moves every layer's bias by exactly the rate per expert (or not, at the mean), from the
     step's global load; the checkpoint holds it, and a run without the key has no such buffer."""

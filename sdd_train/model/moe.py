@@ -71,6 +71,7 @@ class MoE(nn.Module):
         super().__init__()
         m = cfg.moe
         self.n_experts, self.top_k, self.renormalize, self.gating = m.n_experts, m.top_k, m.renormalize, m.gating
+        self.lb_loss_scope = m.lb_loss_scope
         self.router = nn.Linear(cfg.d_model, m.n_experts, bias=False)
         # auxiliary-loss-free balancing: a selection bias per expert, moved by ``balance`` between steps
         self.register_buffer("expert_bias", torch.zeros(m.n_experts) if m.bias_update_rate > 0 else None)
@@ -119,12 +120,23 @@ class MoE(nn.Module):
         y = self.ff_out(F.silu(gate) * up, gemm_counts, row_expert)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
-        return out.view(shape), self.aux_losses(logits, probs, counts)
+        sequences = shape[0] if self.lb_loss_scope == "sequence" and len(shape) == 3 else 1
+        return out.view(shape), self.aux_losses(logits, probs, counts, experts, sequences)
 
-    def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> MoEAux:
-        """Auxiliary losses (SPEC section 6) and the expert load of this forward."""
-        tokens = logits.shape[0]
-        lb = self.n_experts / (self.top_k * tokens) * (counts.to(probs.dtype) * probs.mean(dim=0)).sum()
+    def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor,
+                   sequences: int = 1) -> MoEAux:
+        """Auxiliary losses (SPEC section 6) and the expert load of this forward. The load-balancing
+        loss E / (k T) sum_e f_e P_e is taken over ``sequences`` equal groups of the T tokens (each
+        with its own pair counts f and mean distribution P) and averaged; one group: the whole batch."""
+        if sequences == 1:
+            f = counts.to(probs.dtype)[None]
+        else:
+            chosen = experts.reshape(sequences, -1)
+            f = torch.zeros(sequences, self.n_experts, dtype=probs.dtype, device=probs.device)
+            f = f.scatter_add(1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
+        tokens = logits.shape[0] // sequences
+        mean_probs = probs.reshape(sequences, tokens, -1).mean(dim=1)
+        lb = (self.n_experts / (self.top_k * tokens) * (f * mean_probs).sum(-1)).mean()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt())
 
