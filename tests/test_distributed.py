@@ -80,6 +80,8 @@ TWO_RANK_RUNS = {
     "validation": VALIDATION,
     "plain_loss": ["train.loss_chunk_size=0"],
     "muon": ["optim.name=muon", *MOE],
+    "mup": ["model.parametrization=mup", "model.mup_base_width=32", "model.tie_embeddings=false", "train.max_steps=4",
+            "train.checkpoint_interval=0"],
 }
 
 
@@ -326,6 +328,13 @@ def test_muon_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
     one, two = (checkpoint.read_model_state(checkpoint.latest(d)) for d in (tmp_path / "one", two_dir))
     assert one.keys() == two.keys() and any(t.ndim == 3 for t in one.values())
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_mup_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
+    """µP's per-group learning rates, zero head and query / logit factors: 2 ranks train one process's run."""
+    extra = TWO_RANK_RUNS["mup"]
+    assert main(args_for(tmp_path / "one", cache, *extra)) == 0
+    assert_same_run(records(tmp_path / "one"), records(two_rank_run(two_ranks, "mup")), range(1, 5), rel=1e-5)
 
 
 def test_validation_is_split_over_ranks_and_matches_one_process(cache, two_ranks, tmp_path):
