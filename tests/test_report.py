@@ -62,6 +62,30 @@ def test_sweep_report_renders_table_depth_and_similarity(tmp_path, data_cache):
     assert "| pre-depth1 | pre | depth1 | 0 | 4 |" in text  # the results table
 
 
+def test_sweep_report_of_a_learning_rate_sweep_names_each_lines_best_lr(tmp_path, data_cache):
+    """An optim.lr axis: loss against lr, one line per width, and the best lr of each line in a table."""
+    from sdd_train.diagnostics.summary import results
+
+    spec = {"name": "lrs", "base": TINY, "out": str(tmp_path / "sweep"),
+            "overrides": [*SMALL_RUN, f"data.cache_dir={data_cache}", "train.max_steps=3", "train.eval_interval=3"],
+            "axes": [{"name": "width", "values": {"d32": ["model.d_model=32"], "d64": ["model.d_model=64"]}},
+                     {"name": "lr", "key": "optim.lr", "values": [1e-3, 1e-2]}]}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = load_sweep(path)
+    write_manifest(sweep)
+    for run in sweep.runs:
+        assert main([str(sweep.base), *run.overrides]) == 0
+        (Path(run.run_dir) / EXIT_FILE).write_text("0\n")
+    assert report.main([str(tmp_path / "sweep")]) == 0
+    assert_png(tmp_path / "sweep" / "report" / "loss_vs_lr.png")
+    text = (tmp_path / "sweep" / "report" / "report.md").read_text()
+    for width in ("d32", "d64"):
+        best = min((r for r in results(tmp_path / "sweep") if r["width"] == width), key=lambda r: r["val_loss"])
+        lr = {"lr0.001": "0.001", "lr0.01": "0.01"}[best["lr"]]
+        assert f"| all runs | {width} | {lr} | {best['val_loss']:.4g} |" in text, text
+
+
 def test_report_of_something_else_is_a_usage_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err

@@ -217,3 +217,23 @@ def expert_load_heatmaps(records: list[dict[str, Any]], path: Path) -> Path | No
         ax.set(title=f"layer {i}", xlabel="step", ylabel="expert")
         fig.colorbar(image, ax=ax, label="share of pairs")
     return _save(fig, path)
+
+
+def loss_vs_lr(panels: dict[str, dict[str, list[tuple[float, float, bool]]]], path: Path) -> Path:
+    """Final loss against learning rate (log), one panel per group, one line per value of the line axis, its
+    best point a star; diverged runs as crosses."""
+    fig, axes = _grid(len(panels), width=4.6, height=3.4)
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for i, (label, points) in enumerate(lines.items()):
+            points = sorted(points)
+            ok = [(lr, loss) for lr, loss, diverged in points if not diverged and math.isfinite(loss)]
+            bad = [(lr, loss) for lr, loss, diverged in points if diverged and math.isfinite(loss)]
+            if ok:
+                ax.plot(*zip(*ok), marker="o", ms=3, color=f"C{i}", label=label)
+                ax.plot(*min(ok, key=lambda p: p[1]), "*", ms=12, color=f"C{i}")
+            if bad:
+                ax.plot(*zip(*bad), "x", ms=8, color=f"C{i}")
+        ax.set(xscale="log", title=title, xlabel="learning rate", ylabel="final loss (validation if measured)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -26,6 +26,7 @@ from sdd_train.diagnostics.summary import format_cell, read_records, results, su
 from sdd_train.exit_codes import EXIT_OK, UsageError, report_usage_error
 
 DEPTH_KEY = "model.n_layers"
+LR_KEY = "optim.lr"
 
 
 def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
@@ -171,7 +172,40 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
         if points:
             _image(lines, "Final validation loss vs depth (Fig. 10)",
                    plots.loss_vs_depth(points, line_axis, out / "loss_vs_depth.png"), out)
+    if any(a["key"] == LR_KEY for a in axes):
+        _lr_section(lines, axes, rows, runs, out)
     return _write(out, lines)
+
+
+def _lr_section(lines: list[str], axes: list[dict[str, Any]], rows: list[dict[str, Any]], runs: dict[str, Path],
+                out: Path) -> None:
+    """A learning-rate sweep: final loss against lr, one line per value of the last other axis (a width,
+    say), one panel per combination of the rest (a parametrization), and each line's best lr: where
+    it moves across lines, the lr does not transfer."""
+    lr_axis = next(a["name"] for a in axes if a["key"] == LR_KEY)
+    others = [a["name"] for a in axes if a["name"] != lr_axis]
+    line_axis = others[-1] if others else lr_axis
+    panels: dict[str, dict[str, list[tuple[float, float, bool]]]] = {}
+    for r in rows:
+        config = runs[r["run"]] / "config.yaml"
+        if not config.is_file():
+            continue
+        loss = r["val_loss"] if math.isfinite(r["val_loss"]) else r["final_loss"]
+        panel = " ".join(f"{n}={r[n]}" for n in others[:-1]) or "all runs"
+        point = (float(OmegaConf.load(config).optim.lr), loss, bool(r["diverged"]))
+        panels.setdefault(panel, {}).setdefault(str(r[line_axis]), []).append(point)
+    if not panels:
+        return
+    lines += ["## Best learning rate (final validation loss)", "", f"| panel | {line_axis} | best lr | its loss |",
+              "|---|---|---|---|"]
+    for panel, by_line in panels.items():
+        for line, points in by_line.items():
+            ok = [p for p in points if not p[2] and math.isfinite(p[1])]
+            best = min(ok, key=lambda p: p[1]) if ok else None
+            lines.append(f"| {panel} | {line} | {format_cell(best[0]) if best else '-'} |"
+                         f" {format_cell(best[1]) if best else '-'} |")
+    lines.append("")
+    _image(lines, "Final loss vs learning rate", plots.loss_vs_lr(panels, out / "loss_vs_lr.png"), out)
 
 
 def _write(out: Path, lines: list[str]) -> Path:
