@@ -39,21 +39,26 @@ def test_run_report_and_on_demand_activations_match_the_training_loop(tmp_path, 
     assert "![Gradient norm per layer (Fig. 7)](grad_norms.png)" in text
 
 
+def train_sweep(spec: dict, tmp_path: Path) -> None:
+    """Train a sweep as `sdd-sweep run` trains and records its runs (tests/test_sweep.py), here in this
+    process, then write its report."""
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep = load_sweep(path)
+    write_manifest(sweep)
+    for run in sweep.runs:
+        assert main([str(sweep.base), *run.overrides]) == 0
+        (Path(run.run_dir) / EXIT_FILE).write_text("0\n")
+    assert report.main([spec["out"]]) == 0
+
+
 def test_sweep_report_renders_table_depth_and_similarity(tmp_path, data_cache):
     spec = {"name": "mini", "base": TINY, "out": str(tmp_path / "sweep"),
             "overrides": [*SMALL_RUN, f"data.cache_dir={data_cache}", "train.max_steps=4", "train.eval_interval=4",
                           "diagnostics.layer_stats_interval=2", "diagnostics.activation_interval=4"],
             "axes": [{"name": "block", "key": "model.block", "values": ["pre", "sdd"]},
                      {"name": "depth", "key": "model.n_layers", "values": [1, 2]}]}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    # the runs as `sdd-sweep run` trains and records them (tests/test_sweep.py), here in this process
-    sweep = load_sweep(path)
-    write_manifest(sweep)
-    for run in sweep.runs:
-        assert main([str(sweep.base), *run.overrides]) == 0
-        (Path(run.run_dir) / EXIT_FILE).write_text("0\n")
-    assert report.main([str(tmp_path / "sweep")]) == 0
+    train_sweep(spec, tmp_path)
     out = tmp_path / "sweep" / "report"
     for name in ("table.png", "loss.png", "grad_by_layer_0.png", "similarity.png", "loss_vs_depth.png"):
         assert_png(out / name)
@@ -70,14 +75,7 @@ def test_sweep_report_of_a_learning_rate_sweep_names_each_lines_best_lr(tmp_path
             "overrides": [*SMALL_RUN, f"data.cache_dir={data_cache}", "train.max_steps=3", "train.eval_interval=3"],
             "axes": [{"name": "width", "values": {"d32": ["model.d_model=32"], "d64": ["model.d_model=64"]}},
                      {"name": "lr", "key": "optim.lr", "values": [1e-3, 1e-2]}]}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    sweep = load_sweep(path)
-    write_manifest(sweep)
-    for run in sweep.runs:
-        assert main([str(sweep.base), *run.overrides]) == 0
-        (Path(run.run_dir) / EXIT_FILE).write_text("0\n")
-    assert report.main([str(tmp_path / "sweep")]) == 0
+    train_sweep(spec, tmp_path)
     assert_png(tmp_path / "sweep" / "report" / "loss_vs_lr.png")
     text = (tmp_path / "sweep" / "report" / "report.md").read_text()
     for width in ("d32", "d64"):
