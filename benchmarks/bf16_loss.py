@@ -8,8 +8,9 @@ only in the compared axis (the sweep's last, or ``--compare``).
 Why the stand-in: on a CPU without AVX-512 bf16 or AMX, PyTorch multiplies bf16 matrices in its
 reference loop, ~26x slower than fp32 (docs/benchmarks.md), which puts a bf16 run of the tiny recipe at
 hours. A bf16 GEMM accumulates in fp32 and rounds its output to bf16 once, on GPUs and in that loop
-alike; an fp32 GEMM of the same bf16 inputs, rounded once, computes the same products at fp32 speed
-(tests/test_bf16_loss.py: bitwise equal to PyTorch's bf16 kernels on CPU, a training step included).
+alike; an fp32 GEMM of the same bf16 inputs, rounded once, computes them at fp32 speed up to the
+order of the fp32 sums (tests/test_bf16_loss.py: as accurate as PyTorch's own bf16 kernel against
+float64, and a training run through it matches the native bf16 run).
 Everything else (the bf16 parameters, the autocast casts, attention, the norms) runs as it would.
 The run directories make a sweep directory (``sweep.json``): ``sdd-report OUT`` plots them.
 """
@@ -17,10 +18,9 @@ The run directories make a sweep directory (``sweep.json``): ``sdd-report OUT`` 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.record import write_json  # noqa: E402
 from sdd_train.diagnostics.summary import EXIT_FILE, read_records, summarise  # noqa: E402
 from sdd_train.exit_codes import UsageError, report_usage_error  # noqa: E402
+from sdd_train.sweeps.launch import write_manifest  # noqa: E402
 
 aten = torch.ops.aten
 GEMMS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -101,21 +102,20 @@ def main(argv: list[str] | None = None) -> int:
         return report_usage_error(e)
     torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / "bf16" / sweep.name
+    # the sweep with its runs moved under ``out``: its sweep.json is what sdd-sweep writes (sdd-report reads it)
+    sweep = dataclasses.replace(sweep, out=out, runs=[
+        dataclasses.replace(r, run_dir=str(out / r.name), overrides=[
+            *(o for o in r.overrides if not o.startswith("run_dir=")), f"run_dir={out / r.name}"])
+        for r in sweep.runs])
     rows = []
     for run in sweep.runs:
-        run_dir = out / run.name
-        exit_file = run_dir / EXIT_FILE
+        exit_file = Path(run.run_dir) / EXIT_FILE
         if not exit_file.is_file():  # a finished run is kept; an interrupted one resumes from its checkpoint
-            code = train_run(sweep.base, [o for o in run.overrides if not o.startswith("run_dir=")]
-                             + [f"run_dir={run_dir}"])
-            exit_file.write_text(f"{code}\n")
-        run_dir_str = str(run_dir)
-        rows.append({"name": run.name, "labels": run.labels, "run_dir": run_dir_str, **summarise(run_dir, sweep.diverge_loss)})
+            exit_file.write_text(f"{train_run(sweep.base, run.overrides)}\n")
+        rows.append({"name": run.name, "labels": run.labels, "run_dir": run.run_dir,
+                     **summarise(run.run_dir, sweep.diverge_loss)})
         print(f"{run.name}: final loss {rows[-1]['final_loss']:.4f}, val {rows[-1]['val_loss']:.4f}", flush=True)
-    manifest = {"name": sweep.name, "base": str(sweep.base), "diverge_loss": sweep.diverge_loss,
-                "axes": [{"name": a.name, "key": a.key} for a in sweep.axes],
-                "runs": [{**asdict(r), "run_dir": str(out / r.name)} for r in sweep.runs]}
-    (out / "sweep.json").write_text(json.dumps(manifest, indent=1))
+    write_manifest(sweep)
     table = compare(rows, axis)
     print("\n".join(table))
     write_json(out / "bf16_loss.json", sweep=str(args.sweep), compared=axis, rows=rows, table=table)

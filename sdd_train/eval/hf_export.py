@@ -43,8 +43,8 @@ MODELING_FILE = "modeling_sdd_train.py"
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (exit_codes, ("UsageError",)),
     (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
-              "PARAMETRIZATIONS", "MOE_GATINGS", "LB_LOSS_SCOPES", "choice", "InitConfig", "SpanNormConfig", "REFERENCE_ROUTER_Z_LOSS", "MoEConfig",
-              "ModelConfig")),
+              "PARAMETRIZATIONS", "MOE_GATINGS", "LB_LOSS_SCOPES", "choice", "InitConfig", "SpanNormConfig",
+              "REFERENCE_ROUTER_Z_LOSS", "MoEConfig", "ModelConfig")),
     (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
     (norm, ("NORM_BLOCK_ELEMENTS", "norm_row_blocks", "RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm")),

@@ -5,8 +5,9 @@ With the width multiplier ``m = d_model / mup_base_width`` (the base model has t
 head_dim grows with m too):
 
 - hidden matrices (attention, FFN, SDD ``V``, experts, router): init std sigma_base / sqrt(m), Adam
-  learning rate lr / m (Muon: :func:`hidden_lr_scale`). Their fan-in grows with m, so an update of fixed per-entry size would move
-  their outputs m times as much; the router counts as hidden (fan-in d) rather than as a readout;
+  learning rate lr / m (Muon: :func:`hidden_lr_scale`). Their fan-in grows with m, so an update of
+  fixed per-entry size would move their outputs m times as much; the router counts as hidden (fan-in
+  d) rather than as a readout;
 - the embedding (its fan-in, the vocabulary, does not grow): init std sigma_base, learning rate lr;
 - norm gains and SDD ``alpha``s (vectors, one entry per feature): as in SP. Under SDD the ``alpha``s
   carry each feature's scale and ``V`` only its direction (RMSNorm(V x) is invariant to V's scale),
