@@ -419,3 +419,26 @@ def test_stdlib_corpus_is_cached_and_files_capped(data_cache):
     files = stdlib_files(200_000)
     assert files == sorted(files) and sum(p.stat().st_size for p in files) <= 200_000
     assert all(p.stat().st_size > 0 for p in stdlib_files(DataConfig().max_corpus_bytes))  # empty __init__.py out
+
+
+BUILD_CORPUS = """
+import sys
+from sdd_train.config import DataConfig
+from sdd_train.data.corpus import load_stdlib_corpus
+cfg = DataConfig(max_corpus_bytes=400_000, tokenizer_vocab_size=512, val_fraction=0.3, cache_dir=sys.argv[1])
+data = load_stdlib_corpus(cfg, log=lambda m: None)
+print(data.train.documents, data.val.documents, sum(a.size for a in data.train.arrays))
+"""
+
+
+def test_processes_that_build_one_corpus_at_once_agree(tmp_path):
+    """Two runs sharing a data cache (two sweeps, the matrix's shards, a job array) start together: each
+    gets the whole corpus, built once, and neither trips over the other's partial files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_CORPUS, str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert len({out for out, _ in outputs}) == 1
+    (dataset,) = tmp_path.glob("stdlib-*/dataset")
+    assert not [p for p in dataset.parent.rglob("*") if ".tmp" in p.name or ".partial" in p.name]

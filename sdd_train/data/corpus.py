@@ -7,6 +7,8 @@ config builds its own cache instead of reusing a stale one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -96,16 +98,35 @@ def load_stdlib_corpus(cfg: DataConfig, log=print) -> PreparedDataset:
     directory = cache_root(cfg) / f"stdlib-{_fingerprint(files, cfg)}"
     dataset = directory / "dataset"
     if not (dataset / "metadata.json").is_file():
-        log(f"data: building the default corpus from {len(files)} standard-library files"
-            f" ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB) in {directory}")
-        # the documents as sdd-data prepare decodes them (bytes, not text mode: no newline translation)
-        texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
-        tokenizer = directory / "tokenizer.model"
-        if not tokenizer.is_file():
-            train_tokenizer(texts, directory / "tokenizer", vocab_size=cfg.tokenizer_vocab_size)
-        fraction = fair_val_fraction(texts, cfg.val_fraction)
-        # one process: the trainer has already started torch's threads, which fork would not survive
-        prepare([str(p) for p in files], tokenizer, dataset, fmt="text",
-                opts=PrepareOptions(utf8_errors="replace", val_fraction=fraction), workers=1,
-                progress=False, log=log)
+        with _building(directory):  # runs that share the cache and start together build it once
+            if not (dataset / "metadata.json").is_file():
+                _build(files, directory, dataset, cfg, log)
     return PreparedDataset(dataset)
+
+
+@contextlib.contextmanager
+def _building(directory: Path):
+    """Hold an exclusive lock on ``directory`` (an flock on a file in it; the kernel drops it when the
+    holder dies, so a killed builder never leaves the cache locked)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(files: list[Path], directory: Path, dataset: Path, cfg: DataConfig, log) -> None:
+    log(f"data: building the default corpus from {len(files)} standard-library files"
+        f" ({sum(p.stat().st_size for p in files) / 1e6:.1f} MB) in {directory}")
+    # the documents as sdd-data prepare decodes them (bytes, not text mode: no newline translation)
+    texts = [p.read_bytes().decode("utf-8", errors="replace") for p in files]
+    tokenizer = directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        train_tokenizer(texts, directory / "tokenizer", vocab_size=cfg.tokenizer_vocab_size)
+    fraction = fair_val_fraction(texts, cfg.val_fraction)
+    # one process: the trainer has already started torch's threads, which fork would not survive
+    prepare([str(p) for p in files], tokenizer, dataset, fmt="text",
+            opts=PrepareOptions(utf8_errors="replace", val_fraction=fraction), workers=1,
+            progress=False, log=log)
