@@ -1,7 +1,8 @@
 """``make matrix``: run every combination of tests/matrix.py's axes (or the CI's pairwise subset, or those
 matching --only) a few steps, each checked against its reference, and write the table into
-docs/testing.md between its markers. Results go to WORK/results.jsonl as they come, so an interrupted
-matrix resumes where it stopped (--fresh starts over).
+docs/matrix/table.md (every row) and its summary into docs/testing.md between its markers. Each row goes to
+docs/matrix/results.jsonl as it finishes, with the commit, CPU and date it ran on: the file is committed, so
+an interrupted matrix resumes where it stopped, in this clone or another (--fresh starts over).
 
     python scripts/matrix.py                                # everything (hours on 2 cores)
     python scripts/matrix.py --subset pairwise              # what CI runs
@@ -13,7 +14,9 @@ matrix resumes where it stopped (--fresh starts over).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import json
+import os
 import platform
 import re
 import shutil
@@ -33,6 +36,7 @@ from matrix_run import Diff, Outcome, Row  # noqa: E402
 from sdd_train.exit_codes import UsageError, report_usage_error  # noqa: E402
 
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+RESULTS = ROOT / "docs" / "matrix" / "results.jsonl"
 POOL = 24  # multi-rank combinations per torchrun launch (tests/rank_pool.py); a failure loses the rest of one
 
 
@@ -64,8 +68,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_rows(path: Path) -> dict[str, tuple[Row, Outcome]]:
-    """The rows (and how each run ended) of earlier invocations, by name."""
+def commit() -> str:
+    """The checkout's commit, with '+' when tracked files differ from it (rows then ran on uncommitted code)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    return head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+RUN_ON = {"commit": "", "cpu": "", "date": ""}  # where the rows of this invocation run; set in run_matrix
+
+
+def load_rows(path: Path) -> dict[str, tuple[Row, Outcome, dict[str, str]]]:
+    """The rows (how each run ended, and where it ran) of earlier invocations, by name."""
     rows = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -74,26 +89,59 @@ def load_rows(path: Path) -> dict[str, tuple[Row, Outcome]]:
             row = Row(Combo(tuple(r["values"])), r["status"], r["seconds"], r["reference"], diff, r["note"])
             if diff:  # judged again: the tolerances may have changed since
                 row.status, row.note = matrix_run.judge_diff(row.combo, row.reference.split(":")[0], diff)
-            rows[r["name"]] = row, Outcome(r["outcome"], r["seconds"], r["note"])
+            rows[r["name"]] = row, Outcome(r["outcome"], r["seconds"], r["note"]), {k: r.get(k, "?") for k in RUN_ON}
     return rows
 
 
 def save_row(path: Path, row: Row, outcome: Outcome) -> None:
     record = {"name": row.combo.name, "values": list(row.combo.values), "status": row.status, "outcome": outcome.status,
               "seconds": row.seconds, "reference": row.reference, "note": row.note,
-              "steps": row.diff.steps if row.diff else None, "weights": row.diff.weights if row.diff else None}
+              "steps": row.diff.steps if row.diff else None, "weights": row.diff.weights if row.diff else None,
+              **RUN_ON}
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def table(rows: list[Row], selected: int, command: str, wall: float) -> str:
+def headline(rows: list[Row], meta: dict[str, dict[str, str]], selected: int, command: str) -> str:
+    """One sentence: what ran, where, and how it ended."""
     counts = {s: sum(r.status == s for r in rows) for s in ("pass", "refused", "fail", "untested")}
     ran = f"{len(rows)} combinations" if len(rows) == selected else f"{len(rows)} of the {selected} combinations selected"
-    lines = [BEGIN, "",
-             f"`{command}` on {date.today().isoformat()}, {cpu_model()} ({ran},"
-             f" {wall / 60:.0f} min of runs): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".",
-             "", *matrix_run.TABLE_HEADER, *map(matrix_run.format_row, rows), "", END]
-    return "\n".join(lines)
+    where = {k: sorted({meta[r.combo.name][k] for r in rows}) for k in RUN_ON}
+    dates = where["date"][0] + (f" to {where['date'][-1]}" if len(where["date"]) > 1 else "")
+    wall = sum(r.seconds for r in rows)
+    return (f"`{command}`, {dates}, {' / '.join(where['cpu'])}, commit {', '.join(where['commit'])} ({ran},"
+            f" {wall / 60:.0f} min of runs): " + ", ".join(f"{n} {s}" for s, n in counts.items()) + ".")
+
+
+def summary(rows: list[Row], head: str, table_path: str) -> str:
+    """What docs/testing.md shows: the headline, the largest differences of each kind of comparison against
+    the tolerance asserted, and every row that failed."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        kind = row.reference.split(":")[0] or ("refused (exit 2, one line)" if matrix.refusal(row.combo)
+                                               else "none: 3 finite losses")
+        groups.setdefault((kind, row.combo["precision"]), []).append(row)
+    lines = [BEGIN, "", head, f"Every row: [{table_path}]({table_path}).", "",
+             "| comparison | precision | combinations | pass | largest steps Δ (rel) | largest weights Δ (abs) |",
+             "|---|---|---|---|---|---|"]
+    for (kind, precision), group in sorted(groups.items()):
+        diffs = [r.diff for r in group if r.diff]
+        steps = f"{max(d.steps for d in diffs):.1e}" if diffs else ""
+        weights = f"{max(d.weights for d in diffs):.1e}" if diffs else ""
+        passed = sum(r.status in ("pass", "refused") for r in group)
+        lines.append(f"| {kind} | {precision} | {len(group)} | {passed} | {steps} | {weights} |")
+    failed = [r for r in rows if r.status in ("fail", "untested")]
+    lines += ["", "Failed or untested: " + ("none." if not failed else f"{len(failed)}."), ""]
+    if failed:
+        lines += [*matrix_run.TABLE_HEADER, *map(matrix_run.format_row, failed), ""]
+    return "\n".join(lines + [END])
+
+
+def full_table(rows: list[Row], head: str) -> str:
+    return "\n".join(["# The feature matrix, every row", "",
+                      "Written by `scripts/matrix.py` (`make matrix`); what the axes and comparisons are:"
+                      " [testing.md](../testing.md#the-feature-matrix).", "", head, "",
+                      *matrix_run.TABLE_HEADER, *map(matrix_run.format_row, rows), ""])
 
 
 def write_doc(doc: Path, text: str) -> None:
@@ -102,6 +150,17 @@ def write_doc(doc: Path, text: str) -> None:
     if not pattern.search(old):
         raise UsageError(f"{doc}: no {BEGIN} ... {END} markers to write the table between")
     doc.write_text(pattern.sub(lambda _: text, old))
+
+
+def forget_lost_references(todo: list[Combo], loaded: dict, work: Path) -> None:
+    """A combination still to run is compared with its reference's run directory; where that reference's row
+    came from another clone (results.jsonl is committed, run directories are not), run the reference again."""
+    for combo in todo:
+        ref = matrix.reference(combo)
+        while combo.name not in loaded and ref and ref[0].name in loaded:
+            if loaded[ref[0].name][1].status == "ok" and not (work / ref[0].name / "metrics.jsonl").exists():
+                del loaded[ref[0].name]
+            combo, ref = ref[0], matrix.reference(ref[0])
 
 
 def main() -> int:
@@ -124,7 +183,10 @@ def run_matrix() -> int:
                         help="only combinations with this value (repeatable)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "matrix", help="run directories, results.jsonl")
     parser.add_argument("--cache", type=Path, default=None, help="data cache (default: WORK/cache)")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "testing.md")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="each finished combination's row (committed, so a matrix resumes across clones)")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "testing.md", help="where the summary goes")
+    parser.add_argument("--table", type=Path, default=RESULTS.parent / "table.md", help="where every row goes")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results in WORK")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one combination may take")
     parser.add_argument("--table-only", action="store_true",
@@ -137,13 +199,19 @@ def run_matrix() -> int:
                              " a crash ends the matrix, which re-running resumes)")
     args = parser.parse_args()
     combos = select(args.subset, args.only, args.shard)
-    if args.fresh and args.work.exists():
-        shutil.rmtree(args.work)
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+        args.results.unlink(missing_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    results = args.work / "results.jsonl"
-    done = load_rows(results)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    RUN_ON.update(commit=commit(), cpu=cpu_model(), date=date.today().isoformat())
+    loaded = load_rows(args.results)
     runner = matrix_run.Runner(args.work, args.cache or args.work / "cache", args.in_process, args.timeout)
     todo = matrix.with_references(combos)
+    if not args.table_only:
+        forget_lost_references(todo, loaded, args.work)
+    done = {name: (row, outcome) for name, (row, outcome, _) in loaded.items()}
+    meta = {name: where for name, (_, _, where) in loaded.items()}
     start = time.perf_counter()
     for i, combo in enumerate(todo, 1):
         if args.table_only and combo.name not in done:
@@ -154,20 +222,21 @@ def run_matrix() -> int:
         if combo.world > 1 and combo not in runner.prefetched:  # the next multi-rank runs: one launch
             runner.prefetch([c for c in todo[i - 1:] if c.world == combo.world and c.name not in done][:POOL])
         row = runner.row(combo)
-        save_row(results, row, runner.outcomes[combo])
-        done[combo.name] = row, runner.outcomes[combo]
+        save_row(args.results, row, runner.outcomes[combo])
+        done[combo.name], meta[combo.name] = (row, runner.outcomes[combo]), dict(RUN_ON)
         print(f"[{i}/{len(todo)}] {matrix_run.format_row(row)}", flush=True)
     rows = [done[c.name][0] for c in todo if c.name in done]
-    wall = sum(row.seconds for row in rows)
     command = "make matrix" + (f" MATRIX_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else "")
     if args.shard:
         print(f"shard {args.shard}: {len(rows)} of its {len(todo)} combinations; the table: --table-only once every"
               " shard has run")
     else:
-        write_doc(args.doc, table(rows, len(todo), command, wall))
+        head = headline(rows, meta, len(todo), command)
+        args.table.write_text(full_table(rows, head))
+        write_doc(args.doc, summary(rows, head, os.path.relpath(args.table, args.doc.parent)))
     failed = [row.combo.name for row in rows if row.status in ("fail", "untested")]
     print(f"{len(rows)} of {len(todo)} combinations in {(time.perf_counter() - start) / 60:.1f} min; {len(failed)} failed"
-          " or untested" + ("" if args.shard else f"; table in {args.doc}"))
+          " or untested" + ("" if args.shard else f"; table in {args.table}, summary in {args.doc}"))
     return 1 if failed else 0
 
 

@@ -38,14 +38,19 @@ def test_references_differ_only_in_what_they_compare():
                                                            for k in kind.split("+")})
 
 
-def test_shards_split_the_product_each_with_its_references():
-    """``make matrix MATRIX_ARGS=--shard I/N``: N disjoint parts that make up the product, each closed under
-    the references its combinations are compared with (so N matrices can run at once into one WORK)."""
+def matrix_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("matrix_script", Path(__file__).parents[1] / "scripts" / "matrix.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_shards_split_the_product_each_with_its_references():
+    """``make matrix MATRIX_ARGS=--shard I/N``: N disjoint parts that make up the product, each closed under
+    the references its combinations are compared with (so N matrices can run at once into one WORK)."""
+    script = matrix_script()
     shards = [script.select("full", [], f"{i}/3") for i in range(3)]
     assert sum(map(len, shards)) == len(PRODUCT) and set().union(*map(set, shards)) == set(PRODUCT)
     assert max(map(len, shards)) - min(map(len, shards)) <= len(PRODUCT) / 20  # roughly even
@@ -53,6 +58,27 @@ def test_shards_split_the_product_each_with_its_references():
         assert set(matrix.with_references(shard)) == set(shard)
     with pytest.raises(script.UsageError, match="--shard 3/3"):
         script.select("full", [], "3/3")
+
+
+def test_a_matrix_resumed_in_another_clone_reruns_the_references_it_compares_with(tmp_path):
+    """results.jsonl is committed and run directories are not: a combination still to run whose reference's
+    row came from elsewhere gets that reference run again here (a reference that failed stays as it is)."""
+    script = matrix_script()
+    acfull = matrix.make(ac="full", compile="on")
+    compiled, root = matrix.make(compile="on"), matrix.make()
+    ok = matrix_run.Outcome("ok", 1.0)
+    loaded = {c.name: (None, ok, {}) for c in (compiled, root)}
+    lost = dict(loaded)
+    script.forget_lost_references(matrix.with_references([acfull]), lost, tmp_path)
+    assert lost == {}  # acfull's reference, and that one's
+    (tmp_path / root.name).mkdir()
+    (tmp_path / root.name / "metrics.jsonl").touch()
+    here = dict(loaded)
+    script.forget_lost_references(matrix.with_references([acfull]), here, tmp_path)
+    assert list(here) == [root.name]
+    failed = {compiled.name: (None, matrix_run.Outcome("fail", 1.0), {})}
+    script.forget_lost_references([acfull], failed, tmp_path)
+    assert list(failed) == [compiled.name]
 
 
 def test_the_subset_covers_every_pair_of_settings():
