@@ -19,14 +19,15 @@ def mup_cfg(block: str = "pre", width: int = 128, base: int = 32, **kw):
     return small_model_cfg(block, d_model=width, ffn_hidden=2 * width, parametrization="mup", mup_base_width=base, **kw)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("block", ["pre", "sdd"])
-def test_at_its_base_width_a_mup_model_is_the_sp_model(block):
-    """Same weights, same logits to the bit, every learning rate the schedule's (tied embeddings)."""
+def test_at_its_base_width_a_mup_model_is_the_sp_model(block, tied):
+    """Same weights, same logits to the bit, every learning rate the schedule's."""
     models = []
     for parametrization in ("sp", "mup"):
         torch.manual_seed(0)
         models.append(Transformer(small_model_cfg(block, d_model=32, parametrization=parametrization,
-                                                  mup_base_width=32)))
+                                                  mup_base_width=32, tie_embeddings=tied)))
     sp, mup = models
     for (name, a), b in zip(sp.state_dict().items(), mup.state_dict().values()):
         assert torch.equal(a, b), name
@@ -37,9 +38,9 @@ def test_at_its_base_width_a_mup_model_is_the_sp_model(block):
 
 @pytest.mark.parametrize("block", ["pre", "sdd"])
 def test_the_rules_at_four_times_the_base_width(block):
-    """m = 4: hidden matrices' std halved and lr / 4; embedding std as at the base width; gains, alphas
-    and the (zero) head at the base lr; queries x 1/2 (softmax scale sqrt(8)/32 = (1/sqrt(32)) / 2);
-    logits x 1/4."""
+    """m = 4: hidden matrices' std halved and lr / 4; embedding and head std as at the base width (the
+    head's 1/sqrt(32), twice SP's 1/sqrt(128)); gains, alphas and the head at the base lr; queries x 1/2
+    (softmax scale sqrt(8)/32 = (1/sqrt(32)) / 2); logits x 1/4."""
     torch.manual_seed(0)
     cfg = mup_cfg(block, tie_embeddings=False)
     model = Transformer(cfg)
@@ -47,7 +48,7 @@ def test_the_rules_at_four_times_the_base_width(block):
     assert model.embed.weight.std().item() == pytest.approx(sigma_base, rel=0.05)
     q_proj = model.blocks[0].attention.att_proj.weight
     assert q_proj.std().item() == pytest.approx(sigma_base / 2, rel=0.05)
-    assert torch.count_nonzero(model.lm_head.weight) == 0
+    assert model.lm_head.weight.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.05)
     assert model.blocks[0].attention.q_scale == 0.5 and model.logit_scale == 0.25
     groups = {g["name"]: g for g in param_groups(model, OptimConfig())}
     assert groups["matrices"]["lr_scale"] == 0.25
@@ -80,13 +81,17 @@ def test_the_query_factor_is_a_softmax_scale_of_sqrt_base_head_dim_over_head_dim
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_sp():
     """Widths 32..128 of a 2-layer pre-norm model, untied head, 4 steps: what training changed in the
-    attention and FFN outputs and the logits grows with width under SP, and stays within 40% under µP (measured: SP 1.75x and 2.08x, µP at most 1.24x)."""
+    attention and FFN outputs grows with width under SP, and stays within 40% under µP. The logits' change
+    under µP carries the initial head's term W_0 dx / m, which falls as 1/sqrt(m) (half over these 4x) and
+    leads at small widths; what µP forbids is growth. Measured: SP attention 1.75x, FFN 2.08x; µP
+    0.93x-1.07x, logits 0.50x."""
     results = coord_check(TINY, ["model.block=pre", "model.n_layers=2", "model.tie_embeddings=false",
                                  "train.seq_len=32"], [32, 64, 128], steps=4)
     for family in ("attention", "ffn"):
         assert growth(results["sp"], family) > 1.5, family
-    for family in FAMILIES:
+    for family in set(FAMILIES) - {"logits"}:
         assert 0.75 < growth(results["mup"], family) < 1.4, family
+    assert 0.45 < growth(results["mup"], "logits") < 1.4
 
 
 def test_sdd_coord_check_writes_its_plot_and_numbers(tmp_path, capsys):

@@ -13,16 +13,17 @@ head_dim grows with m too):
   carry each feature's scale and ``V`` only its direction (RMSNorm(V x) is invariant to V's scale),
   so the width rules reach SDD's scales only through the vectors, which need none;
 - the LM head: learning rate lr, logits multiplied by 1 / m (the ``mup`` package's MuReadout): its
-  fan-in grows, its fan-out does not. An untied head starts at zero (Yang et al., appendix D.2): from
-  a random one, the logits' change would carry a term (the hidden state's change through the initial
-  head) that vanishes as 1 / m and dominates at small widths; a tied one is the embedding;
+  fan-in grows, its fan-out does not. An untied head starts as the base model's, std
+  1 / sqrt(base width), as MuReadout's rescaled default init; a tied one is the embedding. A zero head
+  (Yang et al., appendix D.2, optional there) trained ~0.7 nats worse in our transfer sweep at every
+  width under Adam, the base width included (docs/results.md, "µP");
 - attention: softmax scale sqrt(base_head_dim) / head_dim instead of 1 / sqrt(head_dim), µP's
   1 / head_dim with the constant that makes it SP's at the base width. Applied as a factor on q, so
   every attention kernel (flash-attn, FlexAttention, SDPA, the CPU kernel, a KV cache) runs as is.
 
 sigma_base is ``model.init.std`` (times its multipliers), or OLMo2's 1 / sqrt(2.5 d) at the base
-width. At m = 1 every rule but the untied head's zero init is SP's: a µP model at its base width is
-the SP model to the bit (tests/test_mup.py) when its embeddings are tied.
+width. At m = 1 every rule is SP's: a µP model at its base width is the SP model to the bit
+(tests/test_mup.py).
 """
 
 from __future__ import annotations

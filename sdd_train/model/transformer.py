@@ -26,7 +26,7 @@ from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
 from sdd_train.model.moe import MoEAux
-from sdd_train.model.mup import init_stds, logit_scale
+from sdd_train.model.mup import init_stds, logit_scale, width_mult
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -202,8 +202,9 @@ class Transformer(nn.Module):
         embed_std = embed_sigma * init.sdd_std_multiplier if scheme == "sdd" else embed_sigma
         # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
         init_full_(self.embed.weight, lambda w: trunc_normal_(w, embed_std))
-        if self.lm_head is not None:  # µP: zero, so the logits' change is the head's update (mup.py)
-            init_full_(self.lm_head.weight, lambda w: w.zero_() if cfg.parametrization == "mup" else trunc_normal_(w, d**-0.5))
+        if self.lm_head is not None:  # std 1/sqrt(fan-in) of the base width: under µP its 1/m multiplier follows (mup.py)
+            head_std = (d / width_mult(cfg)) ** -0.5
+            init_full_(self.lm_head.weight, lambda w: trunc_normal_(w, head_std))
 
         for block in self.blocks:
             att_proj, attn_out = block.attention.att_proj, block.attention.attn_out
