@@ -32,6 +32,31 @@ def test_a_bad_mesh_shape_is_a_config_error_naming_the_key(replicate, shard, wor
     assert message.startswith(f"{key}:") and str(world) in message and len(message.splitlines()) == 1
 
 
+@pytest.mark.parametrize("ep,replicate,world,ok", [
+    (2, 1, 2, True), (2, 2, 4, True), (4, 1, 4, True), (2, 1, 4, False), (2, 1, 1, False), (4, 2, 4, False),
+])
+def test_expert_parallelism_splits_the_shard_ranks(ep, replicate, world, ok):
+    par = ParallelConfig(dp_replicate=replicate, ep=ep)
+    if ok:
+        dims = ParallelDims.from_config(par, world)
+        assert dims.ep == dims.dp_shard == ep and "experts split over" in dims.describe()
+        return
+    with pytest.raises(ConfigError, match=r"^parallel\.ep: ") as err:
+        ParallelDims.from_config(par, world)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["parallel.ep=2"], "needs an MoE"),
+    (["model.ffn=moe", "model.moe.n_experts=6", "model.moe.top_k=2", "parallel.ep=4"], "do not split over 4"),
+    (["parallel.ep=0"], "parallel.ep"),
+])
+def test_expert_parallelism_on_a_model_it_cannot_split_exits_2(overrides, fragment, tmp_path, capsys):
+    assert main([TINY, f"run_dir={tmp_path / 'run'}", *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_mesh_dims_and_description():
     fsdp, hsdp, one = ParallelDims(1, 2, 2), ParallelDims(2, 2, 4), ParallelDims(1, 1, 1)
     assert fsdp.mesh_dims() == (("dp_shard", 2),)

@@ -293,7 +293,8 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """Data parallelism over all ranks: FSDP2 (dp_replicate=1) or HSDP (replicate x shard)."""
+    """Data parallelism over all ranks: FSDP2 (dp_replicate=1) or HSDP (replicate x shard), and expert
+    parallelism over the shard ranks."""
 
     dp_replicate: int = 1  # replica groups; > 1 is HSDP
     dp_shard: int = -1  # ranks per shard group; -1: world_size / dp_replicate
@@ -305,6 +306,9 @@ class ParallelConfig:
     # bytes; embedding output, residual stream and gains bf16). Master weights and gradient reduction stay
     # fp32; one process computes what N ranks compute in both. bf16 needs train.precision=bf16.
     param_dtype: str = choice(PARAM_DTYPE_NAMES)
+    # Expert parallelism: each rank of a dp_shard group holds n_experts / ep whole experts (no all-gather of
+    # them) and tokens travel to their experts' rank (all-to-all). 1: off; otherwise ep = dp_shard.
+    ep: int = 1
 
 
 @dataclass

@@ -154,6 +154,12 @@ def validate(cfg: RunConfig) -> None:
     if par.dp_shard != -1:
         _positive("parallel.dp_shard", par.dp_shard)
     _positive("parallel.ac_every", par.ac_every)
+    _positive("parallel.ep", par.ep)
+    if par.ep > 1 and m.ffn != "moe":
+        raise ConfigError(f"parallel.ep: expert parallelism needs an MoE (model.ffn=moe, got {m.ffn}); set parallel.ep=1")
+    if par.ep > 1 and m.moe.n_experts % par.ep:
+        raise ConfigError(f"parallel.ep: {m.moe.n_experts} experts do not split over {par.ep} ranks; choose an ep that"
+                          " divides model.moe.n_experts")
     if par.param_dtype == "bf16" and t.precision != "bf16":
         raise ConfigError(f"parallel.param_dtype: bf16 parameters need train.precision=bf16 (got {t.precision});"
                           " set train.precision=bf16 or parallel.param_dtype=fp32")

@@ -2,10 +2,11 @@
 world size (:func:`sdd_train.distributed.world.init_world` keeps them on the :class:`World`), and the
 device mesh they make.
 
-Data parallelism only, for now: ``dp_replicate`` groups (HSDP when more than one) of ``dp_shard``
-ranks that shard the parameters among them. Another dimension (expert parallelism: an ``ep``
-that splits the ``dp_shard`` ranks of a group) is one more field, its check in :meth:`from_config`,
-and its entry in :meth:`mesh_dims`; the rest of the code reads the mesh by dimension name.
+``dp_replicate`` groups (HSDP when more than one) of ``dp_shard`` ranks that shard the parameters
+among them; with expert parallelism (``ep`` > 1) the ``dp_shard`` ranks of a group also split the
+experts between them, whole, and send each token to its experts' rank. ``ep`` uses the ``dp_shard``
+dimension of the mesh (FSDP2 would shard the stacked experts along the same ranks, whole experts per
+rank): ``ep`` smaller than ``dp_shard`` (experts FSDP-sharded across EP groups) is not built.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ class ParallelDims:
     dp_replicate: int  # replica groups; > 1 is HSDP
     dp_shard: int  # ranks per group that shard the parameters
     world_size: int
+    ep: int = 1  # expert parallelism over the dp_shard ranks: 1 or dp_shard
 
     def __post_init__(self) -> None:
         if self.dp_replicate < 1 or self.dp_shard < 1 or self.dp_replicate * self.dp_shard != self.world_size:
             raise ValueError(f"{self}: dp_replicate x dp_shard must be the world size, each >= 1")
+        if self.ep not in (1, self.dp_shard):
+            raise ValueError(f"{self}: ep must be 1 or dp_shard")
 
     @classmethod
     def from_config(cls, par: ParallelConfig, world_size: int) -> ParallelDims:
@@ -37,13 +41,19 @@ class ParallelDims:
             if world_size % par.dp_replicate:
                 raise ConfigError(f"parallel.dp_replicate: {par.dp_replicate} replica groups do not divide the world"
                                   f" size {world_size} (parallel.dp_shard=-1 infers world_size / dp_replicate)")
-            return cls(par.dp_replicate, world_size // par.dp_replicate, world_size)
-        if par.dp_replicate * par.dp_shard != world_size:
+            dp_shard = world_size // par.dp_replicate
+        elif par.dp_replicate * par.dp_shard != world_size:
             raise ConfigError(
                 f"parallel.dp_shard: dp_replicate={par.dp_replicate} x dp_shard={par.dp_shard} must equal the world"
                 f" size {world_size} (set dp_shard=-1 to infer it)"
             )
-        return cls(par.dp_replicate, par.dp_shard, world_size)
+        else:
+            dp_shard = par.dp_shard
+        if par.ep not in (1, dp_shard):
+            raise ConfigError(f"parallel.ep: {par.ep} must be 1 or the {dp_shard} ranks of a shard group"
+                              f" (world size {world_size} / dp_replicate {par.dp_replicate}): experts are split over"
+                              f" those ranks; set parallel.ep={dp_shard} or run {par.ep * par.dp_replicate} ranks")
+        return cls(par.dp_replicate, dp_shard, world_size, par.ep)
 
     @classmethod
     def data_parallel(cls, world_size: int) -> ParallelDims:
@@ -72,6 +82,7 @@ class ParallelDims:
         """As printed at start-up: ``FSDP2 over 2 ranks``, ``HSDP over 4 ranks (2 replicas x 2 shards)``."""
         if not self.sharded:
             return "one process"
+        ep = f", experts split over {self.ep} ranks" if self.ep > 1 else ""
         if self.dp_replicate > 1:
-            return f"HSDP over {self.world_size} ranks ({self.dp_replicate} replicas x {self.dp_shard} shards)"
-        return f"FSDP2 over {self.world_size} ranks"
+            return f"HSDP over {self.world_size} ranks ({self.dp_replicate} replicas x {self.dp_shard} shards{ep})"
+        return f"FSDP2 over {self.world_size} ranks{ep}"

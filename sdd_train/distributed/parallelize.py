@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from sdd_train.config import ParallelConfig
 from sdd_train.kernels.precision import PARAM_DTYPES
 from sdd_train.distributed.dims import ParallelDims
+from sdd_train.distributed.expert_parallel import apply_expert_parallel
 from sdd_train.distributed.param_cast import apply_param_cast
 
 
@@ -49,6 +50,10 @@ class ModelPlan(Protocol):
     def output_types(self) -> Sequence[type]:
         """The dataclasses the forwards return, registered as pytree nodes for FSDP2."""
 
+    @property
+    def expert_layers(self) -> Sequence[nn.Module]:
+        """The MoE layers (``run_experts``, ``expert_params``), whose experts expert parallelism splits."""
+
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
     if mode == "full":
@@ -67,17 +72,18 @@ def apply_activation_checkpointing(plan: ModelPlan, mode: str, every: int) -> li
     return chosen
 
 
-def apply_compile(plan: ModelPlan) -> None:
+def apply_compile(plan: ModelPlan, fullgraph: bool = True) -> None:
     """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown),
     and put the root's compiled methods in place (the fused chunked loss's softmax-gradient kernel).
 
-    Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer.
+    Blocks of one scheme share code, so dynamo compiles one graph and reuses it for every layer. Under
+    expert parallelism the experts' all-to-all runs eagerly between graphs (``fullgraph=False``).
     Shapes are static (``dynamic=False``): training runs one shape, and another one (a short
     validation batch) gets its own graph instead of turning the sizes symbolic, which torch 2.11's
     dynamo cannot trace through the CPU attention's span loop.
     """
     for block in plan.blocks:
-        block.forward = torch.compile(block.forward, fullgraph=True, dynamic=False)
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph, dynamic=False)
     for name, method in plan.compiled_methods.items():
         setattr(plan.root, name, method)
 
@@ -102,9 +108,10 @@ def register_output_types(types: Sequence[type]) -> None:
             pytree.register_pytree_node(cls, _flatten_dataclass, _unflatten_dataclass)
 
 
-def apply_fsdp(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device_type: str) -> None:
-    """Shard every block, then the root (embedding, final norm, head), over the mesh of ``dims``:
-    1-D (FSDP2) or 2-D (HSDP).
+def apply_fsdp(plan: ModelPlan, par: ParallelConfig, mesh, device_type: str,
+               ignored: set[nn.Parameter] = frozenset()) -> None:
+    """Shard every block, then the root (embedding, final norm, head), over ``mesh``: 1-D (FSDP2) or 2-D
+    (HSDP); the ``ignored`` parameters (experts split by expert parallelism) stay as they are.
 
     Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.PARAM_DTYPES`)
     and gradients reduced in fp32 into fp32 shards, the optimizer's master weights. One process gets
@@ -113,7 +120,6 @@ def apply_fsdp(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device_
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = dims.build_mesh(device_type)
     mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[par.param_dtype], reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     register_output_types(plan.output_types)
@@ -121,8 +127,9 @@ def apply_fsdp(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device_
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
         reshard = par.reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=set(ignored))
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward,
+                ignored_params=set(ignored))
     if device_type == "cpu":
         # gloo's reduce-scatter with ReduceOp.AVG summed without dividing in torch 2.8 (2-rank
         # gradients came out 2x); SUM and FSDP2's own division by the world size are right everywhere.
@@ -138,13 +145,15 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
 
 def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
                 compile: bool | None) -> list[int]:
-    """AC, then compile, then FSDP2 (only over more than one rank; one process casts parameters as
-    FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
+    """AC, then compile, then expert parallelism and FSDP2 (only over more than one rank; one process
+    casts parameters as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
     if compile_enabled(compile, device):
-        apply_compile(plan)
+        apply_compile(plan, fullgraph=dims.ep == 1)
     if dims.sharded:
-        apply_fsdp(plan, par, dims, device.type)
+        mesh = dims.build_mesh(device.type)
+        experts = apply_expert_parallel(plan.expert_layers, mesh) if dims.ep > 1 else set()
+        apply_fsdp(plan, par, mesh, device.type, experts)
     elif PARAM_DTYPES[par.param_dtype] != torch.float32:
         apply_param_cast(plan.root, [*plan.blocks, plan.root], PARAM_DTYPES[par.param_dtype])
     return chosen

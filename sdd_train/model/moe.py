@@ -37,13 +37,17 @@ class GroupedLinear(nn.Module):
         self.alpha = nn.Parameter(torch.ones(n_experts, out_features)) if sdd else None
         self.eps, self.norm_groups, self.grouped_mm, self.gain_scale = eps, norm_groups, grouped_mm, gain_scale
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """x [N, in] sorted by expert, counts [E] rows per expert, row_expert [N] -> [N, out]."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor,
+                weight: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, in] sorted by expert, counts [E] rows per expert, row_expert [N] -> [N, out]. ``weight`` and
+        ``alpha`` stand in for the module's own (expert parallelism hands in the rank's experts)."""
+        weight = self.weight if weight is None else weight
+        alpha = self.alpha if alpha is None else alpha
         dtype = autocast_dtype(x)  # the expert weights as a transposed view [E, in, out], never copied in fp32
-        y = expert_mm(x.to(dtype).contiguous(), self.weight.to(dtype).transpose(1, 2), counts, self.grouped_mm == "auto")
-        if self.alpha is None:
+        y = expert_mm(x.to(dtype).contiguous(), weight.to(dtype).transpose(1, 2), counts, self.grouped_mm == "auto")
+        if alpha is None:
             return y
-        gain = self.alpha[row_expert]
+        gain = alpha[row_expert]
         if self.gain_scale != 1.0:
             gain = gain * self.gain_scale
         return row_gain_rms_norm(y, gain, self.eps, self.norm_groups)
@@ -62,6 +66,15 @@ class MoEAux(NamedTuple):
     router_z_loss: torch.Tensor
     load: torch.Tensor
     logit_rms: torch.Tensor
+
+
+class ExpertParams(NamedTuple):
+    """Every expert's weights (and SDD gains, or None), stacked on a leading expert dimension."""
+
+    proj_weight: torch.Tensor  # [E, 2 * hidden, d]: up and gate
+    proj_alpha: torch.Tensor | None
+    out_weight: torch.Tensor  # [E, d, hidden]
+    out_alpha: torch.Tensor | None
 
 
 class MoE(nn.Module):
@@ -113,15 +126,26 @@ class MoE(nn.Module):
         row_expert = flat_experts[order]
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
         counts = counts.scatter_add(0, flat_experts, torch.ones_like(flat_experts))
-        # the counts where the layer's expert GEMMs read them (one host copy for all four where they loop)
-        dims = (*self.ff_proj.weight.shape[1:], *self.ff_out.weight.shape[1:])
-        gemm_counts = expert_counts(counts, autocast_dtype(flat), dims, self.ff_proj.grouped_mm == "auto")
-        up, gate = self.ff_proj(flat[token], gemm_counts, row_expert).chunk(2, dim=-1)
-        y = self.ff_out(F.silu(gate) * up, gemm_counts, row_expert)
+        y = self.run_experts(flat[token], counts, row_expert)
         y = y * weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(flat).index_add(0, token, y.to(flat.dtype))
         sequences = shape[0] if self.lb_loss_scope == "sequence" and len(shape) == 3 else 1
         return out.view(shape), self.aux_losses(logits, probs, counts, experts, sequences)
+
+    def run_experts(self, rows: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor,
+                    params: ExpertParams | None = None) -> torch.Tensor:
+        """The experts' SwiGLU on ``rows`` sorted by expert (``counts`` [E] each, ``row_expert`` [N]), with
+        ``params`` in place of the layer's own (sdd_train/distributed/expert_parallel.py replaces this
+        method with one that sends each row to the rank holding its expert and runs this there)."""
+        p = params or self.expert_params()
+        # the counts where the layer's expert GEMMs read them (one host copy for all four where they loop)
+        dims = (*p.proj_weight.shape[1:], *p.out_weight.shape[1:])
+        gemm_counts = expert_counts(counts, autocast_dtype(rows), dims, self.ff_proj.grouped_mm == "auto")
+        up, gate = self.ff_proj(rows, gemm_counts, row_expert, p.proj_weight, p.proj_alpha).chunk(2, dim=-1)
+        return self.ff_out(F.silu(gate) * up, gemm_counts, row_expert, p.out_weight, p.out_alpha)
+
+    def expert_params(self) -> ExpertParams:
+        return ExpertParams(self.ff_proj.weight, self.ff_proj.alpha, self.ff_out.weight, self.ff_out.alpha)
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor,
                    sequences: int = 1) -> MoEAux:

@@ -25,7 +25,7 @@ from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
-from sdd_train.model.moe import MoEAux
+from sdd_train.model.moe import MoE, MoEAux
 from sdd_train.model.mup import init_stds, logit_scale, width_mult
 
 
@@ -62,6 +62,7 @@ class ParallelPlan:
     root: nn.Module  # the model, sharded last: the embedding, final norm and head
     compiled_methods: dict[str, Callable[..., Any]]  # the root's methods replaced under compile
     output_types: tuple[type, ...]  # the dataclasses forwards return: FSDP2 finds their tensors with pytree
+    expert_layers: tuple[nn.Module, ...] = ()  # the MoE layers, whose experts expert parallelism splits
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Transformer(nn.Module):
         """The blocks, the model as the root, and under compile the fused loss with its softmax gradient compiled."""
         return ParallelPlan(blocks=tuple(self.blocks), root=self,
                             compiled_methods={"chunked_loss": functools.partial(linear_cross_entropy, compiled=True)},
-                            output_types=(LossOutput,))
+                            output_types=(LossOutput,),
+                            expert_layers=tuple(b.feed_forward for b in self.blocks if isinstance(b.feed_forward, MoE)))
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -209,10 +209,14 @@ class TrainModule:
     def deferred_gradient_bytes(self, accum: int) -> int:
         """What ``parallel.defer_grad_sync`` costs each rank: with FSDP2 and several micro-batches a
         step, every parameter's gradient is held unsharded in fp32 until the step's last micro-batch
-        reduce-scatters it (0 where nothing is deferred)."""
+        reduce-scatters it (0 where nothing is deferred); experts split by expert parallelism are never
+        gathered, and hold only the rank's share."""
         if not (self.world.distributed and accum > 1 and self.cfg.parallel.defer_grad_sync):
             return 0
-        return 4 * self.model.param_counts().total
+        ep = self.world.dims.ep
+        experts = sum(p.numel() for layer in self.model.parallel_plan().expert_layers
+                      for p in layer.expert_params() if p is not None) if ep > 1 else 0
+        return 4 * (self.model.param_counts().total - experts + experts // ep)
 
     def num_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward) of the whole model, for MFU."""
