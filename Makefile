@@ -11,9 +11,9 @@
 #                scripts/slurm/local_cluster.sh installs (apt, root) and starts it, and stops it afterwards
 #                unless it was already running
 #   make matrix  set up, then the feature matrix: every combination of ffn, block, grouped_mm, compile, activation
-#                checkpointing, doc_mask, ranks, precision, param_dtype and loss path runs 3 steps against its
-#                reference (hours; resumes; MATRIX_ARGS="--subset pairwise" is CI's subset); its table goes into
-#                docs/testing.md
+#                checkpointing, doc_mask, ranks, precision, param_dtype, loss path, z-loss and ep runs 3 steps
+#                against its reference (hours; resumes from docs/matrix/results.jsonl; MATRIX_ARGS="--subset
+#                pairwise" is CI's subset); its table goes into docs/matrix/table.md, a summary into docs/testing.md
 #   make bench-peers   benchmarks/step_time.py beside OLMo-core's and torchtitan's transformers at our shape, from
 #                their own venv .venv-peers (the extra `peers`, torch pinned as here: in .venv they would
 #                downgrade datasets and huggingface_hub under transformers)

@@ -82,11 +82,14 @@ RUN_ON = {"commit": "", "cpu": "", "date": ""}  # where the rows of this invocat
 def load_rows(path: Path) -> dict[str, tuple[Row, Outcome, dict[str, str]]]:
     """The rows (how each run ended, and where it ran) of earlier invocations, by name."""
     rows = {}
+    by_name = {c.name: c for c in matrix.full_product()}  # names outlive axes added since a row ran
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line)
+            if r["name"] not in by_name:
+                continue  # a combination the matrix no longer has
             diff = Diff(r["steps"], r["weights"]) if r["steps"] is not None else None
-            row = Row(Combo(tuple(r["values"])), r["status"], r["seconds"], r["reference"], diff, r["note"])
+            row = Row(by_name[r["name"]], r["status"], r["seconds"], r["reference"], diff, r["note"])
             if diff:  # judged again: the tolerances may have changed since
                 row.status, row.note = matrix_run.judge_diff(row.combo, row.reference.split(":")[0], diff)
             rows[r["name"]] = row, Outcome(r["outcome"], r["seconds"], r["note"]), {k: r.get(k, "?") for k in RUN_ON}

@@ -30,12 +30,14 @@ AXES: dict[str, tuple[str, ...]] = {
     "param_dtype": ("fp32", "bf16"),  # bf16: FSDP2 gathers and computes with bf16 copies (one process too)
     "loss": ("plain", "chunked"),  # train.loss_chunk_size 0 (logits, then the loss) or the fused chunked loss
     "z_loss": ("off", "on"),  # the logits z-loss term, in whichever loss path
+    "ep": ("off", "on"),  # MoE on 2+ ranks: experts split over the 2 shard ranks (parallel.ep=2)
 }
 AXIS_INDEX = {axis: i for i, axis in enumerate(AXES)}
 
 # Combinations left out of the product because they mean nothing, each with why.
 PRUNES = [
     "grouped_mm applies to MoE only: a dense model carries '-' there (one combination, not two identical ones)",
+    "ep splits an MoE's experts over ranks: a dense model, or one process, carries '-' there",
 ]
 # Combinations the code must refuse at start-up (exit 2, one line), each with why. They stay in the
 # product and run, but cover no pair: the pairwise subset takes them once each, for the refusal.
@@ -71,6 +73,9 @@ OVERRIDES: dict[tuple[str, str], list[str]] = {
     ("loss", "chunked"): ["train.loss_chunk_size=64"],  # two chunks per micro-batch of 2 x 64 tokens
     ("z_loss", "off"): ["optim.z_loss=0"],
     ("z_loss", "on"): ["optim.z_loss=1e-3"],
+    ("ep", "off"): [],
+    ("ep", "on"): ["parallel.ep=2"],  # 2 ranks: both; HSDP 2 x 2: the 2 ranks of each replica
+    ("ep", NA): [],
 }
 # 3 steps of a 2-layer model; 8 sequences a step, so 1, 2 and 4 ranks run whole micro-batches of 2.
 STEPS = 3
@@ -78,7 +83,8 @@ BASE_OVERRIDES = ["model.n_layers=2", "train.micro_batch_size=2", "train.global_
                   f"train.max_steps={STEPS}", "train.eval_interval=0", "train.checkpoint_interval=0",
                   "diagnostics.layer_stats_interval=0", "diagnostics.activation_interval=0"]
 NAMES = {"param_dtype": {"fp32": "p32", "bf16": "p16"}, "compile": {"off": "eager", "on": "compiled"}, "world": {"1": "1p", "2": "fsdp2", "4": "hsdp2x2"},
-         "doc_mask": {"off": "nodoc", "on": "doc"}, "z_loss": {"off": "noz", "on": "z"}}
+         "doc_mask": {"off": "nodoc", "on": "doc"}, "z_loss": {"off": "noz", "on": "z"},
+         "ep": {"off": "", "on": "ep2"}}  # "": left out of the name (the names from before the axis stay)
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class Combo:
                 continue
             prefix = {"grouped_mm": "gmm", "ac": "ac"}.get(axis, "")
             parts.append(NAMES.get(axis, {}).get(value, prefix + value.replace("_", "")))
-        return "-".join(parts)
+        return "-".join(part for part in parts if part)
 
     @property
     def world(self) -> int:
@@ -111,20 +117,23 @@ class Combo:
 
 
 def make(**values: str) -> Combo:
-    """A combination from axis=value pairs; unnamed axes take their base value."""
+    """A combination from axis=value pairs; unnamed axes take their base value, and axes that do not apply
+    (PRUNES) '-'."""
     combo = Combo(tuple(values.get(axis, choices[0]) for axis, choices in AXES.items()))
-    return combo.replace(grouped_mm=NA) if combo["ffn"] == "dense" else combo
+    return normalised(combo)
+
+
+def normalised(combo: Combo) -> Combo:
+    """``combo`` with '-' on the axes that do not apply to it (PRUNES), their base value where they do."""
+    moe = combo["ffn"] == "moe"
+    gmm = combo["grouped_mm"] if moe and combo["grouped_mm"] != NA else (AXES["grouped_mm"][0] if moe else NA)
+    ep = combo["ep"] if moe and combo.world > 1 and combo["ep"] != NA else (AXES["ep"][0] if moe and combo.world > 1 else NA)
+    return combo.replace(grouped_mm=gmm, ep=ep)
 
 
 def full_product() -> list[Combo]:
     """Every combination that means something (see PRUNES), in a fixed order."""
-    combos = []
-    for values in itertools.product(*AXES.values()):
-        combo = Combo(values)
-        if combo["ffn"] == "dense" and combo["grouped_mm"] != AXES["grouped_mm"][0]:
-            continue
-        combos.append(make(**dict(zip(AXES, values))))
-    return combos
+    return list(dict.fromkeys(normalised(Combo(values)) for values in itertools.product(*AXES.values())))
 
 
 # ---- references: which run a combination must agree with, and how closely
@@ -145,12 +154,12 @@ def reference(combo: Combo) -> tuple[Combo, str] | None:
     if combo["ac"] != "none":
         return combo.replace(ac="none"), "ac"
     kinds = [kind for kind, differs in (("compile", combo["compile"] == "on"), ("ranks", combo.world > 1)) if differs]
-    return (combo.replace(compile="off", world="1"), "+".join(kinds)) if kinds else None
+    return (normalised(combo.replace(compile="off", world="1")), "+".join(kinds)) if kinds else None
 
 
 def root(combo: Combo) -> Combo:
     """The eager one-process run without activation checkpointing that ``combo``'s references lead to."""
-    return combo.replace(ac="none", compile="off", world="1")
+    return normalised(combo.replace(ac="none", compile="off", world="1"))
 
 
 def with_references(combos: list[Combo]) -> list[Combo]:

@@ -20,9 +20,12 @@ RUNS = matrix.with_references(SUBSET)
 def test_the_product_holds_each_meaningful_combination_once():
     assert len(set(PRODUCT)) == len(PRODUCT)
     assert all((c["ffn"] == "moe") == (c["grouped_mm"] != NA) for c in PRODUCT)
-    per_ffn = len(PRODUCT) // 3  # dense, moe with each grouped_mm
-    assert sum(c["ffn"] == "dense" for c in PRODUCT) == per_ffn
+    assert all((c["ffn"] == "moe" and c.world > 1) == (c["ep"] != NA) for c in PRODUCT)
+    dense = sum(c["ffn"] == "dense" for c in PRODUCT)  # per world size: moe has 2 grouped_mm (and 2 ep on 2+ ranks)
+    assert len(PRODUCT) == dense + dense // 3 * (2 + 4 + 4) == 4992
     assert len({c.name for c in PRODUCT}) == len(PRODUCT)
+    # the names of combinations from before the ep axis are unchanged (docs/matrix/results.jsonl holds them)
+    assert matrix.make(ffn="moe", world="2").name == "moe-pre-gmmauto-eager-acnone-nodoc-fsdp2-fp32-p32-plain-noz"
 
 
 def test_references_differ_only_in_what_they_compare():
@@ -33,9 +36,10 @@ def test_references_differ_only_in_what_they_compare():
             continue
         other, kind = ref
         assert other in PRODUCT
-        changed = {axis for axis in AXES if other[axis] != combo[axis]}
+        changed = {axis for axis in AXES if other[axis] != combo[axis]} - {"ep"}  # one process has no ep
         assert changed == ({"ac"} if kind == "ac" else {{"compile": "compile", "ranks": "world"}[k]
                                                            for k in kind.split("+")})
+        assert other["ep"] == combo["ep"] or (kind != "ac" and other.world == 1)
 
 
 def matrix_script():
@@ -86,7 +90,7 @@ def test_the_subset_covers_every_pair_of_settings():
     # the check can fail: every row the greedy took covered a pair no earlier row did
     assert matrix.missing_pairs(SUBSET[:-1], CI)
     assert matrix.missing_pairs(PRODUCT[:8], PRODUCT)
-    assert len(SUBSET) <= 50 and matrix.pairwise(CI) == SUBSET  # a few dozen of 3456, and deterministic
+    assert len(SUBSET) <= 50 and matrix.pairwise(CI) == SUBSET  # a few dozen of 4992, and deterministic
     full = matrix.pairwise(PRODUCT)  # make matrix --subset pairwise: every pair of the whole product
     assert matrix.missing_pairs(full, PRODUCT) == set() and matrix.missing_pairs(SUBSET, PRODUCT)
     # each refusal once, for its exit 2

@@ -57,8 +57,10 @@ def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return wait_tensor(all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group))
 
 
-def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None):
-    """``layer.run_experts`` with the layer's experts split over the ranks of ``group``."""
+def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None,
+                        param_dtype: torch.dtype = torch.float32):
+    """``layer.run_experts`` with the layer's experts split over the ranks of ``group``, computed with
+    ``param_dtype`` copies of them (as FSDP2 computes with its all-gathered ``parallel.param_dtype`` ones)."""
     local_run = type(layer).run_experts.__get__(layer)  # the class's method: the computation, unsplit
     ep, world_size = dist.get_world_size(group), dist.get_world_size()
 
@@ -79,7 +81,7 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         order = (local_expert * ep + block // n_local).argsort(stable=True)
         # 3. this rank's experts on their rows
         local = type(params or layer.expert_params())(*(
-            None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas)
+            None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas).to(param_dtype)
             for p in (params or layer.expert_params())))
         y = local_run(arrived[order], received.sum(0), local_expert[order], local)
         # 4. back to the (source rank, local expert) order, and home
@@ -89,7 +91,8 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
     return run_experts
 
 
-def apply_expert_parallel(layers: Sequence[nn.Module], mesh) -> set[nn.Parameter]:
+def apply_expert_parallel(layers: Sequence[nn.Module], mesh, param_dtype: torch.dtype = torch.float32
+                          ) -> set[nn.Parameter]:
     """Split the experts of every MoE layer in ``layers`` over the mesh's ``dp_shard`` ranks (replicated
     over ``dp_replicate``, if it has one) and route their rows there; returns the expert parameters,
     which FSDP2 must leave alone."""
@@ -110,5 +113,5 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh) -> set[nn.Parameter
             split = nn.Parameter(distribute_tensor(param.data, mesh, placements), requires_grad=param.requires_grad)
             owner.register_parameter(attr, split)
             ignored.add(split)
-        layer.run_experts = expert_parallel_run(layer, group, replicas)
+        layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype)
     return ignored
