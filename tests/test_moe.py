@@ -399,3 +399,60 @@ def test_moe_blocks_compile_as_one_graph_and_match_eager():
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-4, atol=1e-5)
     assert compiled.moe_lb_loss.item() == pytest.approx(eager.moe_lb_loss.item(), rel=1e-5)
     assert torch.equal(compiled.expert_load, eager.expert_load)
+
+
+ALL_RANKS_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from sdd_train.config import ModelConfig, MoEConfig
+from sdd_train.distributed.expert_parallel import apply_all_ranks_balance
+from sdd_train.model.moe import MoE
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = ModelConfig(d_model=4, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                  moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8, lb_loss_scope=sys.argv[1]))
+layer = MoE(cfg, sdd=False).double()
+with torch.no_grad():
+    layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+apply_all_ranks_balance([layer])
+x = torch.tensor(json.loads(sys.argv[2])[rank], dtype=torch.float64)
+lb = layer(x)[1].lb_loss
+lb.backward()
+grad = layer.router.weight.grad
+dist.all_reduce(grad)  # the ranks' mean, as FSDP2 takes it
+if rank == 0:
+    print(json.dumps({"lb": lb.item(), "grad": (grad / 2).tolist()}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_all_ranks_load_balancing_loss_counts_every_ranks_pairs(tmp_path):
+    """lb_loss_scope=all_ranks on 2 gloo ranks, each with 2 tokens: rank 0's go to experts {0, 1}, rank 1's to
+    {2, 3}. Counted over both ranks the load is even, so each rank's loss is E / 8 * sum_e 2 P_e = 1 (against
+    ~1.9 counted per rank), and the ranks' mean gradient is that of one process routing all 4 tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tokens = [[[3.0, 2, 0, 0], [3, 2, 0, 0]], [[0, 0, 2, 3], [0, 0, 3, 2]]]
+    script = tmp_path / "worker.py"
+    script.write_text(ALL_RANKS_WORKER)
+    results = {}
+    for scope in ("all_ranks", "micro_batch"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(script), scope, json.dumps(tokens)], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[scope] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["all_ranks"]["lb"] == pytest.approx(1.0, rel=1e-12)
+    probs = torch.softmax(torch.tensor(tokens[0], dtype=torch.float64), -1)
+    assert results["micro_batch"]["lb"] == pytest.approx((4 / 4 * 2 * probs.mean(0)[:2].sum()).item(), rel=1e-12)
+    one = moe_layer(4, 2, sdd=False, d=4)  # one process, all 4 tokens in one micro-batch
+    with torch.no_grad():
+        one.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+    one(torch.tensor(tokens, dtype=torch.float64).reshape(4, 4))[1].lb_loss.backward()
+    assert torch.allclose(torch.tensor(results["all_ranks"]["grad"], dtype=torch.float64), one.router.weight.grad,
+                          rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(torch.tensor(results["micro_batch"]["grad"], dtype=torch.float64), one.router.weight.grad)

@@ -1,4 +1,6 @@
-"""Expert parallelism (``parallel.ep``): each rank of a ``dp_shard`` group holds ``n_experts / ep`` whole
+"""MoE layers across ranks: expert parallelism, and load balancing over every rank's micro-batch.
+
+Expert parallelism (``parallel.ep``): each rank of a ``dp_shard`` group holds ``n_experts / ep`` whole
 experts, and every (token, expert) row travels to the rank that holds its expert and back.
 
 Applied to a plain model, as FSDP2 is: the expert weights of each MoE layer become DTensors on the mesh
@@ -115,3 +117,14 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, param_dtype: torch.
             ignored.add(split)
         layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype)
     return ignored
+
+
+def apply_all_ranks_balance(layers: Sequence[nn.Module], group: dist.ProcessGroup | None = None) -> None:
+    """``model.moe.lb_loss_scope=all_ranks``: each MoE layer's load-balancing loss counts the (token, expert)
+    pairs of every rank's micro-batch (an all-reduce of E integers per layer, which compile traces)."""
+    from torch.distributed._functional_collectives import all_reduce, wait_tensor
+
+    group = group or dist.group.WORLD
+    for layer in layers:
+        if layer.lb_loss_scope == "all_ranks":
+            layer.all_ranks_counts = lambda counts: wait_tensor(all_reduce(counts, "sum", group))

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from sdd_train.config import ParallelConfig
 from sdd_train.kernels.precision import PARAM_DTYPES
 from sdd_train.distributed.dims import ParallelDims
-from sdd_train.distributed.expert_parallel import apply_expert_parallel
+from sdd_train.distributed.expert_parallel import apply_all_ranks_balance, apply_expert_parallel
 from sdd_train.distributed.param_cast import apply_param_cast
 
 
@@ -154,6 +154,7 @@ def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device
         mesh = dims.build_mesh(device.type)
         experts = (apply_expert_parallel(plan.expert_layers, mesh, PARAM_DTYPES[par.param_dtype]) if dims.ep > 1
                    else set())
+        apply_all_ranks_balance(plan.expert_layers)
         apply_fsdp(plan, par, mesh, device.type, experts)
     elif PARAM_DTYPES[par.param_dtype] != torch.float32:
         apply_param_cast(plan.root, [*plan.blocks, plan.root], PARAM_DTYPES[par.param_dtype])

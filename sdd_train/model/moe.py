@@ -147,20 +147,30 @@ class MoE(nn.Module):
     def expert_params(self) -> ExpertParams:
         return ExpertParams(self.ff_proj.weight, self.ff_proj.alpha, self.ff_out.weight, self.ff_out.alpha)
 
+    def all_ranks_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """The pair counts of this micro-batch summed over every rank's (``lb_loss_scope=all_ranks``): one
+        process is all ranks; sdd_train/distributed/parallelize.py replaces this with an all-reduce."""
+        return counts
+
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor,
                    sequences: int = 1) -> MoEAux:
         """Auxiliary losses (SPEC section 6) and the expert load of this forward. The load-balancing
         loss E / (k T) sum_e f_e P_e is taken over ``sequences`` equal groups of the T tokens (each
-        with its own pair counts f and mean distribution P) and averaged; one group: the whole batch."""
-        if sequences == 1:
-            f = counts.to(probs.dtype)[None]
-        else:
+        with its own pair counts f and mean distribution P) and averaged; one group: the whole batch.
+        Under ``all_ranks`` f and T are every rank's (P stays this rank's: the ranks' mean of the loss,
+        which their gradient mean takes, is the loss of the micro-batches together)."""
+        tokens = logits.shape[0] // sequences
+        if sequences > 1:
             chosen = experts.reshape(sequences, -1)
             f = torch.zeros(sequences, self.n_experts, dtype=probs.dtype, device=probs.device)
             f = f.scatter_add(1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
-        tokens = logits.shape[0] // sequences
+        elif self.lb_loss_scope == "all_ranks":
+            f = self.all_ranks_counts(counts).to(probs.dtype)[None]
+        else:
+            f = counts.to(probs.dtype)[None]
+        pairs = f.sum(-1) if self.lb_loss_scope == "all_ranks" else self.top_k * tokens
         mean_probs = probs.reshape(sequences, tokens, -1).mean(dim=1)
-        lb = (self.n_experts / (self.top_k * tokens) * (f * mean_probs).sum(-1)).mean()
+        lb = (self.n_experts / pairs * (f * mean_probs).sum(-1)).mean()
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
         return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt())
 
