@@ -3,7 +3,7 @@ something, a pairwise covering subset for CI, and which run each is checked agai
 tests/matrix_run.py runs them; tests/test_matrix.py runs the subset, scripts/matrix.py (``make matrix``)
 all of them.
 
-Block schemes: ``pre`` and ``sdd`` stand for all seven. What compile, activation checkpointing,
+Block schemes: ``pre`` and ``sdd`` stand for every scheme. What compile, activation checkpointing,
 FSDP2 and the kernels see is the layer type (plain linears and SwiGLU; SDD layers, the fused SDD
 SwiGLU and SDD experts), and these two schemes cover both; the other schemes only compose the same
 layers in another order, which tests/test_blocks.py checks against float64 for each.

@@ -33,6 +33,7 @@ class Scheme:
     sdd: bool  # A_sdd / F_sdd (SPEC section 2): context norm + SDD output projection, SDD FFN projections
     final_norm: bool  # an RMSNorm before the LM head
     out_norm: bool = False  # SpanNorm's N_out closing the block
+    post_norms: bool = False  # Peri-LN's norms on each sublayer's output
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -43,6 +44,9 @@ SCHEMES: dict[str, Scheme] = {
     "sdd": Scheme("head", sdd=True, final_norm=True),
     "sdd_pre": Scheme("head", sdd=True, final_norm=True),
     "spannorm": Scheme("none", sdd=False, final_norm=False, out_norm=True),
+    "peri": Scheme("full", sdd=False, final_norm=True, post_norms=True),
+    "lns": Scheme("full", sdd=False, final_norm=True),
+    "mixln": Scheme("none", sdd=False, final_norm=True),
 }
 
 
@@ -77,6 +81,9 @@ def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["attention.attn_out.alpha"] = (d,)
     if s.out_norm:
         shapes["out_norm.weight"] = (d,)
+    if s.post_norms:
+        shapes["post_attn_norm.weight"] = (d,)
+        shapes["post_ff_norm.weight"] = (d,)
     if cfg.ffn == "moe":
         e, h = cfg.moe.n_experts, cfg.moe.expert_hidden
         ffn = {"router.weight": (e, d), "ff_proj.weight": (e, 2 * h, d), "ff_out.weight": (e, d, h)}
@@ -196,8 +203,8 @@ def moe(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
     return torch.einsum("...e,...eo->...o", combine, y)
 
 
-def block(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
-    """One block of ``cfg.block`` with the parameter values ``p`` (a block's state dict)."""
+def block(x: torch.Tensor, p: State, cfg: ModelConfig, layer: int = 0) -> torch.Tensor:
+    """Block ``layer`` (from 0) of ``cfg.block`` with the parameter values ``p`` (a block's state dict)."""
     check_structure(p, block_shapes(cfg))
     eps, b = cfg.norm_eps, residual_scale(cfg)
     n1 = lambda t: rms(t, p["attn_norm.weight"], eps)  # noqa: E731
@@ -224,6 +231,19 @@ def block(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
         h = b * x + a_(n1(x))
         u = h + f_(n2(h))
         return rms(u, p["out_norm.weight"], eps)
+    if scheme == "peri":  # Peri-LN: x + N_out(sublayer(N_in(x)))
+        h = x + rms(a_(n1(x)), p["post_attn_norm.weight"], eps)
+        return h + rms(f_(n2(h)), p["post_ff_norm.weight"], eps)
+    if scheme == "lns":  # LayerNorm Scaling: the l-th block's (l from 1) input norms / sqrt(l)
+        s = 1.0 / math.sqrt(layer + 1)
+        h = x + a_(s * n1(x))
+        return h + f_(s * n2(h))
+    if scheme == "mixln":  # Post-Norm for the first floor(f L) blocks, Pre-Norm after
+        if layer < math.floor(cfg.mixln.post_fraction * cfg.n_layers):
+            h = n1(x + a_(x))
+            return n2(h + f_(h))
+        h = x + a_(n1(x))
+        return h + f_(n2(h))
     raise ValueError(scheme)
 
 
@@ -232,7 +252,7 @@ def transformer(tokens: torch.Tensor, state: State, cfg: ModelConfig) -> torch.T
     check_structure(state, model_shapes(cfg))
     x = state["embed.weight"][tokens]
     for i in range(cfg.n_layers):
-        x = block(x, sub_state(state, f"blocks.{i}."), cfg)
+        x = block(x, sub_state(state, f"blocks.{i}."), cfg, i)
     if SCHEMES[cfg.block].final_norm:
         x = rms(x, state["final_norm.weight"], cfg.norm_eps)
     return x @ state["embed.weight" if cfg.tie_embeddings else "lm_head.weight"].T

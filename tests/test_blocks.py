@@ -19,11 +19,11 @@ def randomised(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return reference.randomise_(model, seed)
 
 
-def assert_block_matches(blk: Block, x: torch.Tensor, rope: torch.Tensor, cfg: ModelConfig) -> None:
-    """The block's output equals the reference block given only the block's parameter values."""
+def assert_block_matches(blk: Block, x: torch.Tensor, rope: torch.Tensor, cfg: ModelConfig, layer: int = 0) -> None:
+    """Block ``layer``'s output equals the reference block given only the block's parameter values."""
     out, aux = blk(x, AttentionInputs(rope))
     assert aux is None  # a dense feed-forward reports nothing
-    torch.testing.assert_close(out, reference.block(x, blk.state_dict(), cfg), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, reference.block(x, blk.state_dict(), cfg, layer), rtol=1e-10, atol=1e-10)
 
 
 def test_registry_has_every_scheme():
@@ -35,8 +35,8 @@ def test_block_matches_spec_formula(block):
     cfg = small_model_cfg(block)
     model = randomised(cfg)
     x = torch.randn(2, 11, cfg.d_model, dtype=torch.float64)
-    for blk in model.blocks:
-        assert_block_matches(blk, x, model.rope, cfg)
+    for layer, blk in enumerate(model.blocks):
+        assert_block_matches(blk, x, model.rope, cfg, layer)
 
 
 @pytest.mark.parametrize("block", ALL_BLOCKS)
@@ -94,6 +94,21 @@ def test_scheme_defaults():
         cls = BLOCKS[name]
         expected = (s.qk_norm, s.sdd, s.final_norm, inits.get(name, "megatron"))
         assert (cls.qk_norm, cls.sdd, cls.final_norm, cls.init_scheme) == expected, name
+
+
+@pytest.mark.parametrize("block", ["lns", "mixln"])
+def test_depth_dependent_schemes_differ_by_layer(block):
+    """LayerNorm Scaling's 1/sqrt(l) and Mix-LN's Post-Norm blocks (the first floor(0.5 x 4) = 2 here) follow
+    the layer index: each block equals the reference of its own layer and not of another's."""
+    cfg = small_model_cfg(block, n_layers=4)
+    cfg.mixln.post_fraction = 0.5
+    model = randomised(cfg)
+    x = torch.randn(1, 6, cfg.d_model, dtype=torch.float64)
+    assert [blk.post for blk in model.blocks] == [True, True, False, False] if block == "mixln" else True
+    for layer, blk in enumerate(model.blocks):
+        assert_block_matches(blk, x, model.rope, cfg, layer)
+        other = reference.block(x, blk.state_dict(), cfg, 3 - layer if block == "mixln" else layer + 1)
+        assert not torch.allclose(blk(x, AttentionInputs(model.rope))[0], other)
 
 
 def test_spannorm_residual_scale():

@@ -77,6 +77,13 @@ class InitConfig:
 
 
 @dataclass
+class MixLNConfig:
+    """``model.mixln``: the Mix-LN block scheme's settings."""
+
+    post_fraction: float = 0.25  # the first floor(post_fraction x n_layers) blocks are Post-Norm, the rest Pre-Norm
+
+
+@dataclass
 class SpanNormConfig:
     """``model.spannorm``: the SpanNorm block scheme's settings."""
 
@@ -151,6 +158,7 @@ class ModelConfig:
     attention_backend: str = choice(ATTENTION_BACKENDS)
     init: InitConfig = field(default_factory=InitConfig)
     spannorm: SpanNormConfig = field(default_factory=SpanNormConfig)
+    mixln: MixLNConfig = field(default_factory=MixLNConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     # sp: standard | mup: maximal update (sdd_train/model/mup.py): init, learning rates, attention and logit
     # scales follow the width's ratio to mup_base_width, the d_model (same heads) the recipe was tuned at

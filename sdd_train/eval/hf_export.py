@@ -43,7 +43,7 @@ MODELING_FILE = "modeling_sdd_train.py"
 DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (exit_codes, ("UsageError",)),
     (schema, ("ConfigError", "INIT_SCHEMES", "QK_NORMS", "SDD_FFN_NORMS", "ATTENTION_BACKENDS", "GROUPED_MM_MODES",
-              "PARAMETRIZATIONS", "MOE_GATINGS", "LB_LOSS_SCOPES", "choice", "InitConfig", "SpanNormConfig",
+              "PARAMETRIZATIONS", "MOE_GATINGS", "LB_LOSS_SCOPES", "choice", "InitConfig", "SpanNormConfig", "MixLNConfig",
               "REFERENCE_ROUTER_Z_LOSS", "MoEConfig", "ModelConfig")),
     (validation, ("check_choices",)),
     (precision, ("compute_dtype", "upcast", "autocast_dtype", "autocast_off")),
@@ -116,7 +116,7 @@ def sdd_model_config(d: dict) -> ModelConfig:
     """The ModelConfig of config.json's ``sdd_model`` (its sections as nested dicts)."""
     d = dict(d)
     return ModelConfig(init=InitConfig(**d.pop("init", {})), spannorm=SpanNormConfig(**d.pop("spannorm", {})),
-                       moe=MoEConfig(**d.pop("moe", {})), **d)
+                       mixln=MixLNConfig(**d.pop("mixln", {})), moe=MoEConfig(**d.pop("moe", {})), **d)
 
 
 class SDDTrainConfig(PretrainedConfig):

@@ -163,3 +163,67 @@ class SpanNormBlock(Block):
         h = self.residual_scale * x + self.attention(self.attn_norm(x), att)
         f, aux = self.feed_forward(self.ff_norm(h))
         return self.out_norm(h + f), aux
+
+
+@register("peri")
+class PeriNormBlock(Block):
+    """Peri-LN (Kim et al. 2025, arXiv 2502.02732; OLMo-core's peri block): each sublayer between an
+    input and an output norm, h = x + N_o(A(N_i(x))); x' = h + N_o'(F(N_i'(h))); a final N.
+
+    Choices the paper leaves to us: QK-norm as ``pre``'s (full; so that peri differs from pre only in the
+    output norms, ``model.qk_norm`` overrides), the embedding output not normalised (as OLMo-core).
+    """
+
+    qk_norm = "full"
+    final_norm = True
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.post_attn_norm(self.attention(self.attn_norm(x), att))
+        f, aux = self.feed_forward(self.ff_norm(h))
+        return h + self.post_ff_norm(f), aux
+
+
+@register("lns")
+class LayerNormScalingBlock(PreNormBlock):
+    """LayerNorm Scaling (Sun et al. 2025, "The Curse of Depth", arXiv 2502.05795): Pre-Norm with each
+    sublayer's input norm scaled by 1/sqrt(l) for the l-th block (l from 1):
+    h = x + A(N(x) / sqrt(l)); x' = h + F(N(h) / sqrt(l)). QK-norm as ``pre``'s.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.norm_scale = (layer_id + 1) ** -0.5
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.attention(self.attn_norm(x) * self.norm_scale, att)
+        f, aux = self.feed_forward(self.ff_norm(h) * self.norm_scale)
+        return h + f, aux
+
+
+@register("mixln")
+class MixLNBlock(Block):
+    """Mix-LN (Li et al. 2024, arXiv 2412.13795): Post-Norm in the first floor(f L) blocks,
+    h = N(x + A(x)); x' = N(h + F(h)), Pre-Norm in the rest, h = x + A(N(x)); x' = h + F(N(h));
+    f = ``model.mixln.post_fraction`` (0.25, the paper's). A final N (the last blocks are Pre-Norm);
+    no QK-norm (the paper's LLaMA blocks).
+    """
+
+    final_norm = True
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.post = layer_id < int(cfg.mixln.post_fraction * cfg.n_layers)
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        if self.post:
+            h = self.attn_norm(x + self.attention(x, att))
+            f, aux = self.feed_forward(h)
+            return self.ff_norm(h + f), aux
+        h = x + self.attention(self.attn_norm(x), att)
+        f, aux = self.feed_forward(self.ff_norm(h))
+        return h + f, aux
