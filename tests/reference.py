@@ -34,6 +34,7 @@ class Scheme:
     final_norm: bool  # an RMSNorm before the LM head
     out_norm: bool = False  # SpanNorm's N_out closing the block
     post_norms: bool = False  # Peri-LN's norms on each sublayer's output
+    norms: bool = True  # the two sublayer norms (ReZero has none, and a residual gate instead)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -47,6 +48,7 @@ SCHEMES: dict[str, Scheme] = {
     "peri": Scheme("full", sdd=False, final_norm=True, post_norms=True),
     "lns": Scheme("full", sdd=False, final_norm=True),
     "mixln": Scheme("none", sdd=False, final_norm=True),
+    "rezero": Scheme("none", sdd=False, final_norm=False, norms=False),
 }
 
 
@@ -70,8 +72,8 @@ def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of one block, as the scheme and config imply."""
     s = SCHEMES[cfg.block]
     d, hd, kv = cfg.d_model, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    shapes = {"attn_norm.weight": (d,), "ff_norm.weight": (d,), "attention.att_proj.weight": (d + 2 * kv, d),
-              "attention.attn_out.weight": (d, d)}
+    shapes = {"attention.att_proj.weight": (d + 2 * kv, d), "attention.attn_out.weight": (d, d)}
+    shapes.update({"attn_norm.weight": (d,), "ff_norm.weight": (d,)} if s.norms else {"residual_gate": (1,)})
     qk = qk_norm(cfg)
     if qk != "none":
         shapes["attention.q_norm.weight"] = (hd,) if qk == "head" else (d,)
@@ -244,6 +246,10 @@ def block(x: torch.Tensor, p: State, cfg: ModelConfig, layer: int = 0) -> torch.
             return n2(h + f_(h))
         h = x + a_(n1(x))
         return h + f_(n2(h))
+    if scheme == "rezero":  # no norms; one gate on both residual branches
+        g = p["residual_gate"]
+        h = x + g * a_(x)
+        return h + g * f_(h)
     raise ValueError(scheme)
 
 

@@ -165,3 +165,15 @@ def test_a_forward_writes_no_module_state(ffn):
     model(tokens[:, 4:5], cache=cache)
     assert state() == before
     assert (out.expert_load is None) == (ffn == "dense")
+
+
+def test_rezero_blocks_start_as_the_identity():
+    """The gate is zero after init_weights: the stream leaves every block as it came in, and the logits
+    are the embedding's products with itself (tied head, no final norm)."""
+    cfg = small_model_cfg("rezero")
+    model = Transformer(cfg)
+    model.init_weights()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6))
+    x = model.embed(tokens)
+    torch.testing.assert_close(model.hidden_states(tokens)[-1], x)
+    torch.testing.assert_close(model(tokens), x @ model.embed.weight.T)

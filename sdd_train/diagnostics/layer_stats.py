@@ -26,7 +26,7 @@ def family_of(name: str, is_moe_block: bool) -> tuple[int | None, str]:
     if parts[0] != "blocks":
         return None, parts[0]  # embed, lm_head, final_norm
     layer, leaf, owner = int(parts[1]), parts[-1], parts[-2]
-    if leaf == "alpha" or "norm" in owner:
+    if leaf in ("alpha", "residual_gate") or "norm" in owner:
         return layer, "gains"
     if is_moe_block and owner in ("ff_proj", "ff_out"):
         return layer, "expert_" + owner.removeprefix("ff_")

@@ -227,3 +227,22 @@ class MixLNBlock(Block):
         h = x + self.attention(self.attn_norm(x), att)
         f, aux = self.feed_forward(self.ff_norm(h))
         return h + f, aux
+
+
+@register("rezero")
+class ReZeroBlock(Block):
+    """ReZero (Bachlechner et al. 2020, arXiv 2003.04887): no norms, one learned residual gate per block,
+    zero at init (so every block starts as the identity), on both sublayers as the authors' code has it:
+    h = x + g A(x); x' = h + g F(h). The degenerate baseline: what the norms buy. SkipInit (De & Smith
+    2020) is the same gate without the sharing.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.attn_norm = self.ff_norm = None
+        self.residual_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.residual_gate * self.attention(x, att)
+        f, aux = self.feed_forward(h)
+        return h + self.residual_gate * f, aux

@@ -198,6 +198,8 @@ class Transformer(nn.Module):
                 module.alpha.fill_(1.0)
             if isinstance(getattr(module, "expert_bias", None), torch.Tensor):  # MoE selection bias
                 module.expert_bias.zero_()
+            if isinstance(getattr(module, "residual_gate", None), torch.Tensor):  # ReZero: blocks start as identity
+                module.residual_gate.zero_()
         scheme = self.init_scheme
         # The reference sets one init_std for the whole model: under sdd it is sdd_std, embedding and router too.
         base_std = sigma * init.sdd_std_multiplier if scheme == "sdd" else sigma
