@@ -1,0 +1,88 @@
+"""Expert parallelism (parallel.ep, sdd_train/distributed/expert_parallel.py) with real gloo processes:
+2 ranks and 2 replicas x EP 2 against one process, resharding an EP checkpoint to one process. A module of
+its own so that it runs beside tests/test_distributed.py (pytest-xdist gives each module one worker)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import rank_pool
+from sdd_train import checkpoint
+from sdd_train.train.__main__ import main
+from sdd_train.distributed.world import cpu_fsdp_supported
+from test_distributed import (MOE, args_for, assert_same_layer_stats, assert_same_run, layer_stats, records,
+                              stored_chunks, torchrun)
+
+EP = [*MOE, "parallel.ep=2", "parallel.activation_checkpointing=full", "train.checkpoint_interval=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(data_cache) -> Path:
+    if not cpu_fsdp_supported():
+        pytest.skip("FSDP2 on CPU needs torch >= 2.7")
+    return data_cache  # ranks that build the corpus at once build it once (sdd_train/data/corpus.py)
+
+
+@pytest.fixture(scope="module")
+def ep_run(cache, tmp_path_factory) -> Path:
+    """The MoE of MOE with parallel.ep=2 and activation checkpointing on 2 ranks, checkpoints at steps 2 and 4."""
+    work = tmp_path_factory.mktemp("ep")
+    (result,) = rank_pool.launch(2, [args_for(work / "ep", cache, *EP)], work / "pool", timeout=600)
+    assert result.code == 0, result.output[-3000:]
+    return work / "ep"
+
+
+@pytest.fixture(scope="module")
+def moe_single(cache, tmp_path_factory) -> Path:
+    """The MoE of MOE in one process, with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("moe_single")
+    assert main(args_for(run_dir, cache, *MOE, "train.checkpoint_interval=2")) == 0
+    return run_dir
+
+
+def expert_keys(state: dict) -> list[str]:
+    return [k for k in state if ".feed_forward.ff_" in k]
+
+
+def test_expert_parallelism_on_two_ranks_matches_one_process(moe_single, ep_run):
+    """parallel.ep=2 (and activation checkpointing, whose recomputation sends the rows again): each rank
+    holds 4 of the 8 experts whole and receives their rows by all-to-all. Losses, aux losses, expert load,
+    every layer family's gradient norm (the experts' included) and the weights after 4 steps are one
+    process's (fp32, 1e-5); the checkpoint stores each expert stack as two halves of the expert dimension."""
+    ep_dir = ep_run
+    one, ep = records(moe_single), records(ep_dir)
+    assert_same_run(one, ep, range(1, 5), rel=1e-5)
+    for step in (1, 4):
+        assert ep[step]["moe_lb_loss"] == pytest.approx(one[step]["moe_lb_loss"], rel=1e-5)
+        assert ep[step]["moe/layer_0/load_max"] == one[step]["moe/layer_0/load_max"]
+    stats_one, stats_ep = layer_stats(moe_single), layer_stats(ep_dir)
+    assert any(k.startswith("grad/layer_0/expert_") for k in stats_ep[2])
+    assert_same_layer_stats(stats_one, stats_ep, [2, 4])
+    a, b = (checkpoint.read_model_state(checkpoint.latest(d)) for d in (moe_single, ep_dir))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    chunks = stored_chunks(checkpoint.latest(ep_dir))
+    experts = expert_keys(a)
+    assert experts and all(chunks[f"model.{k}"] == [(4, *a[k].shape[1:])] * 2 for k in experts)
+
+
+def test_an_expert_parallel_checkpoint_resumes_on_one_process(moe_single, ep_run, cache, tmp_path):
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(ep_run, run_dir)
+    ckpts = checkpoint.checkpoint_dir(run_dir)
+    shutil.rmtree(ckpts / "step_0000004")
+    (ckpts / "latest").write_text("step_0000002")
+    assert main(args_for(run_dir, cache, *MOE, "train.checkpoint_interval=2")) == 0  # parallel.ep=1
+    assert_same_run(records(moe_single), records(run_dir), range(3, 5), rel=1e-5)
+
+
+def test_expert_parallelism_across_two_replicas_matches_one_process(moe_single, cache, tmp_path):
+    """4 ranks: 2 replica groups (HSDP) of 2 ranks that split the experts; the experts' gradients are summed
+    over the replicas."""
+    result = torchrun(4, args_for(tmp_path, cache, *MOE, "parallel.dp_replicate=2", "parallel.ep=2",
+                                  "train.max_steps=3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HSDP over 4 ranks (2 replicas x 2 shards, experts split over 2 ranks)" in result.stdout
+    assert_same_run(records(moe_single), records(tmp_path), range(1, 4), rel=1e-5)
