@@ -14,7 +14,7 @@ from sdd_train.config import InitConfig, ModelConfig  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.yaml")
 DENSE_1B = str(CONFIGS / "dense_1b.yaml")
-ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm", "peri", "lns", "mixln", "rezero"]
+ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm", "peri", "lns", "mixln", "rezero", "hybridnorm"]
 
 # A training run small enough for a test: 2 layers of width 64 on a 300 kB slice of the corpus.
 SMALL_RUN = [

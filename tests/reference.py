@@ -35,6 +35,8 @@ class Scheme:
     out_norm: bool = False  # SpanNorm's N_out closing the block
     post_norms: bool = False  # Peri-LN's norms on each sublayer's output
     norms: bool = True  # the two sublayer norms (ReZero has none, and a residual gate instead)
+    v_norm: bool = False  # HybridNorm's norm on the attention's values (over all KV features)
+    attn_norm: bool = True  # the attention's input norm (HybridNorm has only the FFN's)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -49,6 +51,7 @@ SCHEMES: dict[str, Scheme] = {
     "lns": Scheme("full", sdd=False, final_norm=True),
     "mixln": Scheme("none", sdd=False, final_norm=True),
     "rezero": Scheme("none", sdd=False, final_norm=False, norms=False),
+    "hybridnorm": Scheme("full", sdd=False, final_norm=True, v_norm=True, attn_norm=False),
 }
 
 
@@ -74,6 +77,10 @@ def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     d, hd, kv = cfg.d_model, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = {"attention.att_proj.weight": (d + 2 * kv, d), "attention.attn_out.weight": (d, d)}
     shapes.update({"attn_norm.weight": (d,), "ff_norm.weight": (d,)} if s.norms else {"residual_gate": (1,)})
+    if not s.attn_norm:
+        del shapes["attn_norm.weight"]
+    if s.v_norm:
+        shapes["attention.v_norm.weight"] = (kv,)
     qk = qk_norm(cfg)
     if qk != "none":
         shapes["attention.q_norm.weight"] = (hd,) if qk == "head" else (d,)
@@ -159,6 +166,8 @@ def attention(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
     qk = qk_norm(cfg)
     if qk == "full":
         q, k = rms(q, p["q_norm.weight"], eps), rms(k, p["k_norm.weight"], eps)
+    if SCHEMES[cfg.block].v_norm:
+        v = rms(v, p["v_norm.weight"], eps)
     q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
     if qk == "head":
         q, k = rms(q, p["q_norm.weight"], eps), rms(k, p["k_norm.weight"], eps)
@@ -246,6 +255,10 @@ def block(x: torch.Tensor, p: State, cfg: ModelConfig, layer: int = 0) -> torch.
             return n2(h + f_(h))
         h = x + a_(n1(x))
         return h + f_(n2(h))
+    if scheme == "hybridnorm":  # QKV-norm attention on the raw stream; the FFN's residual after its norm
+        h = x + a_(x)
+        f = n2(h)
+        return f + f_(f)
     if scheme == "rezero":  # no norms; one gate on both residual branches
         g = p["residual_gate"]
         h = x + g * a_(x)

@@ -5,6 +5,7 @@ RMSNorm with a learned gain. A new scheme is one subclass of :class:`Block` plus
 Class attributes carry what the rest of the model needs to know about a scheme:
 
 - ``qk_norm``: default QK-norm ('none', 'head', 'full') when ``model.qk_norm=auto``;
+- ``v_norm``: an RMSNorm on the attention's values (over all KV features);
 - ``sdd``: whether A and F use SDD layers (A_sdd / F_sdd, SPEC section 2);
 - ``final_norm``: whether the stream needs an RMSNorm before the LM head;
 - ``init_scheme``: default initialisation when ``model.init.scheme=auto``.
@@ -41,6 +42,7 @@ def register(name: str):
 class Block(nn.Module):
     name = "base"
     qk_norm = "none"
+    v_norm = False
     sdd = False
     final_norm = False
     init_scheme = "megatron"
@@ -49,7 +51,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         qk_norm = self.qk_norm if cfg.qk_norm == "auto" else cfg.qk_norm
-        self.attention = Attention(cfg, qk_norm=qk_norm, sdd=self.sdd, layer_id=layer_id)
+        self.attention = Attention(cfg, qk_norm=qk_norm, sdd=self.sdd, layer_id=layer_id, v_norm=self.v_norm)
         self.feed_forward = build_feed_forward(cfg, sdd=self.sdd)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -246,3 +248,27 @@ class ReZeroBlock(Block):
         h = x + self.residual_gate * self.attention(x, att)
         f, aux = self.feed_forward(h)
         return h + self.residual_gate * f, aux
+
+
+@register("hybridnorm")
+class HybridNormBlock(Block):
+    """HybridNorm (Zhuo et al. 2025, arXiv 2503.04598): QKV-norm inside attention and no norm on its input,
+    Post-Norm around the FFN with the residual taken after the norm (the authors' dense config:
+    ``use_{query,key,value}_norm``, ``attn_norm: false``, ``ffn_residual_after_norm: true``):
+    h = x + A_qkv(x); f = N(h); x' = f + F(f); a final N. Not built: HybridNorm*, whose first block is
+    Pre-Norm.
+    """
+
+    qk_norm = "full"
+    v_norm = True
+    final_norm = True
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.attn_norm = None
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = x + self.attention(x, att)
+        f = self.ff_norm(h)
+        y, aux = self.feed_forward(f)
+        return f + y, aux

@@ -139,13 +139,13 @@ class AttentionInputs:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA, optional QK-norm and RoPE.
+    """Multi-head attention with GQA, optional QK-norm (and a norm on the values) and RoPE.
 
     With ``sdd=True`` this is the paper's A_sdd: the attention context is RMS-normalised
     (``context_norm``) and the output projection is an SDD layer.
     """
 
-    def __init__(self, cfg: ModelConfig, qk_norm: str, sdd: bool, layer_id: int = 0):
+    def __init__(self, cfg: ModelConfig, qk_norm: str, sdd: bool, layer_id: int = 0, v_norm: bool = False):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
         self.layer_id = layer_id  # its slot in a KV cache
@@ -161,6 +161,7 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(d, cfg.norm_eps), RMSNorm(self.kv_dim, cfg.norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.v_norm = RMSNorm(self.kv_dim, cfg.norm_eps) if v_norm else None  # HybridNorm's value norm
         self.context_norm = RMSNorm(d, cfg.norm_eps) if sdd else None
         self.attn_out = linear(d, d, sdd, cfg.norm_eps)
         self.q_scale = query_scale(cfg)  # 1 but under µP: its softmax scale (sdd_train/model/mup.py)
@@ -170,6 +171,8 @@ class Attention(nn.Module):
         q, k, v = self.att_proj(x).split([d, self.kv_dim, self.kv_dim], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.v_norm is not None:
+            v = self.v_norm(v)
         q = q.view(b, s, self.n_heads, self.head_dim)
         k = k.view(b, s, self.n_kv_heads, self.head_dim)
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
