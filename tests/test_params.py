@@ -54,3 +54,24 @@ def test_flops_per_token():
 def test_tiny_config_size():
     counts = on_meta(load_config(TINY).model).param_counts()
     assert 5e6 < counts.total < 8e6
+
+
+@pytest.mark.parametrize("block,norms_per_layer", [
+    # on top of the Pre-Norm 1B's matrices; d = 2048, kv = 512; every count by hand from the scheme's formula
+    ("pre", 2 * 2048 + 2048 + 512),  # attn_norm, ff_norm, full QK-norm over q and k
+    ("peri", 4 * 2048 + 2048 + 512),  # and a norm on each sublayer's output
+    ("lns", 2 * 2048 + 2048 + 512),  # Pre-Norm's: the scaling has no parameters
+    ("mixln", 2 * 2048),  # no QK-norm
+    ("rezero", 1),  # no norms; one residual gate
+    ("hybridnorm", 2048 + 2048 + 512 + 512),  # ff_norm, Q-, K- and V-norm (no attention input norm)
+])
+def test_every_new_scheme_hand_count(block, norms_per_layer):
+    d, L, V, kv, h = 2048, 16, 100352, 512, 8192
+    matrices = d * (d + 2 * kv) + d * d + 3 * d * h
+    final = 0 if block == "rezero" else d
+    model = on_meta(load_config(DENSE_1B, [f"model.block={block}"]).model)
+    assert model.param_counts().total == V * d + L * (matrices + norms_per_layer) + final
+    # training FLOPs are 6 per parameter (gains included) plus attention's: they move with the count alone
+    pre = on_meta(load_config(DENSE_1B, ["block=pre"]).model)
+    extra = model.param_counts().total - pre.param_counts().total
+    assert model.flops_per_token(4096) == pytest.approx(pre.flops_per_token(4096) + 6 * extra, rel=1e-12)
