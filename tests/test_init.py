@@ -98,6 +98,16 @@ def test_sdd_std_multiplier_is_configurable():
     assert_std(model.embed.weight, 1 / math.sqrt(2.5 * 256))
 
 
+@pytest.mark.parametrize("block,mult,want", [("sdd", None, 0.1), ("sdd", 1.0, 1.0), ("pre", None, 1.0), ("pre", 0.5, 0.5)])
+def test_the_embedding_std_is_its_own_key(block, mult, want):
+    """model.init.embedding_std_multiplier sets the embedding's std alone (null: 0.1 sigma under sdd, the
+    reference's; sigma otherwise); every other weight keeps its scheme's std."""
+    model = wide(block, init={"embedding_std_multiplier": mult})
+    sigma = 1 / math.sqrt(2.5 * 256)
+    assert_std(model.embed.weight, want * sigma)
+    assert_std(model.blocks[0].attention.att_proj.weight, (0.1 if block == "sdd" else 1.0) * sigma)
+
+
 @pytest.mark.parametrize("block", ["pre", "post", "sdd", "sdd_pre"])
 def test_moe_router_expert_and_untied_head_init(block):
     """The router takes the model's init_std (sigma, or 0.1 sigma under sdd); an untied head 1/sqrt(d) always."""

@@ -74,6 +74,10 @@ class InitConfig:
     sdd_std_multiplier: float = 0.1
     # Megatron init: output projections get sigma/sqrt(2L) (SpanNorm's "ScaleInit"); false keeps sigma.
     depth_scaled_output: bool = True
+    # The token embedding's std as a multiple of sigma; null: the scheme's (sdd_std_multiplier under sdd, as
+    # the reference's one init_std; 1 otherwise). The paper's text calls the embedding init "aligned with
+    # baselines", i.e. 1 under sdd too (docs/paper.md).
+    embedding_std_multiplier: float | None = None
 
 
 @dataclass

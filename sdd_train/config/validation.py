@@ -82,6 +82,8 @@ def validate(cfg: RunConfig) -> None:
     _positive("model.init.std_multiplier", m.init.std_multiplier)
     _positive("model.init.sdd_std_multiplier", m.init.sdd_std_multiplier)
     _positive("model.spannorm.residual_scale", m.spannorm.residual_scale)
+    if m.init.embedding_std_multiplier is not None:
+        _positive("model.init.embedding_std_multiplier", m.init.embedding_std_multiplier)
     if not 0.0 <= m.mixln.post_fraction <= 1.0:
         raise ConfigError(f"model.mixln.post_fraction: {m.mixln.post_fraction} is not a fraction; choose one in [0, 1]")
     _positive("model.moe.sdd_out_gain_scale", m.moe.sdd_out_gain_scale)

@@ -203,7 +203,10 @@ class Transformer(nn.Module):
         scheme = self.init_scheme
         # The reference sets one init_std for the whole model: under sdd it is sdd_std, embedding and router too.
         base_std = sigma * init.sdd_std_multiplier if scheme == "sdd" else sigma
-        embed_std = embed_sigma * init.sdd_std_multiplier if scheme == "sdd" else embed_sigma
+        embed_mult = init.embedding_std_multiplier
+        if embed_mult is None:
+            embed_mult = init.sdd_std_multiplier if scheme == "sdd" else 1.0
+        embed_std = embed_sigma * embed_mult
         # every random fill goes through init_full_, so sharded (FSDP2) parameters get the same values
         init_full_(self.embed.weight, lambda w: trunc_normal_(w, embed_std))
         if self.lm_head is not None:  # std 1/sqrt(fan-in) of the base width: under µP its 1/m multiplier follows (mup.py)
