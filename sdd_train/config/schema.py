@@ -262,6 +262,17 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """``train.profile``: a profiler trace of a few steps (``profile/trace_rank<r>.json`` in the run directory,
+    for chrome://tracing or Perfetto), the step's phases named: data, forward, backward, optimizer, checkpoint."""
+
+    steps: int = 0  # steps traced; 0: no profiler
+    wait: int = 5  # steps of this process before tracing (the first compile and warm up)
+    warmup: int = 1  # steps the profiler runs and discards before the traced ones
+    memory_snapshot: bool = False  # CUDA: also profile/memory_rank<r>.pickle (torch.cuda.memory._dump_snapshot)
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 1000
     seq_len: int = 256
@@ -303,6 +314,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10  # with nonfinite=skip: stop after this many consecutive skipped steps
     peak_tflops: float | None = None  # per device, for MFU; null: known GPUs (H100/H200 989.5), else no MFU
     deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible GPU runs, slower)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

@@ -151,6 +151,8 @@ def validate(cfg: RunConfig) -> None:
     check_batch_split(t)
     _positive("train.permanent_checkpoint_interval", t.permanent_checkpoint_interval, allow_zero=True)
     _positive("train.max_nonfinite_skips", t.max_nonfinite_skips)
+    for key in ("steps", "wait", "warmup"):
+        _positive(f"train.profile.{key}", getattr(t.profile, key), allow_zero=True)
     if t.peak_tflops is not None:
         _positive("train.peak_tflops", t.peak_tflops)
 

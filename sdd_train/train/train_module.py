@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import RunConfig
@@ -154,10 +155,13 @@ class TrainModule:
         loads = logit_rms = None
         # under bf16 on CPU the step's fp32 products of bf16 values run in oneDNN's bf16 mode, exactly
         with bf16_products_of_bf16_values(world.device) if t.precision == "bf16" else contextlib.nullcontext():
-            for micro, batch in enumerate(micro_batches):
+            batches = iter(micro_batches)
+            for micro in range(accum):
+                with record_function("data"):  # the step's phases, as a profiler trace names them
+                    batch = next(batches)
                 if sharded and self.cfg.parallel.defer_grad_sync:
                     self.model.set_requires_gradient_sync(micro == accum - 1)
-                with autocast(world.device, t.precision):
+                with record_function("forward"), autocast(world.device, t.precision):
                     out = self.model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
                                      z_loss=o.z_loss, loss_chunk=t.loss_chunk_size)
                 parts = [out.ce.detach(), out.z_loss.detach() if out.z_loss is not None else out.ce.new_zeros(())]
@@ -165,7 +169,8 @@ class TrainModule:
                     parts += [out.moe_lb_loss.detach(), out.moe_router_z_loss.detach()]
                     loads = out.expert_load if loads is None else loads + out.expert_load
                     logit_rms = out.router_logit_rms if logit_rms is None else logit_rms + out.router_logit_rms
-                (out.loss / accum).backward()
+                with record_function("backward"):
+                    (out.loss / accum).backward()
                 sums[: len(parts)] += torch.stack(parts).float()
         # the routers' logit RMS rides along in the losses' all-reduce: one collective for both
         reduced = all_reduce_sum(sums if logit_rms is None else torch.cat([sums, logit_rms.float()]))
@@ -182,7 +187,8 @@ class TrainModule:
         """Update the parameters with the step's learning rate (``out.lr``)."""
         for group in self.optimizer.param_groups:
             group["lr"] = out.lr * group.get("lr_scale", 1.0)
-        self.optimizer.step()
+        with record_function("optimizer"):
+            self.optimizer.step()
         rate = self.cfg.model.moe.bias_update_rate
         if rate > 0 and out.expert_load is not None:  # auxiliary-loss-free balancing, from the step's global load
             for layer, load in zip(self.moe_layers, out.expert_load):
@@ -195,7 +201,8 @@ class TrainModule:
 
     def save(self, checkpointer: Checkpointer, step: int, meta: dict[str, Any]) -> Path:
         """The model and the optimizer (each rank its shards), with the loop's ``meta``, as step ``step``."""
-        return checkpointer.save(step, self.model, self.optimizer, meta)
+        with record_function("checkpoint"):
+            return checkpointer.save(step, self.model, self.optimizer, meta)
 
     def load(self, checkpointer: Checkpointer, path: Path) -> dict[str, Any]:
         """Restore the model and the optimizer from ``path`` (resharded to this world); its meta.json."""

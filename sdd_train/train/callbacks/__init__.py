@@ -2,7 +2,7 @@
 
 Built in, in the order of their priorities: stability (non-finite steps, loss spikes), layer
 statistics, speed, the router (MoE runs), evaluation, activation statistics, checkpointing (with
-SIGTERM/SIGUSR1), the run log (files, W&B, console). A run adds its own from the config by import path (``callbacks: [{path:
+SIGTERM/SIGUSR1), the run log (files, W&B, console), the profiler (``train.profile``). A run adds its own from the config by import path (``callbacks: [{path:
 pkg.mod:Class, options: {...}}]``); they run by their ``priority`` too (default 0: after the
 built-in ones; docs/callbacks.md).
 """
@@ -15,6 +15,7 @@ from sdd_train.config import CallbackConfig, ConfigError, RunConfig
 from sdd_train.train.callbacks.base import Action, Callback, Verdict
 from sdd_train.train.callbacks.checkpointing import CheckpointCallback
 from sdd_train.train.callbacks.evaluation import EvaluationCallback
+from sdd_train.train.callbacks.profiler import ProfilerCallback
 from sdd_train.train.callbacks.router import RouterCallback
 from sdd_train.train.callbacks.run_log import RunLogCallback
 from sdd_train.train.callbacks.speed import SpeedCallback
@@ -55,6 +56,8 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         callbacks.append(ActivationsCallback(diag.activation_interval))
     if cfg.model.ffn == "moe":
         callbacks.append(RouterCallback())
+    if t.profile.steps:
+        callbacks.append(ProfilerCallback(t.profile))
     callbacks += [load_callback(i, spec) for i, spec in enumerate(cfg.callbacks)]
     callbacks.sort(key=lambda c: -c.priority)
     names = [c.name for c in callbacks]

@@ -44,7 +44,7 @@ class Verdict:
 
 class Callback:
     name = "callback"  # the key of its state in checkpoints; unique within a run
-    priority = 0  # callbacks run highest first; the built-in ones are 10 and above, the run log 10
+    priority = 0  # callbacks run highest first; the built-in ones are 5 and above (the run log 10, the profiler 5)
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """After resuming, before the first step of this process."""
