@@ -23,7 +23,7 @@ AXES: dict[str, tuple[str, ...]] = {
     "block": ("pre", "sdd"),
     "grouped_mm": ("auto", "loop"),  # MoE expert GEMMs: torch._grouped_mm (CPU from torch 2.9) or a loop
     "compile": ("off", "on"),
-    "ac": ("none", "full", "every_n"),
+    "ac": ("none", "full", "every_n", "selective"),
     "doc_mask": ("off", "on"),
     "world": ("1", "2", "4"),  # 1 process, 2-rank FSDP2, 4-rank HSDP (2 replicas x 2 shards)
     "precision": ("fp32", "bf16"),  # bf16: autocast over fp32 parameters
@@ -60,6 +60,7 @@ OVERRIDES: dict[tuple[str, str], list[str]] = {
     ("ac", "none"): ["parallel.activation_checkpointing=none"],
     ("ac", "full"): ["parallel.activation_checkpointing=full"],
     ("ac", "every_n"): ["parallel.activation_checkpointing=every_n", "parallel.ac_every=2"],
+    ("ac", "selective"): ["parallel.activation_checkpointing=selective"],
     ("doc_mask", "off"): ["data.doc_mask=false"],
     ("doc_mask", "on"): ["data.doc_mask=true"],
     ("world", "1"): [],

@@ -22,7 +22,7 @@ def test_the_product_holds_each_meaningful_combination_once():
     assert all((c["ffn"] == "moe") == (c["grouped_mm"] != NA) for c in PRODUCT)
     assert all((c["ffn"] == "moe" and c.world > 1) == (c["ep"] != NA) for c in PRODUCT)
     dense = sum(c["ffn"] == "dense" for c in PRODUCT)  # per world size: moe has 2 grouped_mm (and 2 ep on 2+ ranks)
-    assert len(PRODUCT) == dense + dense // 3 * (2 + 4 + 4) == 4992
+    assert len(PRODUCT) == dense + dense // 3 * (2 + 4 + 4) == 6656
     assert len({c.name for c in PRODUCT}) == len(PRODUCT)
     # the names of combinations from before the ep axis are unchanged (docs/matrix/results.jsonl holds them)
     assert matrix.make(ffn="moe", world="2").name == "moe-pre-gmmauto-eager-acnone-nodoc-fsdp2-fp32-p32-plain-noz"
@@ -90,7 +90,7 @@ def test_the_subset_covers_every_pair_of_settings():
     # the check can fail: every row the greedy took covered a pair no earlier row did
     assert matrix.missing_pairs(SUBSET[:-1], CI)
     assert matrix.missing_pairs(PRODUCT[:8], PRODUCT)
-    assert len(SUBSET) <= 50 and matrix.pairwise(CI) == SUBSET  # a few dozen of 4992, and deterministic
+    assert len(SUBSET) <= 50 and matrix.pairwise(CI) == SUBSET  # a few dozen of 6656, and deterministic
     full = matrix.pairwise(PRODUCT)  # make matrix --subset pairwise: every pair of the whole product
     assert matrix.missing_pairs(full, PRODUCT) == set() and matrix.missing_pairs(SUBSET, PRODUCT)
     # each refusal once, for its exit 2

@@ -28,6 +28,7 @@ def test_checkpointed_block_selection():
     assert checkpointed_blocks(6, "full", 2) == [0, 1, 2, 3, 4, 5]
     assert checkpointed_blocks(6, "every_n", 2) == [0, 2, 4]
     assert checkpointed_blocks(7, "every_n", 3) == [0, 3, 6]
+    assert checkpointed_blocks(3, "selective", 2) == [0, 1, 2]
 
 
 def test_the_transformer_describes_what_to_parallelize():
@@ -39,7 +40,9 @@ def test_the_transformer_describes_what_to_parallelize():
 
 
 @pytest.mark.parametrize("mode,compile,ffn", [("full", False, "dense"), ("every_n", False, "dense"),
-                                              ("full", False, "moe"), ("every_n", True, "moe")])
+                                              ("full", False, "moe"), ("every_n", True, "moe"),
+                                              ("selective", False, "dense"), ("selective", False, "moe"),
+                                              ("selective", True, "dense")])
 def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
     """MoE + AC + compile crashed at the first forward while the MoE wrote its aux losses onto itself.
     Compiled dense blocks under checkpointing: tests/test_matrix.py's compiled AC combinations."""
@@ -50,7 +53,7 @@ def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
     wrapped.load_state_dict(plain.state_dict())
     par = ParallelConfig(activation_checkpointing=mode, ac_every=2)
     chosen = parallelize(wrapped.parallel_plan(), par, ONE.dims, ONE.device, compile)
-    assert chosen == ([0, 1, 2, 3] if mode == "full" else [0, 2])
+    assert chosen == ([0, 2] if mode == "every_n" else [0, 1, 2, 3])
     assert ("chunked_loss" in vars(wrapped)) == compile and "chunked_loss" not in vars(plain)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     ref_loss, ref_grads = loss_and_grads(plain, tokens)
@@ -87,3 +90,37 @@ def test_compile_defaults_to_on_for_gpus_only():
     assert TrainConfig().compile is None
     assert compile_enabled(None, torch.device("cuda")) and not compile_enabled(None, torch.device("cpu"))
     assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("block", ["pre", "sdd"])
+def test_selective_checkpointing_recomputes_the_cheap_work_and_no_matrix_product(block):
+    """The operators a backward runs (a dispatch mode counting them): full recomputation repeats the forward's
+    matrix products; selective repeats none of them (their outputs were kept, as under none) but does
+    recompute the elementwise work (its multiplications, the norms' and SwiGLU's among them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    cfg = small_model_cfg(block, n_layers=4)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        parallelize(model.parallel_plan(), ParallelConfig(activation_checkpointing=mode), ONE.dims, ONE.device, False)
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+        with Count() as count:
+            loss.backward()
+        counts[mode] = count.ops
+    matmuls = {m: sum(c.get(op, 0) for op in ("mm", "addmm", "bmm")) for m, c in counts.items()}
+    assert matmuls["selective"] == matmuls["none"] < matmuls["full"], matmuls
+    assert counts["none"]["mul"] < counts["selective"]["mul"], (counts["none"]["mul"], counts["selective"]["mul"])

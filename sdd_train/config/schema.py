@@ -42,7 +42,7 @@ DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FAILURE_ACTIONS = ("stop", "retry")
 NONFINITE_ACTIONS = ("stop", "skip")
-ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "every_n")
+ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "every_n", "selective")
 # in this order the torch dtypes of sdd_train.kernels.precision.PARAM_DTYPES: float32, bfloat16
 PARAM_DTYPE_NAMES = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "online", "offline")
@@ -325,7 +325,9 @@ class ParallelConfig:
     dp_replicate: int = 1  # replica groups; > 1 is HSDP
     dp_shard: int = -1  # ranks per shard group; -1: world_size / dp_replicate
     reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
-    activation_checkpointing: str = choice(ACTIVATION_CHECKPOINTING_MODES)  # full: every block; every_n: see ac_every
+    # full: every block; every_n: see ac_every; selective: every block, keeping the outputs of matrix products and
+    # attention and recomputing the rest (norms, SwiGLU, RoPE)
+    activation_checkpointing: str = choice(ACTIVATION_CHECKPOINTING_MODES)
     ac_every: int = 2  # with every_n: checkpoint blocks 0, n, 2n, ...
     defer_grad_sync: bool = True  # reduce-scatter gradients once per step, not per micro-batch
     # Parameters gathered and computed in: fp32 | bf16 (the reference's FSDP "mixed": half the all-gather

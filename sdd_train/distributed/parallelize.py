@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
+from sdd_train.kernels import grouped_mm  # noqa: F401  (registers sdd_train::expert_mm, which selective AC keeps)
 from sdd_train.kernels.precision import PARAM_DTYPES
 from sdd_train.distributed.dims import ParallelDims
 from sdd_train.distributed.expert_parallel import apply_all_ranks_balance, apply_expert_parallel
@@ -56,19 +57,44 @@ class ModelPlan(Protocol):
 
 
 def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
-    if mode == "full":
+    if mode in ("full", "selective"):
         return list(range(n_layers))
     if mode == "every_n":
         return list(range(0, n_layers, every))
     return []
 
 
+def _saved_by_selective_checkpointing() -> set:
+    """The operators whose outputs ``selective`` keeps: matrix products and attention (the FLOPs); the
+    rest (norms, SwiGLU, RoPE, residual adds, softmax of the loss) is recomputed in backward."""
+    aten, ops = torch.ops.aten, []
+    for name in ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"):
+        if hasattr(aten, name):
+            ops.append(getattr(aten, name).default)
+    return {*ops, torch.ops.sdd_train.expert_mm.default}
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_by_selective_checkpointing()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 def apply_activation_checkpointing(plan: ModelPlan, mode: str, every: int) -> list[int]:
-    """Recompute the chosen blocks' activations in backward instead of storing them."""
+    """Recompute the chosen blocks' activations in backward instead of storing them (``selective``:
+    all but the outputs of matrix products and attention)."""
     chosen = checkpointed_blocks(len(plan.blocks), mode, every)
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
     for i in chosen:
         block = plan.blocks[i]
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **extra)
     return chosen
 
 
