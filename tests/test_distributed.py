@@ -185,12 +185,21 @@ def test_hsdp_two_replicas_of_two_shards_match_one_process(single, cache, tmp_pa
         assert chunks[f"model.{name}"] == [half, half], name
 
 
+def rewound_copy(run_dir: Path, to: Path, step: int) -> Path:
+    """A copy of ``run_dir`` whose latest checkpoint is step ``step`` (the later ones removed): resuming it
+    trains the rest again."""
+    shutil.copytree(run_dir, to)
+    ckpts = checkpoint.checkpoint_dir(to)
+    for later in ckpts.glob("step_*"):
+        number = later.name.removeprefix("step_")
+        if number.isdigit() and int(number) > step:
+            shutil.rmtree(later)
+    (ckpts / "latest").write_text(f"step_{step:07d}")
+    return to
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(single, fsdp2, cache, tmp_path):
-    run_dir = tmp_path / "resharded"
-    shutil.copytree(fsdp2, run_dir)
-    ckpts = checkpoint.checkpoint_dir(run_dir)
-    shutil.rmtree(ckpts / "step_0000010")
-    (ckpts / "latest").write_text("step_0000005")
+    run_dir = rewound_copy(fsdp2, tmp_path / "resharded", 5)
     assert checkpoint.read_meta(checkpoint.latest(run_dir))["world_size"] == 2
     assert main(args_for(run_dir, cache)) == 0
     resumed = records(run_dir)

@@ -4,7 +4,6 @@ its own so that it runs beside tests/test_distributed.py (pytest-xdist gives eac
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from sdd_train import checkpoint
 from sdd_train.train.__main__ import main
 from sdd_train.distributed.world import cpu_fsdp_supported
 from test_distributed import (MOE, args_for, assert_same_layer_stats, assert_same_run, layer_stats, records,
-                              stored_chunks, torchrun)
+                              rewound_copy, stored_chunks, torchrun)
 
 EP = [*MOE, "parallel.ep=2", "parallel.activation_checkpointing=full", "train.checkpoint_interval=2"]
 
@@ -69,11 +68,7 @@ def test_expert_parallelism_on_two_ranks_matches_one_process(moe_single, ep_run)
 
 
 def test_an_expert_parallel_checkpoint_resumes_on_one_process(moe_single, ep_run, cache, tmp_path):
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(ep_run, run_dir)
-    ckpts = checkpoint.checkpoint_dir(run_dir)
-    shutil.rmtree(ckpts / "step_0000004")
-    (ckpts / "latest").write_text("step_0000002")
+    run_dir = rewound_copy(ep_run, tmp_path / "resumed", 2)
     assert main(args_for(run_dir, cache, *MOE, "train.checkpoint_interval=2")) == 0  # parallel.ep=1
     assert_same_run(records(moe_single), records(run_dir), range(3, 5), rel=1e-5)
 
