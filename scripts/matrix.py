@@ -73,7 +73,9 @@ def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
     head = git("rev-parse", "--short=7", "HEAD") or "unknown"
-    return head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # the matrix's own outputs do not count: it writes them
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/matrix", ":!docs/testing.md")
+    return head + ("+" if changed else "")
 
 
 RUN_ON = {"commit": "", "cpu": "", "date": ""}  # where the rows of this invocation run; set in run_matrix
@@ -109,6 +111,8 @@ def headline(rows: list[Row], meta: dict[str, dict[str, str]], selected: int, co
     """One sentence: what ran, where, and how it ended."""
     counts = {s: sum(r.status == s for r in rows) for s in ("pass", "refused", "fail", "untested")}
     ran = f"{len(rows)} combinations" if len(rows) == selected else f"{len(rows)} of the {selected} combinations selected"
+    if not rows:
+        return f"`{command}`: none of the {selected} combinations selected has run."
     where = {k: sorted({meta[r.combo.name][k] for r in rows}) for k in RUN_ON}
     dates = where["date"][0] + (f" to {where['date'][-1]}" if len(where["date"]) > 1 else "")
     wall = sum(r.seconds for r in rows)

@@ -250,7 +250,7 @@ def block(x: torch.Tensor, p: State, cfg: ModelConfig, layer: int = 0) -> torch.
         h = x + a_(s * n1(x))
         return h + f_(s * n2(h))
     if scheme == "mixln":  # Post-Norm for the first floor(f L) blocks, Pre-Norm after
-        if layer < math.floor(cfg.mixln.post_fraction * cfg.n_layers):
+        if layer < round(cfg.mixln.post_fraction * cfg.n_layers * 1e6) // 10**6:  # exact for 6-digit fractions
             h = n1(x + a_(x))
             return n2(h + f_(h))
         h = x + a_(n1(x))

@@ -66,6 +66,7 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
     local_run = type(layer).run_experts.__get__(layer)  # the class's method: the computation, unsplit
     ep, world_size = dist.get_world_size(group), dist.get_world_size()
 
+    @torch.compiler.disable  # split sizes change every forward: eager between the compiled graphs, no recompiles
     def run_experts(rows: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor, params=None) -> torch.Tensor:
         n_local = counts.shape[0] // ep
         # 1. counts[j, e]: this rank's rows for expert e of rank j -> received[s, e]: rank s's rows for my expert e

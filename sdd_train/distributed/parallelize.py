@@ -65,15 +65,23 @@ def checkpointed_blocks(n_layers: int, mode: str, every: int) -> list[int]:
 
 
 def _saved_by_selective_checkpointing() -> set:
-    """The operators whose outputs ``selective`` keeps: matrix products and attention (the FLOPs); the
-    rest (norms, SwiGLU, RoPE, residual adds, softmax of the loss) is recomputed in backward."""
+    """The operators whose outputs ``selective`` keeps: matrix products and attention (SDPA, flash-attn,
+    FlexAttention: the FLOPs), and expert parallelism's collectives (not sent again); the rest (norms, SwiGLU,
+    RoPE, residual adds) is recomputed in backward."""
     aten, ops = torch.ops.aten, []
     for name in ("mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"):
         if hasattr(aten, name):
             ops.append(getattr(aten, name).default)
-    return {*ops, torch.ops.sdd_train.expert_mm.default}
+    for namespace, names in (("flash_attn", ("_flash_attn_forward", "_flash_attn_varlen_forward")),
+                             ("_c10d_functional", ("all_to_all_single", "wait_tensor", "all_reduce"))):
+        for name in names:  # flash-attn's ops exist once the package is imported; the collectives: expert parallelism's
+            op = getattr(getattr(torch.ops, namespace), name, None) if hasattr(torch.ops, namespace) else None
+            if op is not None and hasattr(op, "default"):
+                ops.append(op.default)
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    return {*ops, *([flex] if flex is not None else []), torch.ops.sdd_train.expert_mm.default}
 
 
 def _selective_context():
@@ -150,12 +158,12 @@ def apply_fsdp(plan: ModelPlan, par: ParallelConfig, mesh, device_type: str,
                               cast_forward_inputs=False)
     register_output_types(plan.output_types)
     blocks, root = plan.blocks, plan.root
+    leave_out = {"ignored_params": set(ignored)} if ignored else {}  # the argument is torch >= 2.7's
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away in backward: keep them gathered.
         reshard = par.reshard_after_forward and i < len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, ignored_params=set(ignored))
-    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward,
-                ignored_params=set(ignored))
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard, **leave_out)
+    fully_shard(root, mesh=mesh, mp_policy=mp, reshard_after_forward=par.reshard_after_forward, **leave_out)
     if device_type == "cpu":
         # gloo's reduce-scatter with ReduceOp.AVG summed without dividing in torch 2.8 (2-rank
         # gradients came out 2x); SUM and FSDP2's own division by the world size are right everywhere.

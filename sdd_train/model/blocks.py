@@ -17,6 +17,8 @@ an MoE, None for a dense FFN): everything a forward computes is returned.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -219,7 +221,7 @@ class MixLNBlock(Block):
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg, layer_id)
-        self.post = layer_id < int(cfg.mixln.post_fraction * cfg.n_layers)
+        self.post = layer_id < math.floor(cfg.mixln.post_fraction * cfg.n_layers + 1e-9)  # 0.57 x 100 is 57
 
     def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
         if self.post:

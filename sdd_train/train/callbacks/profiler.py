@@ -3,8 +3,9 @@
 The loop names its phases with ``record_function`` (data, forward, backward, optimizer, checkpoint;
 sdd_train/train/train_module.py), so the trace shows them as spans over the operators they ran. The
 profiler runs only for ``wait + warmup + steps`` steps of this process and is stopped afterwards: the
-rest of the run pays nothing. On CUDA, ``memory_snapshot`` also records the allocator's history over
-the traced steps (torch.cuda.memory's snapshot, for pytorch.org/memory_viz).
+rest of the run pays nothing. On CUDA, ``memory_snapshot`` also records the allocator's history from
+the start of the run to the end of the traced steps (torch.cuda.memory's snapshot, for
+pytorch.org/memory_viz).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class ProfilerCallback(Callback):
         if trainer.world.device.type == "cuda" and self.cfg.memory_snapshot:
             torch.cuda.memory._dump_snapshot(str(self.out / f"memory_rank{rank}.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
-        trainer.log(f"profile: steps {trainer.step - self.cfg.steps + 1}-{trainer.step} traced into {path}")
+        traced = min(self.cfg.steps, self.steps_seen - self.cfg.wait - self.cfg.warmup)  # fewer if the run ended
+        trainer.log(f"profile: steps {trainer.step - traced + 1}-{trainer.step} traced into {path}")
 
     def post_step(self, trainer: Trainer, step: int, out) -> None:
         if self.profiler is None:
@@ -72,3 +74,5 @@ class ProfilerCallback(Callback):
         if self.profiler is not None:
             profiler, self.profiler = self.profiler, None
             profiler.stop()
+            if torch.cuda.is_available() and self.cfg.memory_snapshot:
+                torch.cuda.memory._record_memory_history(enabled=None)  # also where no trace was written
