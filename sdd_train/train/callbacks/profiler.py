@@ -59,8 +59,8 @@ class ProfilerCallback(Callback):
     def post_step(self, trainer: Trainer, step: int, out) -> None:
         if self.profiler is None:
             return
+        self.steps_seen += 1  # before step(): the trace it may write counts this step
         self.profiler.step()
-        self.steps_seen += 1
         if self.steps_seen >= self.cfg.wait + self.cfg.warmup + self.cfg.steps:
             self._stop()
 
