@@ -31,9 +31,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-EXPERT_PARAMS = ("ff_proj.weight", "ff_proj.alpha", "ff_out.weight", "ff_out.alpha")
-
-
 class _ExpertGradSync(torch.autograd.Function):
     """Identity forward; backward: the gradient / world size, summed over the replica group (if any)."""
 
@@ -83,9 +80,9 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         local_expert = block % n_local
         order = (local_expert * ep + block // n_local).argsort(stable=True)
         # 3. this rank's experts on their rows
-        local = type(params or layer.expert_params())(*(
-            None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas).to(param_dtype)
-            for p in (params or layer.expert_params())))
+        given = params or layer.expert_params()
+        local = type(given)(*(None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas)
+                              .to(param_dtype) for p in given))
         y = local_run(arrived[order], received.sum(0), local_expert[order], local)
         # 4. back to the (source rank, local expert) order, and home
         y = torch.empty_like(y).index_copy(0, order, y)
@@ -107,12 +104,12 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, param_dtype: torch.
     replicas = mesh.get_group("dp_replicate") if "dp_replicate" in names else None
     ignored: set[nn.Parameter] = set()
     for layer in layers:
-        for name in EXPERT_PARAMS:
+        experts = {id(p) for p in layer.expert_params() if p is not None}
+        for name, param in list(layer.named_parameters()):
+            if id(param) not in experts:
+                continue
             owner_name, _, attr = name.rpartition(".")
             owner = layer.get_submodule(owner_name)
-            param = getattr(owner, attr)
-            if param is None:
-                continue
             split = nn.Parameter(distribute_tensor(param.data, mesh, placements), requires_grad=param.requires_grad)
             owner.register_parameter(attr, split)
             ignored.add(split)

@@ -84,7 +84,8 @@ def _saved_by_selective_checkpointing() -> set:
     return {*ops, *([flex] if flex is not None else []), torch.ops.sdd_train.expert_mm.default}
 
 
-def _selective_context():
+def _selective_context_fn() -> Callable[[], Any]:
+    """The ``context_fn`` every checkpointed forward calls (the operator set is built once, here)."""
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     saved = _saved_by_selective_checkpointing()
@@ -92,14 +93,14 @@ def _selective_context():
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 def apply_activation_checkpointing(plan: ModelPlan, mode: str, every: int) -> list[int]:
     """Recompute the chosen blocks' activations in backward instead of storing them (``selective``:
     all but the outputs of matrix products and attention)."""
     chosen = checkpointed_blocks(len(plan.blocks), mode, every)
-    extra = {"context_fn": _selective_context} if mode == "selective" else {}
+    extra = {"context_fn": _selective_context_fn()} if mode == "selective" else {}
     for i in chosen:
         block = plan.blocks[i]
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **extra)

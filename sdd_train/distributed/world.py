@@ -69,20 +69,17 @@ def init_world(device_name: str, par: ParallelConfig | None = None) -> World:
     if world_size > 1 and not use_cuda and not cpu_fsdp_supported():
         raise ConfigError(f"FSDP2 on CPU (gloo) needs torch >= 2.7, this is {torch.__version__}: run one process"
                           " (without torchrun) or train on CUDA")
-    if dims.ep > 1 and "ignored_params" not in inspect.signature(_fully_shard()).parameters:
-        raise ConfigError(f"parallel.ep: expert parallelism needs FSDP2's ignored_params (torch >= 2.7), this is"
-                          f" {torch.__version__}: set parallel.ep=1 or upgrade torch")
+    if dims.ep > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise ConfigError(f"parallel.ep: expert parallelism needs FSDP2's ignored_params (torch >= 2.7), this is"
+                              f" {torch.__version__}: set parallel.ep=1 or upgrade torch")
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=int(os.environ.get("SDD_TRAIN_DIST_TIMEOUT", "1800")))
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
                                 **({"device_id": device} if use_cuda else {}))
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device, dims=dims)
-
-
-def _fully_shard():
-    from torch.distributed.fsdp import fully_shard
-
-    return fully_shard
 
 
 def close_world() -> None:

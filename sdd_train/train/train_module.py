@@ -221,8 +221,8 @@ class TrainModule:
         if not (self.world.distributed and accum > 1 and self.cfg.parallel.defer_grad_sync):
             return 0
         ep = self.world.dims.ep
-        experts = sum(p.numel() for layer in self.model.parallel_plan().expert_layers
-                      for p in layer.expert_params() if p is not None) if ep > 1 else 0
+        experts = sum(p.numel() for layer in self.moe_layers for p in layer.expert_params() if p is not None)
+        experts = experts if ep > 1 else 0
         return 4 * (self.model.param_counts().total - experts + experts // ep)
 
     def num_flops_per_token(self, seq_len: int) -> float:
