@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parents[1] / "sdd_train"
 
 # A module may import its own package and packages of a lower rank: exit_codes (the errors every layer
 # raises) -> config -> kernels -> model, data, distributed -> checkpoint -> eval -> diagnostics -> train
-# -> sweeps -> the CLIs (``__main__``, which may import anything). Equal ranks do not import each other:
+# -> sweeps, plan -> the CLIs (``__main__``, which may import anything). Equal ranks do not import each other:
 # parallelism is applied to a model as the model describes it (``Transformer.parallel_plan``), not by importing it.
 RANKS = {"exit_codes": -1, "config": 0, "kernels": 1, "model": 2, "data": 2, "distributed": 2, "checkpoint": 4,
-         "eval": 5, "diagnostics": 6, "train": 7, "sweeps": 8}
+         "eval": 5, "diagnostics": 6, "train": 7, "sweeps": 8,
+         "plan": 8}
 CLI_RANK = 9
 MAX_LINES = 420
 

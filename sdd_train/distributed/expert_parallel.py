@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 class _ExpertGradSync(torch.autograd.Function):
@@ -56,6 +57,18 @@ def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return wait_tensor(all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group))
 
 
+def _even(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def balanced_sizes(rows: int, ep: int, n_local: int) -> list[int]:
+    """The split sizes of perfectly balanced routing, where every rank routes ``rows`` rows: an equal
+    share to each rank (the ``ep`` send sizes), then ``ep`` x ``n_local`` received counts, one per
+    (source rank, local expert)."""
+    send = _even(rows, ep)
+    return [*send, *(n for _ in range(ep) for n in _even(send[0], n_local))]
+
+
 def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None,
                         param_dtype: torch.dtype = torch.float32):
     """``layer.run_experts`` with the layer's experts split over the ranks of ``group``, computed with
@@ -70,7 +83,10 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         sent = counts.view(ep, n_local)
         received = torch.empty_like(sent)
         dist.all_to_all_single(received, sent.contiguous(), group=group)
-        sizes = torch.cat([sent.sum(1), received.reshape(-1)]).tolist()  # the one host read
+        if is_fake(sent):  # the memory estimate's tensors hold no counts: routing taken as balanced
+            sizes = balanced_sizes(rows.shape[0], ep, n_local)
+        else:
+            sizes = torch.cat([sent.sum(1), received.reshape(-1)]).tolist()  # the one host read
         send_splits, received_counts = sizes[:ep], sizes[ep:]
         recv_splits = [sum(received_counts[s * n_local:(s + 1) * n_local]) for s in range(ep)]
         # 2. rows out, then ordered by (local expert, source rank) from (source rank, local expert)

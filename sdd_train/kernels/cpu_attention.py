@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from sdd_train.kernels.precision import autocast_off, compute_dtype
+from sdd_train.kernels.settings import cpu_values
 
 # Scores (batch x query heads x S x S) per call up to which the scores are materialised:
 # 2^24 = ~100 MB kept per layer for the backward in bf16 (the tiny config: 2^22).
@@ -36,7 +37,7 @@ SPAN = 64
 def cpu_attention_usable(q: torch.Tensor, k: torch.Tensor) -> bool:
     """CPU tensors of a short enough sequence (self-attention: as many keys as queries)."""
     b, s, h, _ = q.shape
-    return q.device.type == "cpu" and k.shape[1] == s and b * h * s * s <= MAX_SCORES
+    return cpu_values(q) and k.shape[1] == s and b * h * s * s <= MAX_SCORES
 
 
 def cpu_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None

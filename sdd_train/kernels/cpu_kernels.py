@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from sdd_train.kernels.settings import norm_kernel
+from sdd_train.kernels.settings import cpu_values, norm_kernel
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,6 @@ def library() -> ctypes.CDLL | None:
 
 def kernel_for(x: torch.Tensor) -> ctypes.CDLL | None:
     """The library where its kernels take ``x`` (a CPU fp32/bf16 tensor, not forced off), else None."""
-    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES or norm_kernel() == "torch":
+    if not cpu_values(x) or x.dtype not in _KERNEL_DTYPES or norm_kernel() == "torch":
         return None
     return library()

@@ -17,6 +17,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sdd_train.kernels.settings import cpu_values
+
 
 IGNORE = -100
 
@@ -49,7 +51,7 @@ def _cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, z_weight: 
     plain autocast path rounds its fp32 gradient for the head matmul.
     """
     rows, vocab = logits.shape
-    step = max(_CPU_BLOCK_ELEMENTS // vocab, 1) if logits.device.type == "cpu" else rows
+    step = max(_CPU_BLOCK_ELEMENTS // vocab, 1) if cpu_values(logits) else rows
     ce_sum = logits.new_zeros((), dtype=torch.float32)
     z_sum = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, rows, step):

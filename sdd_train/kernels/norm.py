@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sdd_train.kernels.cpu_rms_norm import cpu_rms_norm, use_cpu_norm
 from sdd_train.kernels.precision import autocast_off, compute_dtype, upcast
+from sdd_train.kernels.settings import cpu_values
 from sdd_train.kernels.triton_rms_norm import fused_rms_norm, use_fused_norm
 
 
@@ -46,7 +47,7 @@ def norm_row_blocks(x: torch.Tensor, rows: int, width: int) -> list[slice]:
     """The blocks of rows the norm works through: one (the whole tensor) on GPUs, which stream
     anyway, and inside torch.compile, where inductor fuses it and where no size arithmetic may
     reach the graph (torch 2.11's dynamo fails on it once shapes turn symbolic)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
+    if not cpu_values(x) or torch.compiler.is_compiling():
         return [slice(None)]
     step = max(NORM_BLOCK_ELEMENTS // width, 1)
     return [slice(s, s + step) for s in range(0, rows, step)]

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
 log = logging.getLogger(__name__)
 
 NORM_KERNEL_ENV = "SDD_TRAIN_NORM_KERNEL"
@@ -40,3 +43,22 @@ def set_norm_kernel(value: str | None) -> None:
     if value is not None and value not in NORM_KERNELS:
         raise ValueError(f"norm kernel {value!r} is not one of {', '.join(NORM_KERNELS)}")
     _norm_kernel = value
+
+
+_cpu_paths = True
+
+
+def set_cpu_paths(enabled: bool) -> None:
+    """Whether CPU tensors take the CPU's own paths (the C kernels, the CPU attention, the
+    cache-sized blocks of the norm and the loss), on by default; off, a CPU run takes the paths a GPU
+    run takes in PyTorch ops and holds the memory they hold, which is what the memory estimate is
+    checked against."""
+    global _cpu_paths
+    _cpu_paths = enabled
+
+
+def cpu_values(x: torch.Tensor) -> bool:
+    """``x`` is a CPU tensor that holds values, and the CPU paths are on: where those paths run. Fake
+    tensors (the memory estimate's: shapes without storage) take the PyTorch paths, which save for
+    backward what the GPU kernels save, and which never read a data pointer."""
+    return _cpu_paths and x.device.type == "cpu" and not isinstance(x, FakeTensor)

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 from sdd_train.kernels.cpu_sdd_swiglu import sdd_swiglu as cpu_sdd_swiglu
 from sdd_train.kernels.norm import rms_norm
+from sdd_train.kernels.settings import cpu_values
 
 
 def sdd_swiglu(u: torch.Tensor, alpha: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
     """``silu(gate) * up`` with ``[up | gate] = alpha * rms(u)``, the mean over ``groups`` (1: the fused
     vector, the reference; 2: per branch) equal parts of the last dim of ``u`` [..., 2 * hidden]."""
-    if u.device.type == "cpu":
+    if cpu_values(u):
         return cpu_sdd_swiglu(u, alpha, eps, groups)
     return sdd_swiglu_torch(u, alpha, eps, groups)
 

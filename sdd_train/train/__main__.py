@@ -28,9 +28,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the resolved config, the model size and the learning-rate schedule, then exit")
     parser.add_argument("--plot-schedule", metavar="PNG", help="with --dry-run: also draw the learning rate of"
                         " every step to this PNG")
+    plan = parser.add_argument_group("planning (nothing is trained or written)")
+    plan.add_argument("--estimate-memory", action="store_true",
+                      help="estimate each rank's peak memory in a training step (fake tensors, a fake process group)")
+    plan.add_argument("--estimate-step", metavar="DEVICE", choices=("h100", "h200", "a100", "cpu"),
+                      help="estimate a step's time and MFU on DEVICE (h100, h200, a100, or cpu: this machine,"
+                      " measured), with the memory estimate it needs")
+    plan.add_argument("--world-size", type=int, default=1, metavar="N", help="with --estimate-memory: ranks (default 1)")
+    plan.add_argument("--device-memory-gib", type=float, metavar="M",
+                      help="with --estimate-memory: the device's memory; adds whether the run fits and the largest"
+                      " micro-batch that does")
+    plan.add_argument("--reserve-gib", type=float, default=2.0, metavar="R",
+                      help="with --device-memory-gib: memory kept free for the CUDA context and the allocator (default 2)")
     args = parser.parse_args(argv)
     if args.plot_schedule and not args.dry_run:
         parser.error("--plot-schedule goes with --dry-run")
+    if not (args.estimate_memory or args.estimate_step) and (args.world_size != 1 or args.device_memory_gib is not None):
+        parser.error("--world-size and --device-memory-gib go with --estimate-memory or --estimate-step")
     return args
 
 
@@ -40,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     report = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.estimate_memory or args.estimate_step:
+            from sdd_train.plan.memory import memory_report, step_report
+
+            if args.estimate_memory:
+                print(memory_report(cfg, args.world_size, args.device_memory_gib, args.reserve_gib))
+            if args.estimate_step:
+                print(step_report(cfg, args.world_size, args.estimate_step))
+            return EXIT_OK
         if args.dry_run:
             import torch
 

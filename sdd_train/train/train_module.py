@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.profiler import record_function
 
 from sdd_train.checkpoint import Checkpointer
@@ -115,7 +116,10 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
 
 
 class TrainModule:
-    def __init__(self, cfg: RunConfig, world: World):
+    def __init__(self, cfg: RunConfig, world: World, fake: FakeTensorMode | None = None):
+        """``fake``: materialise the model and its optimizer under this fake-tensor mode (shapes without
+        storage, left uninitialised), as the memory estimate does; the model is built and parallelised
+        outside it."""
         t = cfg.train
         self.cfg, self.world = cfg, world
         if t.deterministic:
@@ -126,11 +130,13 @@ class TrainModule:
         with torch.device("meta"):
             model = Transformer(cfg.model)
         self.checkpointed_blocks = parallelize(model.parallel_plan(), cfg.parallel, world.dims, world.device, t.compile)
-        model.to_empty(device=world.device)
-        torch.manual_seed(t.seed)
-        model.init_weights()
+        with fake or contextlib.nullcontext():
+            model.to_empty(device=world.device)
+            if fake is None:  # fake tensors hold no values to initialise
+                torch.manual_seed(t.seed)
+                model.init_weights()
+            self.optimizer = build_optimizer(model, cfg.optim)
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]  # in the order of the load rows
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf

@@ -1,0 +1,58 @@
+"""The peak the memory estimate is checked against: real training steps on CPU, every allocation of
+PyTorch's CPU allocator seen through the profiler (its running total, which includes what kernels
+allocate and free inside themselves), plus the parameters and buffers that exist before it starts.
+
+The run takes the GPU's paths in PyTorch ops (:func:`sdd_train.kernels.settings.set_cpu_paths`), as
+the estimate does, so both count the same computation.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sdd_train.config import RunConfig
+from sdd_train.distributed.world import World
+from sdd_train.kernels.settings import set_cpu_paths
+from sdd_train.train.train_module import TrainModule
+
+
+def _held(tensors) -> int:
+    storages = {}
+    for t in tensors:
+        local = t.to_local() if type(t).__name__ == "DTensor" else t
+        storages[local.untyped_storage()._cdata] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measured_peak(cfg: RunConfig, world: World) -> int:
+    """This rank's peak bytes over two optimizer steps of ``cfg`` on random tokens (up to two of the
+    rank's micro-batches a step, as the estimate runs them)."""
+    t = cfg.train
+    set_cpu_paths(False)
+    try:
+        module = TrainModule(cfg, world)
+        accum = min(max(t.global_batch_size // (world.world_size * t.micro_batch_size), 1), 2)
+        tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))
+        batch = {"inputs": tokens, "targets": tokens}
+        if cfg.data.doc_mask:
+            batch["doc_ids"] = torch.zeros_like(tokens)
+        before = _held([*module.model.parameters(), *module.model.buffers()])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            for step in (1, 2):
+                out = module.train_batch([batch] * accum, accum, step)
+                module.clip_gradients(out)
+                module.optim_step(out)
+                module.zero_grad()
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace))
+            events = json.loads(trace.read_text())["traceEvents"]
+        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+        return before + max(totals, default=0)
+    finally:
+        set_cpu_paths(True)
