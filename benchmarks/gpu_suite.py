@@ -1,5 +1,6 @@
 """Everything only a GPU can show, in one command: the device's ceilings, the GPU tests, the
-fused-norm kernels, dense 1B and paper-MoE step time / MFU / peak memory, and the chunked loss.
+fused-norm kernels, dense 1B and paper-MoE step time / MFU / peak memory, the chunked loss, and the
+memory estimate against the allocator's peak.
 
     python benchmarks/gpu_suite.py [--out runs/gpu_suite] [--parts ceilings tests kernels dense moe loss]
     python benchmarks/gpu_suite.py --smoke --out /tmp/suite   # tiny shapes on any device: checks the suite
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kernels import timer  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
-PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers", "attention")
+PARTS = ("ceilings", "tests", "kernels", "dense", "moe", "loss", "peers", "attention", "memory")
 # The issue's GPU targets: dense 1B sdd MFU, sdd / pre step time, fused-norm forward / copy, MoE MFU.
 DENSE_MFU, SDD_OVER_PRE, NORM_OVER_COPY, MOE_MFU = 0.50, 1.03, 1.2, 0.30
 
@@ -83,6 +84,9 @@ def commands(part: str, out: Path, smoke: bool) -> list[list[str]]:
     if part == "attention":  # document masks: FlexAttention vs SDPA's dense mask (vs flash-attn varlen)
         return [[py, str(bench / "doc_attention.py"), "--json", str(out / "attention.json")]
                 + (["--smoke"] if smoke else [])]
+    if part == "memory":  # sdd-train --estimate-memory against the caching allocator's peak
+        smoke_args = ["--smoke"] if smoke else ["--device", "cuda"]
+        return [[py, str(bench / "memory_estimate.py"), *smoke_args, "--json", str(out / "memory.json")]]
     if part == "loss":  # the dense 1B head: one micro-batch of 4 x 4096 tokens, d 2048, 100k vocabulary
         shape = ["--tokens", "256", "--d-model", "64", "--vocab", "1000", "--chunk", "64"] if smoke else \
             ["--tokens", "16384", "--d-model", "2048", "--vocab", "100352", "--chunk", "4096"]
@@ -188,6 +192,10 @@ def summary(out: Path) -> tuple[list[str], list[tuple[str, bool]]]:
         for r in loss["rows"]:
             lines.append(f"| loss {r['path']} ({loss['tokens']} x {loss['d_model']} -> {loss['vocab']})"
                          f" | {r['seconds']:.3f} s | peak {r['peak_gib']:.2f} GiB | loss {r['loss']:.4f} | | |")
+    if memory := _load(out / "memory.json"):
+        for r in memory["rows"]:
+            lines.append(f"| memory estimate: {r['case']} | {r['estimate'] / 2**30:.2f} GiB | measured"
+                         f" {r['measured'] / 2**30:.2f} GiB | {r['estimate'] / r['measured'] - 1:+.1%} | | |")
     if attn := _load(out / "attention.json"):
         for r in attn["rows"]:
             peak = f"peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else ""

@@ -3,6 +3,7 @@
     python benchmarks/memory_estimate.py                  # the table of docs/distributed.md
     python benchmarks/memory_estimate.py --measure CONFIG [overrides]   # one measured peak (JSON);
                                                           # under torchrun, rank 0's
+    python benchmarks/memory_estimate.py --device cuda --json OUT.json   # on a GPU (make bench-gpu)
 
 For each case the estimate runs on fake tensors in this process; the measurement trains two real
 steps on CPU (one process, or 2 gloo ranks under torchrun) with the profiler counting every
@@ -21,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import write_json  # noqa: E402
 from sdd_train.config import load_config  # noqa: E402
 
 MIB = 2**20
@@ -35,18 +37,33 @@ CASES = [
       "model.ffn_hidden=2048", "model.max_seq_len=512", "train.seq_len=512", "train.micro_batch_size=4",
       "train.global_batch_size=16"]),
 ]
+# The suite's smoke run (any machine): a 2-layer model of 64-token sequences
+SMOKE_CASES = [("smoke (2 layers, d128, seq 64)", "configs/tiny.yaml",
+                [*FP32, "model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
+                 "model.ffn_hidden=256", "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=8"])]
+# On a GPU: the configs' own precision, eager, two micro-batches a step on one device
+EAGER = ["train.compile=false"]
+GPU_CASES = [
+    ("dense 1B, 2 x (4 x 4096)", "configs/dense_1b.yaml", [*EAGER, "train.global_batch_size=8"]),
+    ("dense 1B, AC full", "configs/dense_1b.yaml", [*EAGER, "train.global_batch_size=8",
+                                                    "parallel.activation_checkpointing=full"]),
+    ("dense 1B, AC selective", "configs/dense_1b.yaml", [*EAGER, "train.global_batch_size=8",
+                                                         "parallel.activation_checkpointing=selective"]),
+    ("paper MoE sdd, 2 x (1 x 4096)", "configs/paper/moe_sdd.yaml", [*EAGER, "train.global_batch_size=2"]),
+]
 
 
-def measure(config: str, overrides: list[str]) -> None:
+def measure(config: str, overrides: list[str], device: str = "cpu") -> int:
     from sdd_train.distributed.world import close_world, init_world
     from sdd_train.plan.measured import measured_peak
 
     cfg = load_config(config, overrides)
-    world = init_world("cpu", cfg.parallel)
+    world = init_world(device, cfg.parallel)
     try:
         peak = measured_peak(cfg, world)
         if world.is_main:
             print(json.dumps({"peak": peak}))
+        return peak
     finally:
         close_world()
 
@@ -65,19 +82,31 @@ def main() -> None:
     parser.add_argument("--measure", nargs=argparse.REMAINDER, metavar="CONFIG", help="measure one peak and exit")
     parser.add_argument("--ranks", default="1,2", help="world sizes to compare (default 1,2)")
     parser.add_argument("--cases", help="only the cases whose label contains this text")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU cases on one device, measured in this process by the caching allocator")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--smoke", action="store_true", help="one small case on one process (checks the script)")
     args = parser.parse_args()
     if args.measure:
-        return measure(args.measure[0], args.measure[1:])
+        measure(args.measure[0], args.measure[1:])
+        return
     from sdd_train.plan.memory import estimate_memory
 
+    cases, ranks_list = (GPU_CASES, [1]) if args.device == "cuda" else (CASES, [int(r) for r in args.ranks.split(",")])
+    if args.smoke:
+        cases, ranks_list = SMOKE_CASES, [1]
     print("| case | ranks | estimated peak (MiB) | measured peak (MiB) | error |")
     print("|---|---|---|---|---|")
-    for label, config, overrides in (c for c in CASES if args.cases is None or args.cases in c[0]):
-        for ranks in (int(r) for r in args.ranks.split(",")):
+    rows = []
+    for label, config, overrides in (c for c in cases if args.cases is None or args.cases in c[0]):
+        for ranks in ranks_list:
             estimate = estimate_memory(load_config(config, overrides), ranks).peak
-            real = measured(config, overrides, ranks)
+            real = measure(config, overrides, "cuda") if args.device == "cuda" else measured(config, overrides, ranks)
+            rows.append({"case": label, "ranks": ranks, "estimate": estimate, "measured": real})
             print(f"| {label} | {ranks} | {estimate / MIB:,.1f} | {real / MIB:,.1f} | {estimate / real - 1:+.1%} |",
                   flush=True)
+    if args.json:
+        write_json(args.json, device=args.device, rows=rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ def suite():
 
 
 def test_smoke_run_writes_every_part_and_the_summary(suite, tmp_path):
-    assert suite.main(["--smoke", "--parts", "ceilings", "dense", "loss", "attention", "--out", str(tmp_path)]) == 0
+    parts = ["ceilings", "dense", "loss", "attention", "memory"]
+    assert suite.main(["--smoke", "--parts", *parts, "--out", str(tmp_path)]) == 0
     ceilings = json.loads((tmp_path / "ceilings.json").read_text())
     assert ceilings["copy_tbps"] > 0 and ceilings["matmul_tflops"] > 0
     dense = json.loads((tmp_path / "dense.json").read_text())
@@ -34,6 +35,7 @@ def test_smoke_run_writes_every_part_and_the_summary(suite, tmp_path):
     assert loss["plain"] == pytest.approx(loss["chunked"], rel=1e-5)  # the same loss, two paths
     text = (tmp_path / "summary.md").read_text()
     assert "smoke" in text.splitlines()[0] and "| tiny sdd |" in text and "| loss chunked" in text
+    assert "| memory estimate: smoke" in text
     assert "| document-masked attention: SDPA, dense mask (cpu)" in text
 
 

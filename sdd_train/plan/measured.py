@@ -1,9 +1,9 @@
-"""The peak the memory estimate is checked against: real training steps on CPU, every allocation of
+"""The peak the memory estimate is checked against: real training steps. On CPU, every allocation of
 PyTorch's CPU allocator seen through the profiler (its running total, which includes what kernels
-allocate and free inside themselves), plus the parameters and buffers that exist before it starts.
-
-The run takes the GPU's paths in PyTorch ops (:func:`sdd_train.kernels.settings.set_cpu_paths`), as
-the estimate does, so both count the same computation.
+allocate and free inside themselves), plus the parameters and buffers that exist before it starts;
+the run takes the GPU's paths in PyTorch ops (:func:`sdd_train.kernels.settings.set_cpu_paths`), as
+the estimate does, so both count the same computation. On CUDA, the caching allocator's peak of
+allocated bytes, with the GPU's own kernels.
 """
 
 from __future__ import annotations
@@ -36,10 +36,20 @@ def measured_peak(cfg: RunConfig, world: World) -> int:
     try:
         module = TrainModule(cfg, world)
         accum = min(max(t.global_batch_size // (world.world_size * t.micro_batch_size), 1), 2)
-        tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))
+        tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), device=world.device)
         batch = {"inputs": tokens, "targets": tokens}
         if cfg.data.doc_mask:
             batch["doc_ids"] = torch.zeros_like(tokens)
+        if world.device.type == "cuda":  # the caching allocator counts for itself
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(world.device)
+            for step in (1, 2):
+                out = module.train_batch([batch] * accum, accum, step)
+                module.clip_gradients(out)
+                module.optim_step(out)
+                module.zero_grad()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(world.device)
         before = _held([*module.model.parameters(), *module.model.buffers()])
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
