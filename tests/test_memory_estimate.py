@@ -23,7 +23,8 @@ from sdd_train.train.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["train.compile=false", "model.n_layers=2", "model.d_model=128", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.ffn_hidden=256", "model.vocab_size=1024", "data.tokenizer_vocab_size=1024", "train.seq_len=64", "model.max_seq_len=64",
+         "model.ffn_hidden=256", "model.vocab_size=1024", "data.tokenizer_vocab_size=1024", "train.seq_len=64",
+         "model.max_seq_len=64",
          "train.micro_batch_size=4", "train.global_batch_size=8", "train.precision=fp32"]
 
 

@@ -252,7 +252,8 @@ def memory_report(cfg: RunConfig, world_size: int, device_gib: float | None = No
     t, par = cfg.train, cfg.parallel
     e = estimate_memory(cfg, world_size)
     dims = ParallelDims.from_config(par, world_size)
-    ac = par.activation_checkpointing + (f" (every {par.ac_every})" if par.activation_checkpointing == "every_n" else "")
+    ac = par.activation_checkpointing
+    ac += f" (every {par.ac_every})" if ac == "every_n" else ""
     lines = [f"memory estimate for rank 0 of {dims.describe()}: micro-batch {e.micro_batch_size} x {t.seq_len} tokens"
              f" ({e.micro_batches} per rank and step), {t.precision}, parameters gathered in {par.param_dtype},"
              f" activation checkpointing {ac}; eager, tensors only",

@@ -34,16 +34,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     plan.add_argument("--estimate-step", metavar="DEVICE", choices=("h100", "h200", "a100", "cpu"),
                       help="estimate a step's time and MFU on DEVICE (h100, h200, a100, or cpu: this machine,"
                       " measured), with the memory estimate it needs")
-    plan.add_argument("--world-size", type=int, default=1, metavar="N", help="with --estimate-memory: ranks (default 1)")
+    plan.add_argument("--world-size", type=int, default=1, metavar="N",
+                      help="with --estimate-memory or --estimate-step: ranks (default 1)")
     plan.add_argument("--device-memory-gib", type=float, metavar="M",
                       help="with --estimate-memory: the device's memory; adds whether the run fits and the largest"
                       " micro-batch that does")
     plan.add_argument("--reserve-gib", type=float, default=2.0, metavar="R",
-                      help="with --device-memory-gib: memory kept free for the CUDA context and the allocator (default 2)")
+                      help="with --device-memory-gib: memory kept free for the CUDA context and the allocator"
+                      " (default 2)")
     args = parser.parse_args(argv)
     if args.plot_schedule and not args.dry_run:
         parser.error("--plot-schedule goes with --dry-run")
-    if not (args.estimate_memory or args.estimate_step) and (args.world_size != 1 or args.device_memory_gib is not None):
+    planning = args.estimate_memory or args.estimate_step
+    if not planning and (args.world_size != 1 or args.device_memory_gib is not None):
         parser.error("--world-size and --device-memory-gib go with --estimate-memory or --estimate-step")
     return args
 
