@@ -126,25 +126,19 @@ def estimate_step(cfg: RunConfig, world_size: int, device: Device, activation_by
 def measure_cpu(dtype_name: str = "fp32") -> Device:
     """This machine's CPU as a device: the FLOP/s of a large matmul in ``dtype_name`` (taken as what
     the model's matmuls reach, efficiency 1) and the bandwidth of a large copy."""
-    import time
-
     import torch
+    from torch.utils.benchmark import Timer
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     a = torch.randn(1024, 1024, dtype=dtype)
     src = torch.empty(64 * 2**20 // 4)
     dst = torch.empty_like(src)
 
-    def best(fn, repeats: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    def seconds(fn) -> float:  # the median of timed blocks
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=0.5).median
 
-    flops = 2 * 1024**3 / best(lambda: a @ a)
-    bandwidth = 2 * src.numel() * 4 / best(lambda: dst.copy_(src))
+    flops = 2 * 1024**3 / seconds(lambda: a @ a)
+    bandwidth = 2 * src.numel() * 4 / seconds(lambda: dst.copy_(src))
     return Device(f"this CPU ({torch.get_num_threads()} threads, {dtype_name} matmul)", flops / 1e12,
                   bandwidth / 1e9, math.inf, matmul_efficiency=1.0)
