@@ -58,7 +58,10 @@ def set_cpu_paths(enabled: bool) -> None:
 
 
 def cpu_values(x: torch.Tensor) -> bool:
-    """``x`` is a CPU tensor that holds values, and the CPU paths are on: where those paths run. Fake
-    tensors (the memory estimate's: shapes without storage) take the PyTorch paths, which save for
-    backward what the GPU kernels save, and which never read a data pointer."""
-    return _cpu_paths and x.device.type == "cpu" and not isinstance(x, FakeTensor)
+    """``x`` is a CPU tensor that holds values (or stands for one while torch.compile traces), and the
+    CPU paths are on: where those paths run. Fake tensors outside compilation (the memory estimate's:
+    shapes without storage) take the PyTorch paths, which save for backward what the GPU kernels save,
+    and which never read a data pointer."""
+    if not (_cpu_paths and x.device.type == "cpu"):
+        return False
+    return torch.compiler.is_compiling() or not isinstance(x, FakeTensor)
