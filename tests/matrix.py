@@ -249,7 +249,7 @@ def pairwise(universe: list[Combo]) -> list[Combo]:
 TOLERANCE: dict[tuple[str, str], tuple[float, float | None]] = {
     ("ac", "fp32"): (0.0, 0.0),
     ("ac", "bf16"): (0.0, 0.0),
-    ("compile", "fp32"): (1e-5, 1e-4),
+    ("compile", "fp32"): (2e-5, 2e-4),  # the fused chunked loss compiled sits nearest (docs/testing.md)
     ("compile", "bf16"): (1e-2, None),  # the gradient norm moves most
     ("ranks", "fp32"): (1e-5, 5e-6),  # tests/test_distributed.py's
     ("ranks", "bf16"): (2e-3, None),  # tests/test_fsdp_bf16.py's
