@@ -92,6 +92,10 @@ def attention_mask(doc_ids, backend):
     return None if doc_ids is None else document_mask(doc_ids)
 
 
+def cpu_values(x):
+    return x.device.type == "cpu"
+
+
 def expert_counts(counts, dtype, dims, use_grouped):
     return counts
 
