@@ -102,6 +102,8 @@ def test_the_command_prints_the_split_and_refuses_a_world_the_config_cannot_use(
         assert line in out
     assert main([config, *SMALL, "parallel.dp_replicate=2", "--estimate-memory", "--world-size", "3"]) == 2
     assert "parallel.dp_replicate" in capsys.readouterr().err
+    assert main([config, *SMALL, "--estimate-memory", "--device-memory-gib", "1"]) == 2  # the 2 GiB reserve
+    assert "--reserve-gib" in capsys.readouterr().err
 
 
 def test_step_model_terms_follow_the_config():

@@ -17,47 +17,32 @@ import torch
 from sdd_train.config import RunConfig
 from sdd_train.distributed.world import World
 from sdd_train.kernels.settings import set_cpu_paths
+from sdd_train.plan.memory import step_batch, storages_of, two_steps
 from sdd_train.train.train_module import TrainModule
 
 
 def _held(tensors) -> int:
-    storages = {}
-    for t in tensors:
-        local = t.to_local() if type(t).__name__ == "DTensor" else t
-        storages[local.untyped_storage()._cdata] = local.untyped_storage().nbytes()
-    return sum(storages.values())
+    return sum({st._cdata: st.nbytes() for t in tensors for st in storages_of(t)}.values())
 
 
 def measured_peak(cfg: RunConfig, world: World) -> int:
-    """This rank's peak bytes over two optimizer steps of ``cfg`` on random tokens (up to two of the
-    rank's micro-batches a step, as the estimate runs them)."""
+    """This rank's peak bytes over the estimate's two optimizer steps of ``cfg``, on random tokens."""
     t = cfg.train
     set_cpu_paths(False)
     try:
         module = TrainModule(cfg, world)
-        accum = min(max(t.global_batch_size // (world.world_size * t.micro_batch_size), 1), 2)
         tokens = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len), device=world.device)
-        batch = {"inputs": tokens, "targets": tokens}
-        if cfg.data.doc_mask:
-            batch["doc_ids"] = torch.zeros_like(tokens)
+        batch, accum = step_batch(cfg, world.world_size, tokens)
         if world.device.type == "cuda":  # the caching allocator counts for itself
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(world.device)
-            for step in (1, 2):
-                out = module.train_batch([batch] * accum, accum, step)
-                module.clip_gradients(out)
-                module.optim_step(out)
-                module.zero_grad()
+            two_steps(module, batch, accum)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated(world.device)
         before = _held([*module.model.parameters(), *module.model.buffers()])
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-            for step in (1, 2):
-                out = module.train_batch([batch] * accum, accum, step)
-                module.clip_gradients(out)
-                module.optim_step(out)
-                module.zero_grad()
+            two_steps(module, batch, accum)
         with tempfile.TemporaryDirectory() as tmp:
             trace = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(trace))

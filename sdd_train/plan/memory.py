@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 from sdd_train.config import ConfigError, RunConfig
 from sdd_train.distributed.dims import ParallelDims
-from sdd_train.distributed.world import World
+from sdd_train.distributed.world import World, cpu_fsdp_supported
+from sdd_train.exit_codes import UsageError
 from sdd_train.model import check_model_config
 from sdd_train.train.train_module import TrainModule
 
@@ -60,14 +61,14 @@ class MemoryEstimate:
                 ("peak", self.peak)]
 
 
-def _storages(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+def storages_of(t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
     """The storages ``t`` lives in (a DTensor's: its local shard's)."""
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
             inner = getattr(t, name)
             if isinstance(inner, torch.Tensor):
-                yield from _storages(inner)
+                yield from storages_of(inner)
     else:
         yield t.untyped_storage()
 
@@ -90,10 +91,10 @@ class LiveStorages(TorchDispatchMode):
         state = [*module.model.parameters(), *module.model.buffers()]  # as the step starts: FSDP2's shards
         for t in state:
             self.watch(t)
-        self.state_keys = {st._cdata for t in state for st in _storages(t)}
+        self.state_keys = {st._cdata for t in state for st in storages_of(t)}
 
     def watch(self, t: torch.Tensor) -> None:
-        for st in _storages(t):
+        for st in storages_of(t):
             self._resized(st)
 
     def _resized(self, st: torch.UntypedStorage) -> None:
@@ -139,7 +140,7 @@ class LiveStorages(TorchDispatchMode):
 
     def _split(self, sizes: dict[int, int]) -> dict[str, int]:
         def held(tensors) -> int:
-            keys = {st._cdata for t in tensors if isinstance(t, torch.Tensor) for st in _storages(t)}
+            keys = {st._cdata for t in tensors if isinstance(t, torch.Tensor) for st in storages_of(t)}
             return sum(sizes.get(k, 0) for k in keys)
 
         model, optimizer = self.module.model, self.module.optimizer  # its parameters now: gathered ones too
@@ -177,43 +178,68 @@ def fake_world(cfg: RunConfig, world_size: int) -> Iterator[World]:
             dist.destroy_process_group()
 
 
+def step_batch(cfg: RunConfig, world_size: int, tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+    """The micro-batch both the estimate and its measurement train on (``tokens`` [micro-batch, seq])
+    and how many of them a step runs: the rank's micro-batches, at most two (the second sees the first's
+    gradients, as every later one would)."""
+    batch = {"inputs": tokens, "targets": tokens}
+    if cfg.data.doc_mask:
+        batch["doc_ids"] = torch.zeros_like(tokens)
+    return batch, min(micro_batches(cfg, world_size, tokens.shape[0]), 2)
+
+
+def micro_batches(cfg: RunConfig, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches per rank and optimizer step (at least one)."""
+    return max(cfg.train.global_batch_size // (world_size * micro_batch_size), 1)
+
+
+def two_steps(module: TrainModule, batch: dict[str, torch.Tensor], accum: int) -> None:
+    """Two optimizer steps of ``accum`` copies of ``batch``: the second holds the optimizer state the
+    first created."""
+    for step in (1, 2):
+        out = module.train_batch([batch] * accum, accum, step)
+        module.clip_gradients(out)
+        module.optim_step(out)
+        module.zero_grad()
+
+
 def estimate_memory(cfg: RunConfig, world_size: int, micro_batch_size: int | None = None) -> MemoryEstimate:
     """Rank 0's peak over two optimizer steps of ``cfg`` on ``world_size`` ranks (``micro_batch_size``
-    replaces the config's). Each step runs up to two of the rank's micro-batches: the second sees the
-    first's gradients, as every later one would."""
+    replaces the config's), as :func:`two_steps` runs them."""
     t = cfg.train
     mb = micro_batch_size or t.micro_batch_size
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=mb, compile=False))
     check_model_config(cfg.model)
-    accum = max(t.global_batch_size // (world_size * mb), 1)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_world(cfg, world_size) as world:
         module = TrainModule(cfg, world, fake)
         with fake:
-            tokens = torch.zeros(mb, t.seq_len, dtype=torch.long)
-            batch = {"inputs": tokens, "targets": tokens}
-            if cfg.data.doc_mask:
-                batch["doc_ids"] = tokens
+            batch, accum = step_batch(cfg, world_size, torch.zeros(mb, t.seq_len, dtype=torch.long))
             tracker = LiveStorages(module)
             with tracker:
-                for step in (1, 2):
-                    out = module.train_batch([batch] * min(accum, 2), min(accum, 2), step)
-                    module.clip_gradients(out)
-                    module.optim_step(out)
-                    module.zero_grad()
-    return MemoryEstimate(world_size, mb, accum, **tracker.split)
+                two_steps(module, batch, accum)
+    return MemoryEstimate(world_size, mb, micro_batches(cfg, world_size, mb), **tracker.split)
 
 
-def largest_micro_batch(cfg: RunConfig, world_size: int, budget: int) -> tuple[int, MemoryEstimate | None]:
+def largest_micro_batch(cfg: RunConfig, world_size: int, budget: int, known: MemoryEstimate | None = None
+                        ) -> tuple[int, MemoryEstimate | None]:
     """The largest micro-batch whose estimated peak is at most ``budget`` bytes (0 and None: not even
-    one sequence), with its estimate. The peak grows about linearly with the micro-batch: each guess
-    follows the line through the last two estimates, within the bounds found so far, until the
-    largest size that fits sits next to the smallest that does not."""
-    fits: MemoryEstimate = estimate_memory(cfg, world_size, 1)
+    one sequence), with its estimate (``known``: one already made, not made again). The peak grows
+    about linearly with the micro-batch: each guess follows the line through the last two estimates,
+    within the bounds found so far, until the largest size that fits sits next to the smallest that
+    does not."""
+    made = {known.micro_batch_size: known} if known is not None else {}
+
+    def estimate(mb: int) -> MemoryEstimate:
+        if mb not in made:
+            made[mb] = estimate_memory(cfg, world_size, mb)
+        return made[mb]
+
+    fits: MemoryEstimate = estimate(1)
     if fits.peak > budget:
         return 0, None
     too_big: MemoryEstimate | None = None
-    previous, current = fits, estimate_memory(cfg, world_size, 2)
+    previous, current = fits, estimate(2)
     while True:
         if current.peak <= budget:
             fits = max(fits, current, key=lambda e: e.micro_batch_size)
@@ -230,28 +256,40 @@ def largest_micro_batch(cfg: RunConfig, world_size: int, budget: int) -> tuple[i
                 guess = (low + high) // 2
         elif guess < low:
             guess = 2 * fits.micro_batch_size
-        previous, current = current, estimate_memory(cfg, world_size, guess)
+        previous, current = current, estimate(guess)
 
 
-def check_estimate_args(cfg: RunConfig, world_size: int) -> None:
+def check_estimate_args(cfg: RunConfig, world_size: int) -> ParallelDims:
     """The config fits ``world_size`` ranks (its parallel dimensions; FSDP2 on CPU for more than one)."""
-    from sdd_train.distributed.world import cpu_fsdp_supported
-
     if world_size < 1:
         raise ConfigError(f"--world-size: {world_size} must be at least 1")
-    ParallelDims.from_config(cfg.parallel, world_size)
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
     if world_size > 1 and not cpu_fsdp_supported():
         raise ConfigError(f"--world-size: estimating {world_size} ranks runs FSDP2 on CPU, which needs torch >= 2.7"
                           f" (this is {torch.__version__}); estimate --world-size 1 or upgrade torch")
+    return dims
 
 
-def memory_report(cfg: RunConfig, world_size: int, device_gib: float | None = None, reserve_gib: float = 2.0) -> str:
-    """What ``sdd-train CONFIG --estimate-memory`` prints: the split at the peak and, given the device's
-    memory, whether the run fits and the largest micro-batch that does."""
-    check_estimate_args(cfg, world_size)
-    t, par = cfg.train, cfg.parallel
+def planning_report(cfg: RunConfig, world_size: int, memory: bool, step_device: str | None,
+                    device_gib: float | None = None, reserve_gib: float = 2.0) -> str:
+    """What ``sdd-train CONFIG --estimate-memory`` and/or ``--estimate-step DEVICE`` print, from one
+    memory estimate."""
+    dims = check_estimate_args(cfg, world_size)
+    if reserve_gib < 0 or (device_gib is not None and device_gib <= reserve_gib):
+        raise UsageError(f"--device-memory-gib {device_gib:g} must be more than --reserve-gib {reserve_gib:g}"
+                         " (>= 0, kept for the CUDA context and the allocator)")
     e = estimate_memory(cfg, world_size)
-    dims = ParallelDims.from_config(par, world_size)
+    parts = [memory_report(cfg, dims, e, device_gib, reserve_gib)] if memory else []
+    if step_device is not None:
+        parts.append(step_report(cfg, world_size, step_device, e))
+    return "\n".join(parts)
+
+
+def memory_report(cfg: RunConfig, dims: ParallelDims, e: MemoryEstimate, device_gib: float | None = None,
+                  reserve_gib: float = 2.0) -> str:
+    """The split of the peak ``e`` and, given the device's memory, whether the run fits and the largest
+    micro-batch that does."""
+    t, par = cfg.train, cfg.parallel
     ac = par.activation_checkpointing
     ac += f" (every {par.ac_every})" if ac == "every_n" else ""
     lines = [f"memory estimate for rank 0 of {dims.describe()}: micro-batch {e.micro_batch_size} x {t.seq_len} tokens"
@@ -262,7 +300,7 @@ def memory_report(cfg: RunConfig, world_size: int, device_gib: float | None = No
         budget = int((device_gib - reserve_gib) * GIB)
         verdict = "fits" if e.peak <= budget else "does NOT fit"
         lines.append(f"{verdict} in {device_gib:g} GiB less {reserve_gib:g} GiB reserved (CUDA context, allocator)")
-        largest, at = largest_micro_batch(cfg, world_size, budget)
+        largest, at = largest_micro_batch(cfg, dims.world_size, budget, known=e)
         if at is None:
             lines.append("  not even train.micro_batch_size=1 fits: shard over more ranks, or set"
                          " parallel.activation_checkpointing=full")
@@ -271,15 +309,13 @@ def memory_report(cfg: RunConfig, world_size: int, device_gib: float | None = No
     return "\n".join(lines)
 
 
-def step_report(cfg: RunConfig, world_size: int, device_name: str) -> str:
-    """What ``sdd-train CONFIG --estimate-step DEVICE`` prints: the throughput model's terms, with the
-    activation traffic taken from the memory estimate."""
+def step_report(cfg: RunConfig, world_size: int, device_name: str, e: MemoryEstimate) -> str:
+    """The throughput model's terms on ``device_name``, with the activation traffic taken from the
+    memory estimate ``e``."""
     from sdd_train.plan.throughput import DEVICES, estimate_step, measure_cpu
 
-    check_estimate_args(cfg, world_size)
     device = measure_cpu(cfg.train.precision) if device_name == "cpu" else DEVICES[device_name]
-    activations = estimate_memory(cfg, world_size).activations
-    step = estimate_step(cfg, world_size, device, activations)
+    step = estimate_step(cfg, world_size, device, e.activations)
     between = f", {device.interconnect_gb_s:g} GB/s between ranks" if world_size > 1 else ""
     return (f"step estimate on {world_size} x {device.name} ({device.peak_tflops:g} TFLOP/s at"
             f" {device.matmul_efficiency:.0%}, {device.memory_gb_s:,.0f} GB/s memory{between}):\n{step.describe()}")

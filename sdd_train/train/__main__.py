@@ -57,13 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     report = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.estimate_memory or args.estimate_step:
-            from sdd_train.plan.memory import memory_report, step_report
+        if args.estimate_memory or args.estimate_step:  # planning: nothing is trained or written
+            from sdd_train.plan.memory import planning_report
 
-            if args.estimate_memory:
-                print(memory_report(cfg, args.world_size, args.device_memory_gib, args.reserve_gib))
-            if args.estimate_step:
-                print(step_report(cfg, args.world_size, args.estimate_step))
+            print(planning_report(cfg, args.world_size, args.estimate_memory, args.estimate_step,
+                                  args.device_memory_gib, args.reserve_gib))
             return EXIT_OK
         if args.dry_run:
             import torch
