@@ -14,7 +14,15 @@ from sdd_train.config import InitConfig, ModelConfig  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.yaml")
 DENSE_1B = str(CONFIGS / "dense_1b.yaml")
-ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm", "peri", "lns", "mixln", "rezero", "hybridnorm"]
+ALL_BLOCKS = ["pre", "post", "deepnorm", "reordered", "sdd", "sdd_pre", "spannorm", "peri", "lns", "mixln", "rezero",
+              "hybridnorm", "ngpt"]
+# nGPT is defined for a dense FFN and an untied head (it refuses the MoE and a tied table at start-up)
+BLOCK_FFNS = [(block, ffn) for block in ALL_BLOCKS for ffn in ("dense", "moe") if (block, ffn) != ("ngpt", "moe")]
+
+
+def block_overrides(block: str) -> list[str]:
+    """The overrides that switch a run to ``block`` (nGPT's untied head with it)."""
+    return [f"model.block={block}", *(["model.tie_embeddings=false"] if block == "ngpt" else [])]
 
 # A training run small enough for a test: 2 layers of width 64 on a 300 kB slice of the corpus.
 SMALL_RUN = [
@@ -42,7 +50,7 @@ def small_run(run_dir: Path, cache: Path, *extra: str) -> list[str]:
 
 def small_model_cfg(block: str = "pre", **kw) -> ModelConfig:
     base = dict(block=block, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=48, vocab_size=97,
-                max_seq_len=32)
+                max_seq_len=32, tie_embeddings=block != "ngpt")
     base.update(kw)
     if isinstance(base.get("init"), dict):
         base["init"] = InitConfig(**base["init"])

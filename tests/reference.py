@@ -37,6 +37,7 @@ class Scheme:
     norms: bool = True  # the two sublayer norms (ReZero has none, and a residual gate instead)
     v_norm: bool = False  # HybridNorm's norm on the attention's values (over all KV features)
     attn_norm: bool = True  # the attention's input norm (HybridNorm has only the FFN's)
+    ngpt: bool = False  # nGPT: L2 norms, scaling vectors and eigen learning rates instead of gains; logit scale
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -52,7 +53,22 @@ SCHEMES: dict[str, Scheme] = {
     "mixln": Scheme("none", sdd=False, final_norm=True),
     "rezero": Scheme("none", sdd=False, final_norm=False, norms=False),
     "hybridnorm": Scheme("full", sdd=False, final_norm=True, v_norm=True, attn_norm=False),
+    "ngpt": Scheme("none", sdd=False, final_norm=False, norms=False, ngpt=True),
 }
+
+# nGPT's scaling vectors: stored value s, used as s * init_value / init_scaling (paper section 2.6; d = d_model)
+NGPT_SCALES = {"q_gain": lambda d: d**0.5, "k_gain": lambda d: d**0.5, "up_gain": lambda d: 1.0,
+               "gate_gain": lambda d: 1.0, "attn_rate": lambda d: 0.05 * d**0.5, "ff_rate": lambda d: 0.05 * d**0.5,
+               "logit_gain": lambda d: d**0.5}
+
+
+def ngpt_scale(p: State, name: str, cfg: ModelConfig) -> torch.Tensor:
+    return p[f"{name}.weight"] * NGPT_SCALES[name.rsplit(".", 1)[-1]](cfg.d_model)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim."""
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True))
 
 
 def qk_norm(cfg: ModelConfig) -> str:
@@ -76,7 +92,13 @@ def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     s = SCHEMES[cfg.block]
     d, hd, kv = cfg.d_model, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     shapes = {"attention.att_proj.weight": (d + 2 * kv, d), "attention.attn_out.weight": (d, d)}
-    shapes.update({"attn_norm.weight": (d,), "ff_norm.weight": (d,)} if s.norms else {"residual_gate": (1,)})
+    if s.ngpt:
+        shapes.update({"attention.q_gain.weight": (d,), "attention.k_gain.weight": (kv,),
+                       "attn_rate.weight": (d,), "ff_rate.weight": (d,)})
+    elif s.norms:
+        shapes.update({"attn_norm.weight": (d,), "ff_norm.weight": (d,)})
+    else:
+        shapes["residual_gate"] = (1,)
     if not s.attn_norm:
         del shapes["attn_norm.weight"]
     if s.v_norm:
@@ -101,6 +123,8 @@ def block_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     else:
         h = cfg.ffn_hidden
         ffn = {"ff_proj.weight": (2 * h, d), "ff_out.weight": (d, h)}
+        if s.ngpt:
+            ffn.update({"up_gain.weight": (h,), "gate_gain.weight": (h,)})
         if s.sdd:
             ffn.update({"ff_proj.alpha": (2 * h,), "ff_out.alpha": (d,)})
     shapes.update({f"feed_forward.{k}": v for k, v in ffn.items()})
@@ -116,6 +140,8 @@ def model_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes["final_norm.weight"] = (cfg.d_model,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.d_model)
+    if SCHEMES[cfg.block].ngpt:
+        shapes["logit_gain.weight"] = (cfg.vocab_size,)
     return shapes
 
 
@@ -171,10 +197,15 @@ def attention(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
     q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
     if qk == "head":
         q, k = rms(q, p["q_norm.weight"], eps), rms(k, p["k_norm.weight"], eps)
+    softmax_scale = 1 / math.sqrt(hd)
+    if SCHEMES[cfg.block].ngpt:  # unit q and k per head times s_q / s_k, then RoPE; q.k scaled by sqrt(hd)
+        q = unit(q) * ngpt_scale(p, "q_gain", cfg).view(nh, hd)
+        k = unit(k) * ngpt_scale(p, "k_gain", cfg).view(nkv, hd)
+        softmax_scale = math.sqrt(hd)
     q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
     rep = nh // nkv
     k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * softmax_scale
     mask = torch.ones(s, s, dtype=torch.bool).triu(1)
     probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
     ctx = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, d)
@@ -191,6 +222,9 @@ def swiglu(x: torch.Tensor, p: State, cfg: ModelConfig) -> torch.Tensor:
     if sdd:
         u = grouped_rms(u, p["ff_proj.alpha"], eps, 2 if cfg.sdd_ffn_norm == "per_branch" else 1)
     up, gate = u.chunk(2, dim=-1)
+    if SCHEMES[cfg.block].ngpt:  # u s_u, v s_v sqrt(d)
+        up = up * ngpt_scale(p, "up_gain", cfg)
+        gate = gate * ngpt_scale(p, "gate_gain", cfg) * math.sqrt(cfg.d_model)
     y = (F.silu(gate) * up) @ p["ff_out.weight"].T
     return rms(y, p["ff_out.alpha"], eps) if sdd else y
 
@@ -263,6 +297,10 @@ def block(x: torch.Tensor, p: State, cfg: ModelConfig, layer: int = 0) -> torch.
         g = p["residual_gate"]
         h = x + g * a_(x)
         return h + g * f_(h)
+    if scheme == "ngpt":  # a step of |alpha| from the stream towards each sublayer's unit output, back on the sphere
+        a_rate, f_rate = ngpt_scale(p, "attn_rate", cfg).abs(), ngpt_scale(p, "ff_rate", cfg).abs()
+        h = unit(x + a_rate * (unit(a_(x)) - x))
+        return unit(h + f_rate * (unit(f_(h)) - h))
     raise ValueError(scheme)
 
 
@@ -274,7 +312,8 @@ def transformer(tokens: torch.Tensor, state: State, cfg: ModelConfig) -> torch.T
         x = block(x, sub_state(state, f"blocks.{i}."), cfg, i)
     if SCHEMES[cfg.block].final_norm:
         x = rms(x, state["final_norm.weight"], cfg.norm_eps)
-    return x @ state["embed.weight" if cfg.tie_embeddings else "lm_head.weight"].T
+    logits = x @ state["embed.weight" if cfg.tie_embeddings else "lm_head.weight"].T
+    return logits * ngpt_scale(state, "logit_gain", cfg) if SCHEMES[cfg.block].ngpt else logits
 
 
 @torch.no_grad()

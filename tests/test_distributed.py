@@ -82,6 +82,7 @@ TWO_RANK_RUNS = {
     "muon": ["optim.name=muon", *MOE],
     "mup": ["model.parametrization=mup", "model.mup_base_width=32", "model.tie_embeddings=false", "train.max_steps=4",
             "train.checkpoint_interval=0"],
+    "ngpt": ["model.block=ngpt", "model.tie_embeddings=false", "train.max_steps=4", "train.checkpoint_interval=4"],
 }
 
 
@@ -344,6 +345,19 @@ def test_mup_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
     extra = TWO_RANK_RUNS["mup"]
     assert main(args_for(tmp_path / "one", cache, *extra)) == 0
     assert_same_run(records(tmp_path / "one"), records(two_rank_run(two_ranks, "mup")), range(1, 5), rel=1e-5)
+
+
+def test_ngpt_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
+    """nGPT's projection after every step: the output projections' columns span both ranks' row shards
+    (a norm reduced across ranks), the rows are local. 2 ranks' weights after 4 steps are one process's."""
+    extra = TWO_RANK_RUNS["ngpt"]
+    assert main(args_for(tmp_path / "one", cache, *extra)) == 0
+    two_dir = two_rank_run(two_ranks, "ngpt")
+    assert_same_run(records(tmp_path / "one"), records(two_dir), range(1, 5), rel=1e-5)
+    one, two = (checkpoint.read_model_state(checkpoint.latest(d)) for d in (tmp_path / "one", two_dir))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    column_norms = torch.linalg.vector_norm(two["blocks.0.attention.attn_out.weight"], dim=0)
+    torch.testing.assert_close(column_norms, torch.ones_like(column_norms))
 
 
 def test_validation_is_split_over_ranks_and_matches_one_process(cache, two_ranks, tmp_path):

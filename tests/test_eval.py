@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reference
-from conftest import ALL_BLOCKS, small_model_cfg, small_run
+from conftest import BLOCK_FFNS, block_overrides, small_model_cfg, small_run
 from sdd_train.config import load_config
 from sdd_train.eval import generate
 from sdd_train.eval.generate import Sampling, generate_ids, next_token
@@ -56,8 +56,7 @@ def decode_with_logits(model: Transformer, prompts: list[list[int]], s: Sampling
     return ids, torch.stack(steps)
 
 
-@pytest.mark.parametrize("block", ALL_BLOCKS)
-@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("block,ffn", BLOCK_FFNS)
 def test_kv_cache_generation_equals_full_recompute(block, ffn, monkeypatch):
     """Every decoding step's logits, with the KV cache and by full recomputation of the left-padded
     batch, equal those of the row's own unpadded sequence in one forward (fp32: up to ~5e-6 apart on
@@ -210,8 +209,7 @@ def tokenizer(run):
     return load_model(run).tokenizer
 
 
-@pytest.mark.parametrize("block", ALL_BLOCKS)
-@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("block,ffn", BLOCK_FFNS)
 def test_hf_remote_code_export_matches_logits(block, ffn, run, tokenizer, tmp_path):
     """The export (random gains and matrices) gives the float64 reference's logits: 1e-4 in fp32, and
     1e-10 in float64 (with a float64 RoPE table: the one it computes is fp32), so a misplaced residual,
@@ -219,7 +217,7 @@ def test_hf_remote_code_export_matches_logits(block, ffn, run, tokenizer, tmp_pa
     transformers = pytest.importorskip("transformers")
     from sdd_train.eval.hf_export import export_remote_code
 
-    overrides = [f"model.block={block}", f"model.ffn={ffn}", "model.moe.n_experts=4", "model.moe.top_k=2",
+    overrides = [*block_overrides(block), f"model.ffn={ffn}", "model.moe.n_experts=4", "model.moe.top_k=2",
                  "model.moe.expert_hidden=32"]
     cfg = load_config(run / "config.yaml", overrides)
     torch.manual_seed(0)
@@ -230,7 +228,10 @@ def test_hf_remote_code_export_matches_logits(block, ffn, run, tokenizer, tmp_pa
     state = {k: v.double() for k, v in model.state_dict().items()}
     expected = reference.transformer(tokens, state, cfg.model)
     with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits.double(), expected, rtol=0, atol=1e-4)  # fp32: <= 3e-5
+        # fp32: <= 3e-5; nGPT's random stored s_q, s_k are ~sqrt(d) = 8 times their init, its scores ~64 times
+        # larger than at init, the softmax that sharp, and fp32 rounding up to 2.2e-4 (the float64 check is exact)
+        atol = 5e-4 if block == "ngpt" else 1e-4
+        torch.testing.assert_close(hf(tokens).logits.double(), expected, rtol=0, atol=atol)
         hf.double().model.rope = rope_cache(cfg.model.max_seq_len, cfg.model.head_dim, cfg.model.rope_theta,
                                             dtype=torch.float64)
         torch.testing.assert_close(hf(tokens).logits, expected, rtol=1e-10, atol=1e-10)

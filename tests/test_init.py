@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import ALL_BLOCKS, small_model_cfg
+from conftest import ALL_BLOCKS, BLOCK_FFNS, small_model_cfg
 from sdd_train.config import MoEConfig
 from sdd_train.model import RMSNorm, SDDLinear, Transformer
 from sdd_train.model.blocks import deepnorm_alpha, deepnorm_beta
@@ -141,8 +141,7 @@ def test_init_weights_after_meta_construction():
     torch.testing.assert_close(model.rope, eager.rope)
 
 
-@pytest.mark.parametrize("block", ALL_BLOCKS)
-@pytest.mark.parametrize("ffn", ["dense", "moe"])
+@pytest.mark.parametrize("block,ffn", BLOCK_FFNS)
 def test_init_weights_sets_every_parameter_of_a_meta_built_model(block, ffn):
     """The trainer builds on meta and calls init_weights on uninitialised memory: nothing may be missed."""
     cfg = small_model_cfg(block, ffn=ffn, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))

@@ -75,3 +75,17 @@ def test_every_new_scheme_hand_count(block, norms_per_layer):
     pre = on_meta(load_config(DENSE_1B, ["block=pre"]).model)
     extra = model.param_counts().total - pre.param_counts().total
     assert model.flops_per_token(4096) == pytest.approx(pre.flops_per_token(4096) + 6 * extra, rel=1e-12)
+
+
+def test_ngpt_hand_count():
+    """nGPT: no norm gains; per layer s_q (d), s_k (kv), s_u and s_v (h each), the two eigen rates (d each);
+    its own output embedding and the logit scale s_z (V); no final norm."""
+    d, L, V, kv, h = 2048, 16, 100352, 512, 8192
+    matrices = d * (d + 2 * kv) + d * d + 3 * d * h
+    scales = d + kv + 2 * h + 2 * d
+    model = on_meta(load_config(DENSE_1B, ["model.block=ngpt", "model.tie_embeddings=false"]).model)
+    counts = model.param_counts()
+    assert counts.total == V * d + L * (matrices + scales) + V * d + V
+    assert counts.non_embedding == counts.total - V * d  # the output embedding counts, as an untied head does
+    attention = 12 * L * d * 4096
+    assert model.flops_per_token(4096) == pytest.approx(6 * counts.non_embedding + attention, rel=1e-12)

@@ -4,6 +4,7 @@ which implementation runs.
 =======================  ==================================================================
 ``rms_norm``             Triton (CUDA, eager) | C (CPU, eager) | PyTorch (compiled, elsewhere)
 ``row_gain_rms_norm``    PyTorch (the MoE's per-expert SDD gains)
+``l2_normalize``         PyTorch (nGPT's unit-sphere projection)
 ``sdd_swiglu``           C custom op (CPU, eager and compiled) | ``rms_norm`` + SiLU
 ``causal_attention``     flash-attn (CUDA, half precision) | FlexAttention (CUDA, document masks)
                          | CPU batched matmuls (short, unmasked) | PyTorch SDPA
@@ -21,13 +22,13 @@ from sdd_train.kernels.attention import (AttentionMask, BackendUnavailable, Docu
                                          flash_attn_usable, sdpa_causal_attention)
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
-from sdd_train.kernels.norm import rms_norm, rms_norm_torch, row_gain_rms_norm
+from sdd_train.kernels.norm import l2_normalize, rms_norm, rms_norm_torch, row_gain_rms_norm
 from sdd_train.kernels.precision import autocast, autocast_dtype, compute_dtype, slow_bf16_matmuls, upcast
 from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 
 __all__ = ["AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem", "attention_mask",
            "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
-           "expert_counts", "expert_mm", "flash_attn_usable", "linear_cross_entropy", "lm_loss", "norm_kernel",
-           "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
+           "expert_counts", "expert_mm", "flash_attn_usable", "l2_normalize", "linear_cross_entropy", "lm_loss",
+           "norm_kernel", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
            "set_norm_kernel", "slow_bf16_matmuls", "upcast"]

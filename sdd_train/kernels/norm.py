@@ -3,7 +3,8 @@
 Every norm of the model goes through :func:`rms_norm`: the block norms, QK-norm (per head or over
 all features) and the SDD norm after a projection (``alpha * rms(V x)``, per-branch as ``groups``).
 Statistics are fp32 whatever the input dtype (fp64 stays fp64); the result has the input's dtype.
-The MoE's SDD experts, whose gain differs per row (per expert), use :func:`row_gain_rms_norm`.
+The MoE's SDD experts, whose gain differs per row (per expert), use :func:`row_gain_rms_norm`; nGPT's
+projection onto the unit sphere is :func:`l2_normalize`.
 """
 
 from __future__ import annotations
@@ -105,3 +106,11 @@ def row_gain_rms_norm(y: torch.Tensor, gain: torch.Tensor, eps: float, groups: i
     yf = upcast(y).unflatten(-1, (groups, -1))
     normed = F.rms_norm(yf, (yf.shape[-1],), eps=eps).flatten(-2)
     return (normed * gain.to(normed.dtype)).to(y.dtype)
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``x / ||x||`` along ``dim``, without an eps (nGPT's projection onto the unit sphere: a zero vector
+    has no direction); fp32 inside, the result in x's dtype. Works on sharded DTensors (the norm along a
+    sharded dim is reduced across ranks)."""
+    xf = upcast(x)
+    return (xf / torch.linalg.vector_norm(xf, dim=dim, keepdim=True)).to(x.dtype)

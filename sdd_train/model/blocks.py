@@ -8,7 +8,11 @@ Class attributes carry what the rest of the model needs to know about a scheme:
 - ``v_norm``: an RMSNorm on the attention's values (over all KV features);
 - ``sdd``: whether A and F use SDD layers (A_sdd / F_sdd, SPEC section 2);
 - ``final_norm``: whether the stream needs an RMSNorm before the LM head;
-- ``init_scheme``: default initialisation when ``model.init.scheme=auto``.
+- ``init_scheme``: default initialisation when ``model.init.scheme=auto``;
+- ``normalized``: nGPT's hypersphere (unit-norm embedding rows and matrices, kept so after every
+  optimizer step by :meth:`Block.project_weights_`; a learned logit scale instead of a final norm).
+
+A scheme that cannot serve a configuration says so in :meth:`Block.config_problem` (checked at start-up).
 
 A block maps the residual stream ``x`` and the forward's :class:`AttentionInputs` (RoPE table,
 document mask, KV cache) to the new stream and what its feed-forward reports (:class:`MoEAux` for
@@ -23,9 +27,11 @@ import torch
 from torch import nn
 
 from sdd_train.config import ModelConfig
+from sdd_train.kernels import l2_normalize
 from sdd_train.model.feed_forward import build_feed_forward
 from sdd_train.model.layers import Attention, AttentionInputs, RMSNorm
 from sdd_train.model.moe import MoEAux
+from sdd_train.model.ngpt import NormalizedAttention, NormalizedFeedForward, Scale
 
 BlockOutput = tuple[torch.Tensor, MoEAux | None]
 
@@ -48,6 +54,7 @@ class Block(nn.Module):
     sdd = False
     final_norm = False
     init_scheme = "megatron"
+    normalized = False
 
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -60,6 +67,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
         raise NotImplementedError
+
+    @classmethod
+    def config_problem(cls, cfg: ModelConfig) -> str | None:
+        """What in ``cfg`` this scheme cannot build ('key: why; the fix'), or None."""
+        return None
+
+    def project_weights_(self) -> None:
+        """Restore the constraints the scheme keeps on its weights after an optimizer step (none here)."""
 
 
 @register("pre")
@@ -274,3 +289,46 @@ class HybridNormBlock(Block):
         f = self.ff_norm(h)
         y, aux = self.feed_forward(f)
         return f + y, aux
+
+
+@register("ngpt")
+class NGPTBlock(Block):
+    """nGPT (Loshchilov et al. 2024, arXiv 2410.01131; layers in :mod:`sdd_train.model.ngpt`): the stream
+    on the unit sphere, each sublayer a step towards its normalised output with a learned eigen learning
+    rate per feature (|alpha|, init 0.05, scaling 1/sqrt(d_model)); N is the L2 norm over d_model, no gain:
+    h = N(x + |a_A| (N(A(x)) - x)); x' = N(h + |a_M| (N(F(h)) - h)). No final norm: the logits are
+    s_z * (E_out h). The embedding is not normalised in the forward; its rows, the head's and every
+    matrix's along d_model are unit vectors after each optimizer step. Untied head, dense FFN, SP only.
+    """
+
+    normalized = True
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__(cfg, layer_id)
+        self.attention = NormalizedAttention(cfg, layer_id)
+        self.feed_forward = NormalizedFeedForward(cfg)
+        self.attn_norm = self.ff_norm = None
+        self.attn_rate = Scale(cfg.d_model, 0.05, cfg.d_model**-0.5)
+        self.ff_rate = Scale(cfg.d_model, 0.05, cfg.d_model**-0.5)
+
+    def forward(self, x: torch.Tensor, att: AttentionInputs) -> BlockOutput:
+        h = l2_normalize(x + self.attn_rate().abs() * (l2_normalize(self.attention(x, att)) - x))
+        f, aux = self.feed_forward(h)
+        return l2_normalize(h + self.ff_rate().abs() * (l2_normalize(f) - h)), aux
+
+    @classmethod
+    def config_problem(cls, cfg: ModelConfig) -> str | None:
+        if cfg.tie_embeddings:
+            return ("model.tie_embeddings: ngpt has its own output embedding (the paper's); "
+                    "set model.tie_embeddings=false")
+        if cfg.ffn != "dense":
+            return f"model.ffn: ngpt is defined for the dense SwiGLU, not '{cfg.ffn}'; set model.ffn=dense"
+        if cfg.qk_norm != "auto":
+            return "model.qk_norm: ngpt normalises q and k itself (per head, L2); set model.qk_norm=auto"
+        if cfg.parametrization != "sp":
+            return "model.parametrization: ngpt has its own scalings, not muP's; set model.parametrization=sp"
+        return None
+
+    def project_weights_(self) -> None:
+        self.attention.project_weights_()
+        self.feed_forward.project_weights_()

@@ -168,6 +168,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, att: AttentionInputs) -> torch.Tensor:
         b, s, d = x.shape
+        q, k, v = self.queries_keys_values(x, att.rope)
+        mask = att.mask
+        if att.cache is not None:
+            k, v = att.cache.update(self.layer_id, k, v)
+            mask = att.cache.mask(s)
+        ctx = causal_attention(q, k, v, self.backend, mask).reshape(b, s, d)
+        if self.context_norm is not None:
+            ctx = self.context_norm(ctx)
+        return self.attn_out(ctx)
+
+    def queries_keys_values(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [B, S, H, D] (its softmax scale applied but 1/sqrt(D)), k and v [B, S, Hkv, D] of ``x``."""
+        b, s, d = x.shape
         q, k, v = self.att_proj(x).split([d, self.kv_dim, self.kv_dim], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -178,17 +191,10 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, att.rope), apply_rope(k, att.rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        mask = att.mask
-        if att.cache is not None:
-            k, v = att.cache.update(self.layer_id, k, v)
-            mask = att.cache.mask(s)
-        ctx = causal_attention(q, k, v, self.backend, mask).reshape(b, s, d)
-        if self.context_norm is not None:
-            ctx = self.context_norm(ctx)
-        return self.attn_out(ctx)
+        return q, k, v
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

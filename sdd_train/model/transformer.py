@@ -27,6 +27,7 @@ from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention
                                    trunc_normal_, xavier_normal_)
 from sdd_train.model.moe import MoE, MoEAux
 from sdd_train.model.mup import init_stds, logit_scale, width_mult
+from sdd_train.model.ngpt import Scale, normalize_
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -37,6 +38,9 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.block: '{cfg.block}' is not one of {', '.join(sorted(BLOCKS))}")
     if cfg.ffn not in FEED_FORWARDS:
         raise ConfigError(f"model.ffn: '{cfg.ffn}' is not one of {', '.join(sorted(FEED_FORWARDS))}")
+    problem = BLOCKS[cfg.block].config_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 @dataclass
@@ -93,6 +97,8 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if block_cls.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.logit_scale = logit_scale(cfg)  # 1 but under µP (sdd_train/model/mup.py)
+        # nGPT's learned logit scale s_z (init 1, scaling 1/sqrt(d)), one per vocabulary entry
+        self.logit_gain = Scale(cfg.vocab_size, 1.0, cfg.d_model**-0.5) if block_cls.normalized else None
         self.register_buffer("rope", rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta), persistent=False)
         self.init_weights()
 
@@ -146,7 +152,11 @@ class Transformer(nn.Module):
 
     @property
     def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """The LM head's matrix; nGPT's logit scale s_z is folded into its rows (s_z[v] (E_v . h))."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if self.logit_gain is not None:
+            weight = weight * self.logit_gain().to(weight.dtype)[:, None]
+        return weight
 
     def hidden_states(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> list[torch.Tensor]:
@@ -200,6 +210,8 @@ class Transformer(nn.Module):
                 module.expert_bias.zero_()
             if isinstance(getattr(module, "residual_gate", None), torch.Tensor):  # ReZero: blocks start as identity
                 module.residual_gate.zero_()
+            if isinstance(module, Scale):  # nGPT's scaling vectors
+                module.reset_parameters()
         scheme = self.init_scheme
         # The reference sets one init_std for the whole model: under sdd it is sdd_std, embedding and router too.
         base_std = sigma * init.sdd_std_multiplier if scheme == "sdd" else sigma
@@ -249,6 +261,18 @@ class Transformer(nn.Module):
             router = getattr(block.feed_forward, "router", None)
             if router is not None:
                 init_full_(router.weight, lambda w: trunc_normal_(w, base_std))
+        self.project_weights_()
+
+    @torch.no_grad()
+    def project_weights_(self) -> None:
+        """Restore the constraints the block scheme keeps on the weights (nGPT: unit-norm embedding and
+        head rows and matrices), after initialisation and after every optimizer step; other schemes keep none."""
+        if not self.block_cls.normalized:
+            return
+        normalize_(self.embed.weight, dim=-1)
+        normalize_(self.lm_head.weight, dim=-1)
+        for block in self.blocks:
+            block.project_weights_()
 
     # ------------------------------------------------------------------ accounting
 

@@ -195,6 +195,7 @@ class TrainModule:
             group["lr"] = out.lr * group.get("lr_scale", 1.0)
         with record_function("optimizer"):
             self.optimizer.step()
+            self.model.project_weights_()  # the scheme's weight constraints (nGPT's unit rows); else nothing
         rate = self.cfg.model.moe.bias_update_rate
         if rate > 0 and out.expert_load is not None:  # auxiliary-loss-free balancing, from the step's global load
             for layer, load in zip(self.moe_layers, out.expert_load):
