@@ -104,6 +104,18 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean dynamo cache. The blocks' forward code is shared by every model in a
+    process, and the graphs that earlier tests in this worker compiled for it would count towards dynamo's
+    recompile limit (8 per code object; past it a fullgraph compile fails): which tests share a worker
+    changes from run to run."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One small default-corpus cache (tokenizer + tokens) shared by the training tests."""

@@ -14,17 +14,16 @@ from sdd_train.distributed.parallelize import apply_compile
 @pytest.mark.parametrize("block", ["sdd"])
 def test_compiled_blocks_match_eager_and_follow_shape_changes(block):
     """Compiled blocks (full graph: a graph break is an error) give eager's outputs and gradients, and
-    a new batch size and sequence length (a short validation batch) recompile, with the sequence
-    length symbolic, and still do. With sizes turned symbolic, torch 2.11's dynamo (the GPU image's)
-    failed on the CPU attention's span loop and on the norm's row blocks. The SDD block has both, and
-    the SDD layers besides; ``pre`` blocks compile in tests/test_matrix.py's compiled combinations."""
+    a new batch size and sequence length (a short validation batch) get their own static graph and still
+    do. The SDD block has the CPU attention's span loop, the norm's row blocks and the SDD layers;
+    ``pre`` blocks compile in tests/test_matrix.py's compiled combinations."""
     torch.manual_seed(0)
     model = Transformer(small_model_cfg(block))
     compiled = Transformer(small_model_cfg(block))
     compiled.load_state_dict(model.state_dict())
     apply_compile(compiled.parallel_plan())
     assert set(compiled.state_dict()) == set(model.state_dict())  # parameter names unchanged
-    for shape in [(2, 16), (3, 24), (2, 8)]:
+    for shape in [(2, 16), (3, 8)]:
         tokens = torch.randint(0, 97, shape)
         want = model(tokens)
         want.square().mean().backward()

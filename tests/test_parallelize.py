@@ -40,7 +40,7 @@ def test_the_transformer_describes_what_to_parallelize():
 
 
 @pytest.mark.parametrize("mode,compile,ffn", [("full", False, "dense"), ("every_n", False, "dense"),
-                                              ("full", False, "moe"), ("every_n", True, "moe"),
+                                              ("full", False, "moe"), ("full", True, "moe"),
                                               ("selective", False, "dense"), ("selective", False, "moe"),
                                               ("selective", True, "dense")])
 def test_activation_checkpointing_gives_identical_gradients(mode, compile, ffn):
