@@ -43,6 +43,7 @@ DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FAILURE_ACTIONS = ("stop", "retry")
 NONFINITE_ACTIONS = ("stop", "skip")
 ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "every_n", "selective")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 # in this order the torch dtypes of sdd_train.kernels.precision.PARAM_DTYPES: float32, bfloat16
 PARAM_DTYPE_NAMES = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "online", "offline")
@@ -281,6 +282,9 @@ class TrainConfig:
     precision: str = choice(PRECISIONS)  # bf16 (autocast, fp32 master weights) | fp32
     device: str = choice(DEVICES)  # auto: CUDA when there is one
     compile: bool | None = None  # torch.compile each block (fullgraph); null: on with CUDA, off on CPU
+    # inductor: generated kernels (what training wants); aot_eager: dynamo's graphs and AOTAutograd's joint graph
+    # run by eager kernels, no code generation (finds whether a compile problem is inductor's, in seconds)
+    compile_backend: str = choice(COMPILE_BACKENDS)
     # > 0: LM head + cross-entropy fused, this many tokens at a time: the full logits never exist,
     # and the softmax gradient is formed in the forward pass (faster than autograd's on CPU too);
     # 0: the model returns logits, then the plain loss

@@ -107,7 +107,7 @@ def apply_activation_checkpointing(plan: ModelPlan, mode: str, every: int) -> li
     return chosen
 
 
-def apply_compile(plan: ModelPlan, fullgraph: bool = True) -> None:
+def apply_compile(plan: ModelPlan, fullgraph: bool = True, backend: str = "inductor") -> None:
     """Compile every block's forward with fullgraph=True (a graph break is an error, not a slowdown),
     and put the root's compiled methods in place (the fused chunked loss's softmax-gradient kernel).
 
@@ -118,7 +118,7 @@ def apply_compile(plan: ModelPlan, fullgraph: bool = True) -> None:
     dynamo cannot trace through the CPU attention's span loop.
     """
     for block in plan.blocks:
-        block.forward = torch.compile(block.forward, fullgraph=fullgraph, dynamic=False)
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph, dynamic=False, backend=backend)
     for name, method in plan.compiled_methods.items():
         setattr(plan.root, name, method)
 
@@ -179,12 +179,12 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
 
 
 def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
-                compile: bool | None) -> list[int]:
+                compile: bool | None, compile_backend: str = "inductor") -> list[int]:
     """AC, then compile, then expert parallelism and FSDP2 (only over more than one rank; one process
     casts parameters as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
     if compile_enabled(compile, device):
-        apply_compile(plan, fullgraph=dims.ep == 1)
+        apply_compile(plan, fullgraph=dims.ep == 1, backend=compile_backend)
     if dims.sharded:
         mesh = dims.build_mesh(device.type)
         experts = (apply_expert_parallel(plan.expert_layers, mesh, PARAM_DTYPES[par.param_dtype]) if dims.ep > 1

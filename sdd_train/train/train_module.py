@@ -129,7 +129,8 @@ class TrainModule:
         # rank ever holds the full model, and the values are the same for every world size.
         with torch.device("meta"):
             model = Transformer(cfg.model)
-        self.checkpointed_blocks = parallelize(model.parallel_plan(), cfg.parallel, world.dims, world.device, t.compile)
+        self.checkpointed_blocks = parallelize(model.parallel_plan(), cfg.parallel, world.dims, world.device, t.compile,
+                                               t.compile_backend)
         with fake or contextlib.nullcontext():
             model.to_empty(device=world.device)
             if fake is None:  # fake tensors hold no values to initialise
