@@ -69,7 +69,8 @@ def single(cache, tmp_path_factory) -> Path:
 
 MOE = ["model.ffn=moe", "model.moe.n_experts=8", "model.moe.top_k=2", "model.moe.expert_hidden=32",
        "train.max_steps=4", "train.checkpoint_interval=0"]
-VALIDATION = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.checkpoint_interval=0"]
+VALIDATION = ["train.max_steps=4", "train.eval_interval=2", "train.eval_batches=3", "train.checkpoint_interval=0",
+              "downstream.tasks=[piqa,copa]", "downstream.limit=5", "downstream.batch_size=3"]
 # The 2-rank runs the tests below compare, trained in one torchrun launch (tests/rank_pool.py).
 TWO_RANK_RUNS = {
     "fsdp2": [],
@@ -361,16 +362,18 @@ def test_ngpt_under_fsdp2_matches_one_process(cache, two_ranks, tmp_path):
 
 
 def test_validation_is_split_over_ranks_and_matches_one_process(cache, two_ranks, tmp_path):
-    """3 batches over 2 ranks (one rank runs a padding forward): the same named losses as one process."""
+    """3 batches over 2 ranks (one rank runs a padding forward): the same named losses as one process; the
+    downstream tasks' batches of 3 requests split over the ranks the same way give the same metrics."""
     one, two = tmp_path / "one", two_rank_run(two_ranks, "validation")
     assert main(args_for(one, cache, *VALIDATION)) == 0
-    v1, v2 = ({r["step"]: r for r in read_records(d / "metrics.jsonl") if "val_loss" in r} for d in (one, two))
-    assert v1.keys() == v2.keys() == {2, 4}
-    for step in v1:
-        keys = [k for k in v1[step] if k.startswith("val")]
-        assert "val/stdlib/loss" in keys and set(keys) == {k for k in v2[step] if k.startswith("val")}
-        for key in keys:
-            assert v2[step][key] == pytest.approx(v1[step][key], rel=1e-5), (step, key)
+    for prefix, marker in (("val", "val_loss"), ("downstream/", "downstream/piqa")):
+        v1, v2 = ({r["step"]: r for r in read_records(d / "metrics.jsonl") if marker in r} for d in (one, two))
+        assert v1.keys() == v2.keys() == {2, 4}
+        for step in v1:
+            keys = [k for k in v1[step] if k.startswith(prefix)]
+            assert marker in keys and set(keys) == {k for k in v2[step] if k.startswith(prefix)}
+            for key in keys:
+                assert v2[step][key] == pytest.approx(v1[step][key], rel=1e-5), (step, key)
 
 
 def test_plain_loss_under_fsdp2_matches_the_fused_loss_in_one_process(single, two_ranks):

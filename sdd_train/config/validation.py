@@ -146,6 +146,10 @@ def validate(cfg: RunConfig) -> None:
         _positive(f"train.{key}", getattr(t, key))
     for key in ("eval_interval", "eval_batches", "checkpoint_interval", "loss_chunk_size"):
         _positive(f"train.{key}", getattr(t, key), allow_zero=True)
+    for key in ("limit", "batch_size", "interval"):
+        _positive(f"downstream.{key}", getattr(cfg.downstream, key), allow_zero=True)
+    if len(set(cfg.downstream.tasks)) != len(cfg.downstream.tasks):
+        raise ConfigError(f"downstream.tasks: each task once, got {', '.join(cfg.downstream.tasks)}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len: {t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     check_batch_split(t)

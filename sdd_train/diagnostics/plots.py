@@ -53,6 +53,26 @@ def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) 
     return _save(fig, path)
 
 
+def downstream_curves(runs: dict[str, tuple[list[dict[str, Any]], int]], path: Path) -> Path | None:
+    """One panel per downstream task: its primary metric (``downstream/<task>``) against training tokens, a
+    line per run. ``runs``: name -> (metrics records, tokens per step)."""
+    prefix = "downstream/"
+    tasks = sorted({k[len(prefix):] for records, _ in runs.values() for r in records for k in r
+                    if k.startswith(prefix) and "/" not in k[len(prefix):]})
+    if not tasks:
+        return None
+    fig, axes = _grid(len(tasks))
+    for ax, task in zip(axes, tasks):
+        for i, (name, (records, tokens_per_step)) in enumerate(runs.items()):
+            points = [(r["step"] * tokens_per_step, r[prefix + task]) for r in records if prefix + task in r]
+            if points:
+                ax.plot(*zip(*points), "o-", color=f"C{i % 10}", ms=3, lw=1.2, label=name)
+        ax.set(title=task, xlabel="tokens", ylabel="primary metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def _families(records: list[dict[str, Any]]) -> tuple[list[str], int]:
     keys = {k for r in records for k in r if k.startswith("grad/layer_")}
     families = [f for f in LINEAR if any(k.endswith("/" + f) for k in keys)]

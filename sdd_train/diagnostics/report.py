@@ -1,10 +1,11 @@
 """``sdd-report DIR``: turn a run directory or a sweep directory into ``DIR/report/`` (Markdown + PNGs).
 
-A run report has the loss curves, per-layer gradient-norm heatmaps, the residual RMS per layer and
-the layer similarity matrix; ``--activations`` computes the activation statistics of a checkpoint
-on demand (the latest, or ``--checkpoint``). A sweep report (a directory with ``sweep.json``) has
-the results table, loss curves per group, gradient norm vs layer, every run's similarity matrix,
-loss vs depth when an axis sweeps ``model.n_layers`` and, for two axes, the rendered pivot table.
+A run report has the loss curves, per-layer gradient-norm heatmaps, the downstream tasks' metrics
+against tokens, the residual RMS per layer and the layer similarity matrix; ``--activations``
+computes the activation statistics of a checkpoint on demand (the latest, or ``--checkpoint``). A
+sweep report (a directory with ``sweep.json``) has the results table, loss curves per group, the
+downstream tasks (a panel per task, every run on it), gradient norm vs layer, every run's similarity
+matrix, loss vs depth when an axis sweeps ``model.n_layers`` and, for two axes, the rendered pivot table.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ LR_KEY = "optim.lr"
 def _image(lines: list[str], title: str, path: Path | None, out: Path) -> None:
     if path is not None:
         lines += [f"### {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
+
+
+def tokens_per_step(run_dir: Path) -> int:
+    """Training tokens an optimizer step consumes, from the run's config (0 when it has none)."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return 0
+    train = OmegaConf.load(config).train
+    return int(train.global_batch_size) * int(train.seq_len)
+
+
+def _downstream(lines: list[str], runs: dict[str, Path], metrics: dict[str, list[dict[str, Any]]], out: Path
+                ) -> None:
+    curves = {name: (metrics[name], tokens_per_step(run_dir)) for name, run_dir in runs.items()}
+    figure = plots.downstream_curves(curves, out / "downstream.png")
+    _image(lines, "Downstream tasks (each task's primary metric vs training tokens)", figure, out)
 
 
 # --------------------------------------------------------------------------- on-demand activations
@@ -72,6 +89,7 @@ def run_report(run_dir: Path, out: Path, on_demand: dict[str, Any] | None = None
              "| " + " | ".join(format_cell(v) for v in summary.values()) + " |", ""]
     _image(lines, "Loss", plots.loss_curves({run_dir.name: {run_dir.name: metrics}}, out / "loss.png"), out)
     _image(lines, "Gradient norm per layer (Fig. 7)", plots.grad_norm_heatmaps(layer, out / "grad_norms.png"), out)
+    _downstream(lines, {run_dir.name: run_dir}, {run_dir.name: metrics}, out)
     if acts:
         last = acts[-1]
         _image(lines, f"Layer similarity at step {last['step']} (Fig. 9)",
@@ -148,6 +166,7 @@ def sweep_report(sweep_dir: Path, out: Path) -> Path:
     curves = {panel: {line: read_records(runs[run] / "metrics.jsonl") for line, run in members.items()}
               for panel, members in groups.items()}
     _image(lines, "Loss curves", plots.loss_curves(curves, out / "loss.png"), out)
+    _downstream(lines, runs, {name: read_records(run_dir / "metrics.jsonl") for name, run_dir in runs.items()}, out)
     for i, (panel, members) in enumerate(groups.items()):
         figure = plots.grad_norm_by_layer({line: read_records(runs[run] / "layer_stats.jsonl")
                                            for line, run in members.items()}, out / f"grad_by_layer_{i}.png")

@@ -7,7 +7,8 @@ By default every training dataset contributes its held-out split, named after th
 compiled model sees one shape). With N ranks, rank r evaluates batches r, r+N, ...; the sums of
 losses and token counts are all-reduced, so every world size gives the same numbers.
 
-``sdd-eval PATH [--step N]`` evaluates a checkpoint on the run's sets with the same code.
+``sdd-eval PATH [--step N]`` evaluates a checkpoint on the run's sets with the same code, and with
+``--downstream`` on OLMo's downstream tasks as the loop does (sdd_train/eval/downstream.py).
 """
 
 from __future__ import annotations
@@ -108,14 +109,40 @@ def evaluate_checkpoint(path: str | Path, step: int | None = None) -> dict[str, 
     return evaluate_sets(loaded.model, sets, LOCAL_WORLD, cfg.train.precision, cfg.train.loss_chunk_size)
 
 
+def evaluate_checkpoint_downstream(path: str | Path, step: int | None = None, tasks: list[str] | None = None,
+                                   limit: int | None = None) -> dict[str, float]:
+    """Offline: a checkpoint's downstream metrics, batched as the training loop batched them (the run's
+    ``downstream.tasks`` and ``downstream.limit`` unless given)."""
+    from sdd_train.eval.downstream import build_tasks, check_tasks, evaluate_tasks
+    from sdd_train.eval.inference import LOCAL_WORLD, load_model
+
+    check_tasks(tasks or [])  # before the model is read
+    loaded = load_model(path, step)
+    names = tasks or loaded.cfg.downstream.tasks
+    if not names:
+        raise ConfigError(f"{path}: the run has no downstream.tasks; name them: --downstream piqa,hellaswag")
+    return evaluate_tasks(loaded.model, build_tasks(loaded.cfg, loaded.tokenizer, names, limit), LOCAL_WORLD,
+                          loaded.cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sdd-eval", description="Validation loss of a checkpoint on its run's"
-                                     " validation sets (the in-loop ones).")
+                                     " validation sets (the in-loop ones), or its downstream task metrics.")
     parser.add_argument("path", help="run directory, checkpoint directory or sdd-export folder")
     parser.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
+    parser.add_argument("--downstream", nargs="?", const="", metavar="TASKS",
+                        help="OLMo's downstream tasks instead, comma-separated (alone: the run's downstream.tasks)")
+    parser.add_argument("--limit", type=int, help="with --downstream: questions per task (default: the run's"
+                        " downstream.limit; 0: all)")
     args = parser.parse_args(argv)
+    if args.limit is not None and args.downstream is None:
+        parser.error("--limit needs --downstream")
     try:
-        result = evaluate_checkpoint(args.path, args.step)
+        if args.downstream is None:
+            result = evaluate_checkpoint(args.path, args.step)
+        else:
+            tasks = [name for name in args.downstream.split(",") if name] or None
+            result = evaluate_checkpoint_downstream(args.path, args.step, tasks, args.limit)
     except UsageError as e:
         return report_usage_error(e)
     print(json.dumps(result, indent=1))

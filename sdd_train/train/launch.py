@@ -2,8 +2,8 @@
 
 The checks, in order: the world (batch divisibility, the data-parallel mesh, W&B), the model's
 scheme names, the run directory, the checkpoint a branch starts from, the callbacks' import paths,
-the data (datasets, tokenizer and vocabulary, validation sets) and the model itself (built on the
-meta device). Each failure is a
+the downstream tasks' names, the data (datasets, tokenizer and vocabulary, validation sets, the
+downstream tasks' requests) and the model itself (built on the meta device). Each failure is a
 :class:`~sdd_train.exit_codes.UsageError` (a ConfigError, DataError, BackendUnavailable, ...) naming
 the key or file (exit code 2), and the run directory is untouched.
 """
@@ -21,10 +21,12 @@ from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
 from sdd_train.distributed.world import World, barrier, close_world, init_world
+from sdd_train.eval.downstream import build_tasks, check_tasks
 from sdd_train.eval.validation import EvalSet, build_eval_sets
 from sdd_train.kernels import BackendUnavailable, attention_backend_problem
 from sdd_train.model import check_model_config
-from sdd_train.train.callbacks import build_callbacks
+from sdd_train.train.callbacks import add_callback, build_callbacks
+from sdd_train.train.callbacks.evaluation import DownstreamCallback
 from sdd_train.train.callbacks.run_log import import_wandb
 from sdd_train.train.data_feed import DataFeed
 from sdd_train.train.train_module import TrainModule
@@ -78,6 +80,9 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
     check_run_dir(run_dir)
     check_init_from(cfg)
     callbacks = build_callbacks(cfg)
+    downstream_interval = (cfg.downstream.interval or t.eval_interval) if cfg.downstream.tasks else 0
+    if downstream_interval:
+        check_tasks(cfg.downstream.tasks)
     datasets, names = open_run_data(cfg, log=log, is_main=world.is_main, barrier=barrier)
     tokenizer = datasets[0].tokenizer
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -87,6 +92,12 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
     loader = MixtureLoader([d.train for d in datasets], weights, t.seq_len, t.seed, tokenizer.eos_id, names,
                            cfg.data.doc_mask, cfg.data.instance_filter)
     eval_sets = _eval_sets(cfg, datasets, names, log)
+    if downstream_interval:
+        tasks = build_tasks(cfg, tokenizer)
+        log("downstream: " + ", ".join(f"{task.name} ({task.n_docs} questions"
+                                       + (f", {task.left_out} too long for train.seq_len" if task.left_out else "")
+                                       + f"; {task.metric})" for task in tasks))
+        callbacks = add_callback(callbacks, DownstreamCallback(tasks, downstream_interval))
     module = TrainModule(cfg, world)
     # ---- everything checked: nothing was written to the run directory before this line (config.yaml
     # follows once a resume has found a checkpoint that fits this config)

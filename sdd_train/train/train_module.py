@@ -28,6 +28,7 @@ from sdd_train.diagnostics.activations import activation_stats
 from sdd_train.diagnostics.layer_stats import LayerStats
 from sdd_train.distributed.parallelize import parallelize
 from sdd_train.distributed.world import World, all_reduce_max, all_reduce_sum
+from sdd_train.eval.downstream import DownstreamTask, evaluate_tasks
 from sdd_train.eval.validation import EvalSet, evaluate_sets
 from sdd_train.kernels import autocast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
@@ -251,6 +252,10 @@ class TrainModule:
         """Validation losses of the model as it is now (``val/<name>/loss``, ``val_loss``)."""
         t = self.cfg.train
         return evaluate_sets(self.model, eval_sets, self.world, t.precision, t.loss_chunk_size)
+
+    def evaluate_downstream(self, tasks: list[DownstreamTask]) -> dict[str, float]:
+        """OLMo's downstream metrics of the model as it is now (``downstream/<task>[/<metric>]``)."""
+        return evaluate_tasks(self.model, tasks, self.world, self.cfg)
 
     def activation_stats(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Residual-stream RMS after every block and the layer similarity on ``batch``."""

@@ -1,7 +1,8 @@
 """Callbacks: everything around the step that the loop does not do itself.
 
 Built in, in the order of their priorities: stability (non-finite steps, loss spikes), layer
-statistics, speed, the router (MoE runs), evaluation, activation statistics, checkpointing (with
+statistics, speed, the router (MoE runs), evaluation, downstream tasks (added once the tokenizer is
+known), activation statistics, checkpointing (with
 SIGTERM/SIGUSR1), the run log (files, W&B, console), the profiler (``train.profile``). A run adds its own from the config by import path (``callbacks: [{path:
 pkg.mod:Class, options: {...}}]``); they run by their ``priority`` too (default 0: after the
 built-in ones; docs/callbacks.md).
@@ -22,7 +23,7 @@ from sdd_train.train.callbacks.speed import SpeedCallback
 from sdd_train.train.callbacks.stability import StabilityCallback
 from sdd_train.train.callbacks.statistics import ActivationsCallback, LayerStatsCallback
 
-__all__ = ["Action", "Callback", "Verdict", "build_callbacks", "load_callback"]
+__all__ = ["Action", "Callback", "Verdict", "add_callback", "build_callbacks", "load_callback"]
 
 
 def load_callback(i: int, spec: CallbackConfig) -> Callback:
@@ -58,8 +59,12 @@ def build_callbacks(cfg: RunConfig) -> list[Callback]:
         callbacks.append(RouterCallback())
     if t.profile.steps:
         callbacks.append(ProfilerCallback(t.profile))
-    callbacks += [load_callback(i, spec) for i, spec in enumerate(cfg.callbacks)]
-    callbacks.sort(key=lambda c: -c.priority)
+    return add_callback(callbacks, *(load_callback(i, spec) for i, spec in enumerate(cfg.callbacks)))
+
+
+def add_callback(callbacks: list[Callback], *more: Callback) -> list[Callback]:
+    """``callbacks`` and ``more``, highest ``priority`` first (a stable sort), each name once."""
+    callbacks = sorted([*callbacks, *more], key=lambda c: -c.priority)
     names = [c.name for c in callbacks]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:

@@ -142,6 +142,9 @@ def format_line(record: dict[str, Any], max_steps: int) -> str:
         value = record.get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(fmt(value))
+    # downstream tasks: each one's primary metric (the record's bare ``downstream/<task>`` keys)
+    parts += [f"{key[len('downstream/'):]} {value:.3f}" for key, value in record.items()
+              if key.startswith("downstream/") and key.count("/") == 1]
     return " | ".join(parts)
 
 
