@@ -77,8 +77,9 @@ def test_targets_are_judged_from_the_results(suite, tmp_path):
 GPU_DEPS = ROOT / "benchmarks" / "gpu_deps.py"
 
 # Imported only behind a guard or on paths the GPU suite does not take (exports, lm-eval, Parquet and
-# Hugging Face datasets, W&B, flash-attn, step_time.py's transformers baseline, which the suite skips).
-NOT_IN_SUITE = {"safetensors", "transformers", "lm_eval", "datasets", "pyarrow", "wandb", "flash_attn"}
+# Hugging Face datasets, W&B, flash-attn, step_time.py's transformers baseline, which the suite skips,
+# downstream tasks).
+NOT_IN_SUITE = {"safetensors", "transformers", "lm_eval", "datasets", "pyarrow", "wandb", "flash_attn", "olmo_eval"}
 
 
 @pytest.fixture(scope="module")
