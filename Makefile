@@ -40,12 +40,13 @@ setup: $(VENV)/.installed
 
 # torch comes from pip (pip's configuration may point at a local CPU wheel; uv does not read it); the other packages
 # come from uv, which resolves and installs them in parallel, several times faster than pip, with torch held at
-# the installed build so that no dependency can swap it for a CUDA build
+# the installed build so that no dependency can swap it for a CUDA build; uv compiles their bytecode at install
+# (pip does for torch), so that no process compiles a module's source again on import
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" uv
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/torch-pin.txt -e ".[dev]"
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c $(VENV)/torch-pin.txt -e ".[dev]"
 	touch $@
 
 train: setup
