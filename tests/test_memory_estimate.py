@@ -63,7 +63,11 @@ def test_checkpointing_and_sharding_lower_the_estimate():
 
 
 @pytest.mark.skipif(not cpu_fsdp_supported(), reason="FSDP2 on CPU needs torch >= 2.7")
-def test_two_rank_estimate_is_within_ten_percent_of_the_measured_peak():
+def test_two_rank_estimate_is_at_most_the_measured_peak_and_within_fifteen_percent():
+    """Everything the estimate counts is allocated, so it may not exceed the measured peak. On gloo
+    the measured peak also holds what gloo's threads free late (its copies of a reduce-scatter's
+    input, the unsharded gradients it still references): one to two layers' worth on this small
+    model, more when the machine is loaded, and never part of the schedule the estimate models."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "benchmarks/memory_estimate.py"), "--measure", str(ROOT / "configs/tiny.yaml"), *SMALL]
@@ -71,7 +75,7 @@ def test_two_rank_estimate_is_within_ten_percent_of_the_measured_peak():
     assert out.returncode == 0, out.stderr[-3000:]
     real = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     estimate = estimate_memory(small(), 2).peak
-    assert abs(estimate / real - 1) < 0.10, (estimate, real)
+    assert 0.85 * real <= estimate <= 1.02 * real, (estimate, real)
 
 
 def test_the_largest_micro_batch_fits_and_one_more_does_not():

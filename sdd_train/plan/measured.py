@@ -1,6 +1,9 @@
-"""The peak the memory estimate is checked against: real training steps. On CPU, every allocation of
-PyTorch's CPU allocator seen through the profiler (its running total, which includes what kernels
-allocate and free inside themselves), plus the parameters and buffers that exist before it starts;
+"""The peak the memory estimate is checked against: real training steps. On CPU, every allocation
+the training thread makes through PyTorch's CPU allocator, seen through the profiler (their running
+total, which includes what kernels allocate and free inside themselves), plus the parameters and
+buffers that exist before it starts. What gloo's threads allocate is left out: their scratch buffers
+are the collective library's own, as NCCL's are outside the CUDA caching allocator's count, and
+whether they overlap the step's peak depends on thread timing;
 the run takes the GPU's paths in PyTorch ops (:func:`sdd_train.kernels.settings.set_cpu_paths`), as
 the estimate does, so both count the same computation. On CUDA, the caching allocator's peak of
 allocated bytes, with the GPU's own kernels.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -23,6 +27,22 @@ from sdd_train.train.train_module import TrainModule
 
 def _held(tensors) -> int:
     return sum({st._cdata: st.nbytes() for t in tensors for st in storages_of(t)}.values())
+
+
+def _running_peak(events: list[dict], tid: int) -> int:
+    """The highest of the CPU allocator's running total less what other threads than ``tid`` hold at
+    that moment (gloo's scratch buffers: allocated and freed on its own threads)."""
+    others: dict[int, int] = {}
+    held_by_others = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        size, addr = e["args"]["Bytes"], e["args"]["Addr"]
+        if size > 0 and e.get("tid") != tid:
+            others[addr] = size
+            held_by_others += size
+        elif size < 0 and addr in others:
+            held_by_others -= others.pop(addr)
+        peak = max(peak, e["args"]["Total Allocated"] - held_by_others)
+    return peak
 
 
 def measured_peak(cfg: RunConfig, world: World) -> int:
@@ -47,7 +67,6 @@ def measured_peak(cfg: RunConfig, world: World) -> int:
             trace = Path(tmp) / "trace.json"
             prof.export_chrome_trace(str(trace))
             events = json.loads(trace.read_text())["traceEvents"]
-        totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-        return before + max(totals, default=0)
+        return before + _running_peak(events, threading.get_native_id())
     finally:
         set_cpu_paths(True)
