@@ -66,12 +66,19 @@ def judge_torchrun(code: int, output: str, seconds: float) -> Outcome:
     return judge_exit(code, output, seconds)
 
 
-def run(combo: Combo, run_dir: Path, cache: Path, in_process: bool = False, timeout: float = 1800) -> Outcome:
+def overrides(combo: Combo, compile_backend: str) -> list[str]:
+    """The combination's settings; a compiled one compiles with ``compile_backend``."""
+    backend = [f"train.compile_backend={compile_backend}"] if combo["compile"] == "on" else []
+    return [*combo.overrides(), *backend]
+
+
+def run(combo: Combo, run_dir: Path, cache: Path, in_process: bool = False, timeout: float = 1800,
+        compile_backend: str = "inductor") -> Outcome:
     """Train ``combo`` into ``run_dir``: one process in this one (``in_process``) or as a subprocess,
     several under torchrun (gloo). Every process computes with one thread, as tests/test_distributed.py's
     ranks: a second gains nothing on these matrices, and OpenMP threads that spin waiting for each
     other make every run several times slower on a busy machine."""
-    args = small_run(run_dir, cache, *combo.overrides())
+    args = small_run(run_dir, cache, *overrides(combo, compile_backend))
     shutil.rmtree(run_dir, ignore_errors=True)  # a checkpoint left there would be resumed
     start = time.perf_counter()
     if in_process and combo.world == 1:
@@ -186,7 +193,8 @@ def judge_diff(combo: Combo, kind: str, diff: Diff) -> tuple[str, str]:
     return "fail", f"beyond {steps_tol:g} rel / {weights_tol if weights_tol is not None else '-'} abs"
 
 
-def run_pooled(combos: list[Combo], work: Path, cache: Path, timeout: float = 1800) -> dict[Combo, Outcome]:
+def run_pooled(combos: list[Combo], work: Path, cache: Path, timeout: float = 1800,
+               compile_backend: str = "inductor") -> dict[Combo, Outcome]:
     """Train multi-rank ``combos`` of one world size in one torchrun launch (tests/rank_pool.py), each with
     the arguments :func:`run` gives it; a refusal is exit 2 with one line, as there."""
     import rank_pool
@@ -194,7 +202,7 @@ def run_pooled(combos: list[Combo], work: Path, cache: Path, timeout: float = 18
     (world,) = {c.world for c in combos}
     for combo in combos:
         shutil.rmtree(work / combo.name, ignore_errors=True)
-    jobs = [small_run(work / c.name, cache, *c.overrides()) for c in combos]
+    jobs = [small_run(work / c.name, cache, *overrides(c, compile_backend)) for c in combos]
     pool_dir = work / f"pool-{world}-{combos[0].name}"
     shutil.rmtree(pool_dir, ignore_errors=True)
     results = rank_pool.launch(world, jobs, pool_dir, timeout)
@@ -205,10 +213,14 @@ def run_pooled(combos: list[Combo], work: Path, cache: Path, timeout: float = 18
 
 class Runner:
     """Runs combinations into ``work`` (each once, references first) and keeps their rows. ``prefetch``
-    trains the multi-rank ones of a list together, one torchrun launch per world size."""
+    trains the multi-rank ones of a list together, one torchrun launch per world size. Compiled
+    combinations compile with ``compile_backend``: ``make matrix``'s inductor, or CI's aot_eager, which
+    traces the same graphs through dynamo and AOT autograd and runs them without generating code."""
 
-    def __init__(self, work: Path, cache: Path, in_process: bool, timeout: float = 1800):
+    def __init__(self, work: Path, cache: Path, in_process: bool, timeout: float = 1800,
+                 compile_backend: str = "inductor"):
         self.work, self.cache, self.in_process, self.timeout = work, cache, in_process, timeout
+        self.compile_backend = compile_backend
         self.outcomes: dict[Combo, Outcome] = {}
         self.rows: dict[Combo, Row] = {}
         self.prefetched: dict[Combo, Outcome] = {}
@@ -217,7 +229,7 @@ class Runner:
         todo = [c for c in combos if c.world > 1 and c not in self.rows and c not in self.prefetched]
         for world in sorted({c.world for c in todo}):
             self.prefetched.update(run_pooled([c for c in todo if c.world == world], self.work, self.cache,
-                                              self.timeout))
+                                              self.timeout, self.compile_backend))
 
     def row(self, combo: Combo) -> Row:
         if combo not in self.rows:
@@ -225,7 +237,7 @@ class Runner:
             if ref:
                 self.row(ref[0])
             outcome = self.prefetched.pop(combo, None) or run(combo, self.work / combo.name, self.cache,
-                                                              self.in_process, self.timeout)
+                                                              self.in_process, self.timeout, self.compile_backend)
             self.outcomes[combo] = outcome
             self.rows[combo] = verdict(combo, outcome, self.work / combo.name, ref,
                                        self.outcomes.get(ref[0]) if ref else None,

@@ -119,7 +119,11 @@ def test_a_refusal_is_exit_2_with_one_line():
 
 @pytest.fixture(scope="module")
 def runner(data_cache, tmp_path_factory) -> matrix_run.Runner:
-    return matrix_run.Runner(tmp_path_factory.mktemp("matrix"), data_cache, in_process=True)
+    """Compiled combinations compile with aot_eager here: a feature that breaks dynamo or AOT autograd
+    breaks there too, without the minutes inductor spends generating and building C++ for each.
+    ``make matrix`` compiles every one with inductor, and test_backends.py checks inductor's numerics."""
+    return matrix_run.Runner(tmp_path_factory.mktemp("matrix"), data_cache, in_process=True,
+                             compile_backend="aot_eager")
 
 
 @pytest.mark.slow
