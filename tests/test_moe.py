@@ -393,19 +393,22 @@ from sdd_train.model.moe import MoE
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-cfg = ModelConfig(d_model=4, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
-                  moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8, lb_loss_scope=sys.argv[1]))
-layer = MoE(cfg, sdd=False).double()
-with torch.no_grad():
-    layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
-apply_all_ranks_balance([layer])
-x = torch.tensor(json.loads(sys.argv[2])[rank], dtype=torch.float64)
-lb = layer(x)[1].lb_loss
-lb.backward()
-grad = layer.router.weight.grad
-dist.all_reduce(grad)  # the ranks' mean, as FSDP2 takes it
+results = {}
+for scope in ("all_ranks", "micro_batch"):
+    cfg = ModelConfig(d_model=4, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                      moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8, lb_loss_scope=scope))
+    layer = MoE(cfg, sdd=False).double()
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+    apply_all_ranks_balance([layer])
+    x = torch.tensor(json.loads(sys.argv[1])[rank], dtype=torch.float64)
+    lb = layer(x)[1].lb_loss
+    lb.backward()
+    grad = layer.router.weight.grad
+    dist.all_reduce(grad)  # the ranks' mean, as FSDP2 takes it
+    results[scope] = {"lb": lb.item(), "grad": (grad / 2).tolist()}
 if rank == 0:
-    print(json.dumps({"lb": lb.item(), "grad": (grad / 2).tolist()}))
+    print(json.dumps(results))
 dist.destroy_process_group()
 """
 
@@ -422,13 +425,11 @@ def test_the_all_ranks_load_balancing_loss_counts_every_ranks_pairs(tmp_path):
     tokens = [[[3.0, 2, 0, 0], [3, 2, 0, 0]], [[0, 0, 2, 3], [0, 0, 3, 2]]]
     script = tmp_path / "worker.py"
     script.write_text(ALL_RANKS_WORKER)
-    results = {}
-    for scope in ("all_ranks", "micro_batch"):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               str(script), scope, json.dumps(tokens)], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[scope] = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), json.dumps(tokens)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["all_ranks"]["lb"] == pytest.approx(1.0, rel=1e-12)
     probs = torch.softmax(torch.tensor(tokens[0], dtype=torch.float64), -1)
     assert results["micro_batch"]["lb"] == pytest.approx((4 / 4 * 2 * probs.mean(0)[:2].sum()).item(), rel=1e-12)
