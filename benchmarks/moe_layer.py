@@ -78,15 +78,17 @@ def expert_parallel_main(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from sdd_train.distributed.dims import ParallelDims
     from sdd_train.distributed.expert_parallel import apply_expert_parallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
+    dims = ParallelDims(1, world, world, ep=world)
     torch.manual_seed(0)
     full, split = moe_layer(args), moe_layer(args)
     split.load_state_dict(full.state_dict())
-    apply_expert_parallel([split], mesh)
+    apply_expert_parallel([split], mesh, dims)
     torch.manual_seed(1 + rank)
     x = torch.randn(args.tokens, args.d_model, requires_grad=True)
 

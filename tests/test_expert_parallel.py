@@ -81,3 +81,25 @@ def test_expert_parallelism_across_two_replicas_matches_one_process(moe_single, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "HSDP over 4 ranks (2 replicas x 2 shards, experts split over 2 ranks)" in result.stdout
     assert_same_run(records(moe_single), records(tmp_path), range(1, 4), rel=1e-5)
+
+
+def test_experts_sharded_across_two_ep_groups_match_one_process(moe_single, cache, tmp_path):
+    """4 ranks, parallel.ep=2: two EP groups of 2 ranks each hold all 8 experts, 4 a rank, and the 2 ranks that
+    hold the same experts split each one's output features between them (all-gathered for the computation,
+    the gradients reduce-scattered). Losses, grad norms and every layer family's gradient norm are one
+    process's (fp32, 1e-5); the checkpoint stores each expert stack in 4 pieces and resumes in one process."""
+    run = tmp_path / "run"
+    result = torchrun(4, args_for(run, cache, *MOE, "parallel.ep=2", "train.checkpoint_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FSDP2 over 4 ranks, experts split over 2 ranks and sharded over 2," in result.stdout
+    one = records(moe_single)
+    assert_same_run(one, records(run), range(1, 5), rel=1e-5)
+    assert_same_layer_stats(layer_stats(moe_single), layer_stats(run), [2, 4])
+    state = checkpoint.read_model_state(checkpoint.latest(moe_single))
+    chunks = stored_chunks(checkpoint.latest(run))
+    experts = expert_keys(state)
+    assert experts and all(chunks[f"model.{k}"] == [(4, state[k].shape[1] // 2, *state[k].shape[2:])] * 4
+                           for k in experts)
+    resumed = rewound_copy(run, tmp_path / "resumed", 2)
+    assert main(args_for(resumed, cache, *MOE, "train.checkpoint_interval=2")) == 0  # parallel.ep=1
+    assert_same_run(one, records(resumed), range(3, 5), rel=1e-5)

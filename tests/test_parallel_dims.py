@@ -32,14 +32,17 @@ def test_a_bad_mesh_shape_is_a_config_error_naming_the_key(replicate, shard, wor
     assert message.startswith(f"{key}:") and str(world) in message and len(message.splitlines()) == 1
 
 
-@pytest.mark.parametrize("ep,replicate,world,ok", [
-    (2, 1, 2, True), (2, 2, 4, True), (4, 1, 4, True), (2, 1, 4, False), (2, 1, 1, False), (4, 2, 4, False),
+@pytest.mark.parametrize("ep,replicate,world,shard", [
+    (2, 1, 2, 1), (2, 2, 4, 1), (4, 1, 4, 1), (2, 1, 4, 2), (2, 1, 8, 4), (2, 1, 1, 0), (4, 2, 4, 0), (3, 1, 4, 0),
 ])
-def test_expert_parallelism_splits_the_shard_ranks(ep, replicate, world, ok):
+def test_expert_parallelism_splits_the_shard_ranks(ep, replicate, world, shard):
+    """EP groups of ep ranks within a shard group; each expert sharded over the dp_shard / ep ranks that hold it
+    (``shard`` 0: a shape that is refused)."""
     par = ParallelConfig(dp_replicate=replicate, ep=ep)
-    if ok:
+    if shard:
         dims = ParallelDims.from_config(par, world)
-        assert dims.ep == dims.dp_shard == ep and "experts split over" in dims.describe()
+        assert dims.ep == ep and dims.expert_shard == shard and dims.ep * shard == dims.dp_shard
+        assert "experts split over" in dims.describe() and (f"sharded over {shard}" in dims.describe()) == (shard > 1)
         return
     with pytest.raises(ConfigError, match=r"^parallel\.ep: ") as err:
         ParallelDims.from_config(par, world)

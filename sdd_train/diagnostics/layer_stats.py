@@ -41,7 +41,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if type(t).__name__ == "DTensor" else t
 
 
-def _replicas(t: torch.Tensor, world_size: int) -> int:
+def replica_count(t: torch.Tensor, world_size: int) -> int:
     """On how many ranks each element of ``t`` lives (so that a world-wide sum counts it once)."""
     if type(t).__name__ != "DTensor":
         return world_size  # a plain tensor in a distributed run is the same on every rank
@@ -70,7 +70,7 @@ class LayerStats:
             self.params.append(p)
             index.append(self.keys.index(key))
         self.index = torch.tensor(index)
-        self.weights = torch.tensor([1.0 / _replicas(p, world_size) for p in self.params], dtype=torch.float64)
+        self.weights = torch.tensor([1.0 / replica_count(p, world_size) for p in self.params], dtype=torch.float64)
 
     def _norms(self, tensors: list[torch.Tensor | None]) -> list[float]:
         """Global L2 norm of each group, from per-rank local tensors (None counts as zero)."""

@@ -4,9 +4,10 @@ device mesh they make.
 
 ``dp_replicate`` groups (HSDP when more than one) of ``dp_shard`` ranks that shard the parameters
 among them; with expert parallelism (``ep`` > 1) the ``dp_shard`` ranks of a group also split the
-experts between them, whole, and send each token to its experts' rank. ``ep`` uses the ``dp_shard``
-dimension of the mesh (FSDP2 would shard the stacked experts along the same ranks, whole experts per
-rank): ``ep`` smaller than ``dp_shard`` (experts FSDP-sharded across EP groups) is not built.
+experts between them and send each token to its experts' rank. ``ep`` divides ``dp_shard``: a group's
+ranks form ``dp_shard / ep`` EP groups of ``ep`` consecutive ranks, each EP group holds every expert
+(``n_experts / ep`` a rank), and the ``expert_shard`` = ``dp_shard / ep`` ranks that hold the same
+experts in different EP groups shard them between them, as FSDP2 shards the other parameters.
 """
 
 from __future__ import annotations
@@ -25,13 +26,18 @@ class ParallelDims:
     dp_replicate: int  # replica groups; > 1 is HSDP
     dp_shard: int  # ranks per group that shard the parameters
     world_size: int
-    ep: int = 1  # expert parallelism over the dp_shard ranks: 1 or dp_shard
+    ep: int = 1  # expert parallelism over the dp_shard ranks: a divisor of dp_shard
 
     def __post_init__(self) -> None:
         if self.dp_replicate < 1 or self.dp_shard < 1 or self.dp_replicate * self.dp_shard != self.world_size:
             raise ValueError(f"{self}: dp_replicate x dp_shard must be the world size, each >= 1")
-        if self.ep not in (1, self.dp_shard):
-            raise ValueError(f"{self}: ep must be 1 or dp_shard")
+        if self.ep < 1 or self.dp_shard % self.ep:
+            raise ValueError(f"{self}: ep must divide dp_shard")
+
+    @property
+    def expert_shard(self) -> int:
+        """How many ranks of a shard group shard each expert (one in each EP group)."""
+        return self.dp_shard // self.ep
 
     @classmethod
     def from_config(cls, par: ParallelConfig, world_size: int) -> ParallelDims:
@@ -49,10 +55,10 @@ class ParallelDims:
             )
         else:
             dp_shard = par.dp_shard
-        if par.ep not in (1, dp_shard):
-            raise ConfigError(f"parallel.ep: {par.ep} must be 1 or the {dp_shard} ranks of a shard group"
-                              f" (world size {world_size} / dp_replicate {par.dp_replicate}): experts are split over"
-                              f" those ranks; set parallel.ep={dp_shard} or run {par.ep * par.dp_replicate} ranks")
+        if dp_shard % par.ep:
+            raise ConfigError(f"parallel.ep: {par.ep} does not divide the {dp_shard} ranks of a shard group"
+                              f" (world size {world_size} / dp_replicate {par.dp_replicate}): EP groups of ep"
+                              f" consecutive ranks split the experts; choose an ep that divides {dp_shard}")
         return cls(par.dp_replicate, dp_shard, world_size, par.ep)
 
     @classmethod
@@ -78,11 +84,22 @@ class ParallelDims:
         names, sizes = zip(*self.mesh_dims())
         return init_device_mesh(device_type, sizes, mesh_dim_names=names)
 
+    def build_expert_mesh(self, device_type: str) -> DeviceMesh:
+        """The experts' mesh over every rank: ``dp_replicate`` (when > 1), ``expert_shard`` and ``ep``,
+        outermost first, so that an EP group is ``ep`` consecutive ranks of a shard group."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        dims = (("dp_replicate", self.dp_replicate),) if self.dp_replicate > 1 else ()
+        names, sizes = zip(*dims, ("expert_shard", self.expert_shard), ("ep", self.ep))
+        return init_device_mesh(device_type, sizes, mesh_dim_names=names)
+
     def describe(self) -> str:
         """As printed at start-up: ``FSDP2 over 2 ranks``, ``HSDP over 4 ranks (2 replicas x 2 shards)``."""
         if not self.sharded:
             return "one process"
         ep = f", experts split over {self.ep} ranks" if self.ep > 1 else ""
+        if self.ep > 1 and self.expert_shard > 1:
+            ep += f" and sharded over {self.expert_shard}"
         if self.dp_replicate > 1:
             return f"HSDP over {self.world_size} ranks ({self.dp_replicate} replicas x {self.dp_shard} shards{ep})"
         return f"FSDP2 over {self.world_size} ranks{ep}"

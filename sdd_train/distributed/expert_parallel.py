@@ -1,12 +1,17 @@
 """MoE layers across ranks: expert parallelism, and load balancing over every rank's micro-batch.
 
-Expert parallelism (``parallel.ep``): each rank of a ``dp_shard`` group holds ``n_experts / ep`` whole
-experts, and every (token, expert) row travels to the rank that holds its expert and back.
+Expert parallelism (``parallel.ep``): the ``dp_shard`` ranks of a group form EP groups of ``ep``
+consecutive ranks; each rank of an EP group holds ``n_experts / ep`` experts, and every (token, expert)
+row travels to the rank of its EP group that holds its expert and back. With ``ep`` = ``dp_shard`` a
+rank holds its experts whole; with fewer, the ranks that hold the same experts in different EP groups
+(``expert_shard`` of them) split each expert's rows of output features between them and all-gather
+them for the layer's computation (the backward reduce-scatters their gradient), as FSDP2 does for the
+other parameters.
 
-Applied to a plain model, as FSDP2 is: the expert weights of each MoE layer become DTensors on the mesh
-(split on the expert dimension over ``dp_shard``, replicated over ``dp_replicate``), FSDP2 leaves them
-alone (``ignored_params``: they are never all-gathered), and the layer's ``run_experts`` method is
-replaced by one that
+Applied to a plain model, as FSDP2 is: the expert weights of each MoE layer become DTensors (split on
+the expert dimension over the EP ranks, on the output-feature dimension over ``expert_shard``,
+replicated over ``dp_replicate``), FSDP2 leaves them alone (``ignored_params``), and the layer's
+``run_experts`` method is replaced by one that
 
 1. exchanges how many rows each rank sends to each of the others' experts (one all-to-all of counts),
 2. sends the rows (sorted by expert, so each destination's rows are contiguous; ``all_to_all_single``,
@@ -17,9 +22,11 @@ replaced by one that
 The only host read is the row counts of step 1, which the all-to-all's split sizes need: one per layer
 per forward (and one in a recomputing backward), as the experts' loop already needs.
 
-Gradients: a rank's expert gradient sums what every rank's tokens sent it; the backward of the weights'
-local view divides it by the world size (FSDP2's mean over ranks, which the other parameters get) and
-sums it over the replica groups (HSDP), so the optimizer sees what one process computes.
+Gradients: a rank's expert gradient sums what every rank of its EP group sent it; the all-gather's
+backward sums the ``expert_shard`` ranks' gradients into each one's shard, and the backward of the
+weights' local view divides that by the world size (FSDP2's mean over ranks, which the other parameters
+get) and sums it over the replica groups (HSDP), so the optimizer sees what one process computes. The
+gathered experts are kept from the forward to the backward (FSDP2's ``reshard_after_forward=False``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import is_fake
 from torch import nn
+
+from sdd_train.config import ConfigError
 
 class _ExpertGradSync(torch.autograd.Function):
     """Identity forward; backward: the gradient / world size, summed over the replica group (if any)."""
@@ -69,10 +78,21 @@ def balanced_sizes(rows: int, ep: int, n_local: int) -> list[int]:
     return [*send, *(n for _ in range(ep) for n in _even(send[0], n_local))]
 
 
+def _gathered(local: torch.Tensor, shards: dist.ProcessGroup | None) -> torch.Tensor:
+    """The whole of an expert stack split on dimension 1 over ``shards``; the backward reduce-scatters (sums)."""
+    if shards is None:
+        return local
+    import torch.distributed._functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd  # torch < 2.13
+    return funcol.wait_tensor(gather(local.movedim(1, 0).contiguous(), 0, shards)).movedim(0, 1)
+
+
 def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None,
-                        param_dtype: torch.dtype = torch.float32):
-    """``layer.run_experts`` with the layer's experts split over the ranks of ``group``, computed with
-    ``param_dtype`` copies of them (as FSDP2 computes with its all-gathered ``parallel.param_dtype`` ones)."""
+                        param_dtype: torch.dtype = torch.float32, shards: dist.ProcessGroup | None = None):
+    """``layer.run_experts`` with the layer's experts split over the ranks of ``group`` (and each split
+    over ``shards``), computed with ``param_dtype`` copies of them (as FSDP2 computes with its
+    all-gathered ``parallel.param_dtype`` ones)."""
     local_run = type(layer).run_experts.__get__(layer)  # the class's method: the computation, unsplit
     ep, world_size = dist.get_world_size(group), dist.get_world_size()
 
@@ -97,7 +117,8 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         order = (local_expert * ep + block // n_local).argsort(stable=True)
         # 3. this rank's experts on their rows
         given = params or layer.expert_params()
-        local = type(given)(*(None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas)
+        local = type(given)(*(None if p is None else
+                              _gathered(_ExpertGradSync.apply(p.to_local(), world_size, replicas), shards)
                               .to(param_dtype) for p in given))
         y = local_run(arrived[order], received.sum(0), local_expert[order], local)
         # 4. back to the (source rank, local expert) order, and home
@@ -107,16 +128,28 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
     return run_experts
 
 
-def apply_expert_parallel(layers: Sequence[nn.Module], mesh, param_dtype: torch.dtype = torch.float32
+def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims, param_dtype: torch.dtype = torch.float32
                           ) -> set[nn.Parameter]:
-    """Split the experts of every MoE layer in ``layers`` over the mesh's ``dp_shard`` ranks (replicated
-    over ``dp_replicate``, if it has one) and route their rows there; returns the expert parameters,
-    which FSDP2 must leave alone."""
+    """Split the experts of every MoE layer in ``layers`` over EP groups of ``dims.ep`` ranks of the mesh's
+    ``dp_shard`` dimension (each expert sharded over ``dims.expert_shard`` ranks, replicated over
+    ``dp_replicate``) and route their rows there; returns the expert parameters, which FSDP2 must leave
+    alone."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    if dims.expert_shard > 1:
+        mesh = dims.build_expert_mesh(mesh.device_type)
+        for layer in layers:
+            for p in layer.expert_params():
+                if p is not None and p.shape[1] % dims.expert_shard:
+                    raise ConfigError(
+                        f"parallel.ep: {dims.expert_shard} ranks share each expert (dp_shard {dims.dp_shard} / ep"
+                        f" {dims.ep}) and split its {p.shape[1]} output features, which they do not divide; set"
+                        f" parallel.ep={dims.dp_shard} or sizes (model.d_model, model.moe.expert_hidden) they divide")
     names = mesh.mesh_dim_names
-    placements = [Shard(0) if name == "dp_shard" else Replicate() for name in names]
-    group = mesh.get_group("dp_shard")
+    split = {"dp_shard": Shard(0), "ep": Shard(0), "expert_shard": Shard(1)}
+    placements = [split.get(name, Replicate()) for name in names]
+    group = mesh.get_group("ep" if "ep" in names else "dp_shard")
+    shards = mesh.get_group("expert_shard") if "expert_shard" in names else None
     replicas = mesh.get_group("dp_replicate") if "dp_replicate" in names else None
     ignored: set[nn.Parameter] = set()
     for layer in layers:
@@ -126,10 +159,11 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, param_dtype: torch.
                 continue
             owner_name, _, attr = name.rpartition(".")
             owner = layer.get_submodule(owner_name)
-            split = nn.Parameter(distribute_tensor(param.data, mesh, placements), requires_grad=param.requires_grad)
-            owner.register_parameter(attr, split)
-            ignored.add(split)
-        layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype)
+            split_param = nn.Parameter(distribute_tensor(param.data, mesh, placements),
+                                       requires_grad=param.requires_grad)
+            owner.register_parameter(attr, split_param)
+            ignored.add(split_param)
+        layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype, shards)
     return ignored
 
 

@@ -25,7 +25,7 @@ from torch.profiler import record_function
 from sdd_train.checkpoint import Checkpointer
 from sdd_train.config import RunConfig
 from sdd_train.diagnostics.activations import activation_stats
-from sdd_train.diagnostics.layer_stats import LayerStats
+from sdd_train.diagnostics.layer_stats import LayerStats, replica_count
 from sdd_train.distributed.parallelize import parallelize
 from sdd_train.distributed.world import World, all_reduce_max, all_reduce_sum
 from sdd_train.eval.downstream import DownstreamTask, evaluate_tasks
@@ -107,12 +107,22 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     gradients, and such a step's update is dropped anyway (the stability callback), so no read of
     the norm is needed here.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
-        total = total.full_tensor()
+    by_mesh: dict[int, list[torch.Tensor]] = {}  # DTensors of different meshes do not mix in one op
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    if len(by_mesh) <= 1:
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=2.0)
+        if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
+            total = total.full_tensor()
+    else:  # experts sharded on a mesh of their own: every rank's squares, each element counted once, in one sum
+        world = torch.distributed.get_world_size()
+        squares = torch.stack([torch.linalg.vector_norm(p.grad.to_local()).square() / replica_count(p, world)
+                               for group in by_mesh.values() for p in group]).sum()
+        total = all_reduce_sum(squares).sqrt()
     if max_norm < math.inf:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 
@@ -225,14 +235,14 @@ class TrainModule:
     def deferred_gradient_bytes(self, accum: int) -> int:
         """What ``parallel.defer_grad_sync`` costs each rank: with FSDP2 and several micro-batches a
         step, every parameter's gradient is held unsharded in fp32 until the step's last micro-batch
-        reduce-scatters it (0 where nothing is deferred); experts split by expert parallelism are never
-        gathered, and hold only the rank's share."""
+        reduce-scatters it (0 where nothing is deferred); experts split by expert parallelism hold only
+        the rank's share of their gradients."""
         if not (self.world.distributed and accum > 1 and self.cfg.parallel.defer_grad_sync):
             return 0
         ep = self.world.dims.ep
         experts = sum(p.numel() for layer in self.moe_layers for p in layer.expert_params() if p is not None)
         experts = experts if ep > 1 else 0
-        return 4 * (self.model.param_counts().total - experts + experts // ep)
+        return 4 * (self.model.param_counts().total - experts + experts // self.world.dims.dp_shard)
 
     def num_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward and backward) of the whole model, for MFU."""
