@@ -35,18 +35,23 @@ def _grid(n: int, width: float = 4.2, height: float = 3.2):
     return fig, list(axes.flat[:n])
 
 
+def run_style(i: int) -> dict[str, str]:
+    """The i-th run's line: matplotlib's ten colours, then again dashed, then dotted (13 schemes stay apart)."""
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
+
+
 def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> Path:
     """One panel per group; per run its train loss (line) and validation loss (dots)."""
     fig, axes = _grid(len(groups))
     for ax, (title, runs) in zip(axes, groups.items()):
         for i, (name, records) in enumerate(runs.items()):
-            color = f"C{i % 10}"
+            style = run_style(i)
             train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
             val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
             if train:
-                ax.plot(*zip(*train), color=color, lw=1.2, label=name)
+                ax.plot(*zip(*train), lw=1.2, label=name, **style)
             if val:
-                ax.plot(*zip(*val), "o", color=color, ms=3)
+                ax.plot(*zip(*val), "o", color=style["color"], ms=3)
         ax.set(title=title, xlabel="step", ylabel="loss (line: train, dots: val)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -66,7 +71,7 @@ def downstream_curves(runs: dict[str, tuple[list[dict[str, Any]], int]], path: P
         for i, (name, (records, tokens_per_step)) in enumerate(runs.items()):
             points = [(r["step"] * tokens_per_step, r[prefix + task]) for r in records if prefix + task in r]
             if points:
-                ax.plot(*zip(*points), "o-", color=f"C{i % 10}", ms=3, lw=1.2, label=name)
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=name, **run_style(i))
         ax.set(title=task, xlabel="tokens", ylabel="primary metric")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -111,7 +116,7 @@ def grad_norm_by_layer(runs: dict[str, list[dict[str, Any]]], path: Path, last: 
             ys = [sum(r.get(f"grad/layer_{j}/{fam}", math.nan) for r in tail) / max(len(tail), 1)
                   for j in range(layers)]
             if layers:
-                ax.plot(range(layers), ys, marker="o", ms=3, color=f"C{i % 10}", label=name)
+                ax.plot(range(layers), ys, marker="o", ms=3, label=name, **run_style(i))
         ax.set(title=fam, xlabel="layer", ylabel="grad norm", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
