@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch import nn
 
 from sdd_train.config import ConfigError
+from sdd_train.distributed.dims import ParallelDims
 
 class _ExpertGradSync(torch.autograd.Function):
     """Identity forward; backward: the gradient / world size, summed over the replica group (if any)."""
@@ -128,7 +129,7 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
     return run_experts
 
 
-def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims, param_dtype: torch.dtype = torch.float32
+def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims, param_dtype: torch.dtype = torch.float32
                           ) -> set[nn.Parameter]:
     """Split the experts of every MoE layer in ``layers`` over EP groups of ``dims.ep`` ranks of the mesh's
     ``dp_shard`` dimension (each expert sharded over ``dims.expert_shard`` ranks, replicated over
@@ -136,8 +137,7 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims, param_dtype: 
     alone."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    if dims.expert_shard > 1:
-        mesh = dims.build_expert_mesh(mesh.device_type)
+    if dims.expert_shard > 1:  # checked before the expert mesh's process groups are made
         for layer in layers:
             for p in layer.expert_params():
                 if p is not None and p.shape[1] % dims.expert_shard:
@@ -145,6 +145,7 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims, param_dtype: 
                         f"parallel.ep: {dims.expert_shard} ranks share each expert (dp_shard {dims.dp_shard} / ep"
                         f" {dims.ep}) and split its {p.shape[1]} output features, which they do not divide; set"
                         f" parallel.ep={dims.dp_shard} or sizes (model.d_model, model.moe.expert_hidden) they divide")
+        mesh = dims.build_expert_mesh(mesh.device_type)
     names = mesh.mesh_dim_names
     split = {"dp_shard": Shard(0), "ep": Shard(0), "expert_shard": Shard(1)}
     placements = [split.get(name, Replicate()) for name in names]

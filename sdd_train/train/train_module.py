@@ -112,7 +112,7 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
         if p.grad is not None:
             by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
     if len(by_mesh) <= 1:
-        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type=2.0)
+        total = torch.nn.utils.get_total_norm([p.grad for group in by_mesh.values() for p in group], norm_type=2.0)
         if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
             total = total.full_tensor()
     else:  # experts sharded on a mesh of their own: every rank's squares, each element counted once, in one sum
