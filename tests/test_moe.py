@@ -249,6 +249,34 @@ def test_aux_free_balancing_moves_the_bias_in_training_and_checkpoints_it(data_c
     assert not any("expert_bias" in k for k in moe_layer(4, 2, sdd=False).state_dict())
 
 
+def test_a_global_batch_step_counts_its_earlier_micro_batches_pairs():
+    """lb_loss_scope=global_batch, one process, a step of 2 micro-batches: the step's balancing loss is the mean
+    of the first micro-batch's own and the second's with both micro-batches' pairs counted (each forward run
+    here by hand, with the step's weights), which is not what counting each micro-batch alone gives."""
+    from sdd_train.config import RunConfig
+    from sdd_train.distributed.world import World
+
+    model_cfg = ModelConfig(d_model=16, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2, vocab_size=31,
+                            max_seq_len=8, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8,
+                                                         lb_loss_scope="global_batch"))
+    cfg = load_config(str(CONFIGS / "tiny_moe.yaml"), ["train.precision=fp32", "train.compile=false"])
+    cfg = RunConfig(**{**cfg.__dict__, "model": model_cfg})
+    module = train_module.TrainModule(cfg, World(0, 1, 0, torch.device("cpu")))
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 31, (2, 3, 9))  # 2 micro-batches of 3 sequences
+    batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
+    with torch.no_grad():
+        first = module.model(batches[0]["inputs"], targets=batches[0]["targets"], loss_chunk=0)
+        alone = module.model(batches[1]["inputs"], targets=batches[1]["targets"], loss_chunk=0)
+        second = module.model(batches[1]["inputs"], targets=batches[1]["targets"], loss_chunk=0,
+                              earlier_counts=first.balance_counts)
+    assert first.balance_counts.sum(-1).tolist() == [3 * 8 * 2] * 2  # every pair, per layer
+    step = module.train_batch(batches, accum=2, step=1)
+    expected = (first.moe_lb_loss + second.moe_lb_loss) / 2
+    torch.testing.assert_close(step.losses[2], expected.float(), rtol=1e-6, atol=0)
+    assert abs(second.moe_lb_loss - alone.moe_lb_loss) > 1e-4
+
+
 def test_the_default_router_z_loss_weight_is_the_references_as_it_applies_it():
     """The reference's moe_zloss_weight 0.001 divides the summed lse^2 by layers x tokens x top_k; ours is
     the mean over layers and tokens, so the default weight is 0.001 / top_k, and the loss uses it."""
@@ -389,7 +417,7 @@ import json, sys
 import torch, torch.distributed as dist
 from sdd_train.config import ModelConfig, MoEConfig
 from sdd_train.distributed.expert_parallel import apply_all_ranks_balance
-from sdd_train.model.moe import MoE
+from sdd_train.model.moe import MoE, step_balance_loss
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -407,6 +435,16 @@ for scope in ("all_ranks", "micro_batch"):
     grad = layer.router.weight.grad
     dist.all_reduce(grad)  # the ranks' mean, as FSDP2 takes it
     results[scope] = {"lb": lb.item(), "grad": (grad / 2).tolist()}
+# global_batch: a second micro-batch counts the pairs of the first one, of both ranks, as well as its own
+cfg = ModelConfig(d_model=4, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                  moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=8, lb_loss_scope="global_batch"))
+layer = MoE(cfg, sdd=False).double()
+with torch.no_grad():
+    layer.router.weight.copy_(torch.eye(4, dtype=torch.float64))
+apply_all_ranks_balance([layer])
+first = layer(torch.tensor(json.loads(sys.argv[1])[rank], dtype=torch.float64))[1]
+second = layer(torch.tensor(json.loads(sys.argv[2])[rank], dtype=torch.float64))[1]
+results["global_batch"] = {"lb": [first.lb_loss.item(), step_balance_loss(second, first.balance_counts[0]).item()]}
 if rank == 0:
     print(json.dumps(results))
 dist.destroy_process_group()
@@ -423,10 +461,12 @@ def test_the_all_ranks_load_balancing_loss_counts_every_ranks_pairs(tmp_path):
     import sys
 
     tokens = [[[3.0, 2, 0, 0], [3, 2, 0, 0]], [[0, 0, 2, 3], [0, 0, 3, 2]]]
+    second = [[[3.0, 0, 2, 0], [0, 3, 0, 2]], [[3, 2, 0, 0], [2, 0, 3, 0]]]  # a second micro-batch per rank
     script = tmp_path / "worker.py"
     script.write_text(ALL_RANKS_WORKER)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), json.dumps(tokens)], capture_output=True, text=True, timeout=300,
+                           str(script), json.dumps(tokens), json.dumps(second)], capture_output=True, text=True,
+                          timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -440,3 +480,12 @@ def test_the_all_ranks_load_balancing_loss_counts_every_ranks_pairs(tmp_path):
     assert torch.allclose(torch.tensor(results["all_ranks"]["grad"], dtype=torch.float64), one.router.weight.grad,
                           rtol=1e-10, atol=1e-14)
     assert not torch.allclose(torch.tensor(results["micro_batch"]["grad"], dtype=torch.float64), one.router.weight.grad)
+    # global_batch, rank 0: the first micro-batch as all_ranks; the second one's f counts all 8 tokens' pairs
+    # (both micro-batches of both ranks: 5, 4, 4 and 3 pairs) with P of its own 2 tokens
+    chosen = [torch.softmax(torch.tensor(batch, dtype=torch.float64), -1).topk(2, -1).indices
+              for batch in tokens + second]
+    f = torch.bincount(torch.cat(chosen).reshape(-1), minlength=4).double()
+    p0 = torch.softmax(torch.tensor(second[0], dtype=torch.float64), -1).mean(0)
+    assert results["global_batch"]["lb"][0] == pytest.approx(1.0, rel=1e-12)
+    assert results["global_batch"]["lb"][1] == pytest.approx((4 / f.sum() * (f * p0).sum()).item(), rel=1e-12)
+    assert f.tolist() == [5.0, 4.0, 4.0, 3.0]

@@ -34,7 +34,7 @@ PRECISIONS = ("bf16", "fp32")
 OPTIMIZERS = ("adamw", "muon")
 PARAMETRIZATIONS = ("sp", "mup")
 MOE_GATINGS = ("softmax", "sigmoid")
-LB_LOSS_SCOPES = ("micro_batch", "sequence", "all_ranks")
+LB_LOSS_SCOPES = ("micro_batch", "sequence", "all_ranks", "global_batch")
 NS_DTYPES = ("auto", "fp32", "bf16")
 MUON_LR_ADJUSTS = ("match_rms_adamw", "original")
 SCHEDULES = ("cosine", "linear", "constant", "inverse_sqrt", "wsd")
@@ -118,7 +118,8 @@ class MoEConfig:
     # what the load-balancing loss balances: each micro-batch's tokens together (SPEC; the pairs of one
     # rank's micro-batch) | each sequence on its own (DeepSeek-V3's sequence-wise loss), averaged over them |
     # the micro-batches of all ranks together (pair counts summed over ranks; the global batch when a step is
-    # one micro-batch per rank)
+    # one micro-batch per rank) | global_batch: as all_ranks, counts also summed over the step's micro-batches so
+    # far (the last micro-batch's loss counts the whole global batch; Megatron-LM's global_aux_loss)
     lb_loss_scope: str = choice(LB_LOSS_SCOPES)
     # Router z-loss weight on the mean over layers and tokens of logsumexp(router logits)^2. null: the
     # reference's, moe_zloss_weight 0.001 applied (by its megablocks zloss branch) to the sum over layers and

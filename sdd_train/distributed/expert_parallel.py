@@ -169,11 +169,12 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims,
 
 
 def apply_all_ranks_balance(layers: Sequence[nn.Module], group: dist.ProcessGroup | None = None) -> None:
-    """``model.moe.lb_loss_scope=all_ranks``: each MoE layer's load-balancing loss counts the (token, expert)
-    pairs of every rank's micro-batch (an all-reduce of E integers per layer, which compile traces)."""
+    """``model.moe.lb_loss_scope`` all_ranks or global_batch: each MoE layer's load-balancing loss counts the
+    (token, expert) pairs of every rank's micro-batch (an all-reduce of E integers per layer, which compile
+    traces)."""
     from torch.distributed._functional_collectives import all_reduce, wait_tensor
 
     group = group or dist.group.WORLD
     for layer in layers:
-        if layer.lb_loss_scope == "all_ranks":
+        if layer.lb_loss_scope in ("all_ranks", "global_batch"):
             layer.all_ranks_counts = lambda counts: wait_tensor(all_reduce(counts, "sum", group))

@@ -60,12 +60,31 @@ class GroupedLinear(nn.Module):
 class MoEAux(NamedTuple):
     """What one MoE forward routed: the load-balancing loss and router z-loss (SPEC section 6), the
     (token, expert) pairs each expert received [E], and the RMS of the router's logits, its scale (the
-    last two without gradient)."""
+    last two without gradient). The loss's two factors ride along for a loss over more than this forward
+    (:func:`step_balance_loss`): ``balance_counts`` [G, E] the pair counts f it used (without gradient; every
+    rank's under ``all_ranks`` / ``global_batch``) and ``mean_probs`` [G, E] this rank's mean distribution P,
+    for each of its G groups (sequences under ``sequence``, else one)."""
 
     lb_loss: torch.Tensor
     router_z_loss: torch.Tensor
     load: torch.Tensor
     logit_rms: torch.Tensor
+    balance_counts: torch.Tensor
+    mean_probs: torch.Tensor
+
+
+def balance_loss(n_experts: int, counts: torch.Tensor, mean_probs: torch.Tensor) -> torch.Tensor:
+    """E / (pairs) sum_e f_e P_e per group, averaged over the groups (rows of ``counts`` and ``mean_probs``);
+    pairs = sum_e f_e, which is k x tokens when f counts the tokens P averages."""
+    return (n_experts / counts.sum(-1) * (counts * mean_probs).sum(-1)).mean()
+
+
+def step_balance_loss(aux: MoEAux, earlier_counts: torch.Tensor) -> torch.Tensor:
+    """``lb_loss_scope=global_batch``: the loss of this micro-batch with f counted over every rank's pairs in
+    the step so far, ``earlier_counts`` [E] (the earlier micro-batches') plus this one's; P stays this
+    micro-batch's. The step's last micro-batch counts the global batch, as Megatron-LM's global aux loss."""
+    n_experts = aux.balance_counts.shape[-1]
+    return balance_loss(n_experts, aux.balance_counts + earlier_counts.to(aux.balance_counts.dtype), aux.mean_probs)
 
 
 class ExpertParams(NamedTuple):
@@ -148,8 +167,9 @@ class MoE(nn.Module):
         return ExpertParams(self.ff_proj.weight, self.ff_proj.alpha, self.ff_out.weight, self.ff_out.alpha)
 
     def all_ranks_counts(self, counts: torch.Tensor) -> torch.Tensor:
-        """The pair counts of this micro-batch summed over every rank's (``lb_loss_scope=all_ranks``): one
-        process is all ranks; sdd_train/distributed/parallelize.py replaces this with an all-reduce."""
+        """The pair counts of this micro-batch summed over every rank's (``lb_loss_scope`` all_ranks or
+        global_batch): one process is all ranks; sdd_train/distributed/parallelize.py replaces this with an
+        all-reduce."""
         return counts
 
     def aux_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor, experts: torch.Tensor,
@@ -157,20 +177,20 @@ class MoE(nn.Module):
         """Auxiliary losses (SPEC section 6) and the expert load of this forward. The load-balancing
         loss E / (k T) sum_e f_e P_e is taken over ``sequences`` equal groups of the T tokens (each
         with its own pair counts f and mean distribution P) and averaged; one group: the whole batch.
-        Under ``all_ranks`` f and T are every rank's (P stays this rank's: the ranks' mean of the loss,
-        which their gradient mean takes, is the loss of the micro-batches together)."""
+        Under ``all_ranks`` and ``global_batch`` f and T are every rank's (P stays this rank's: the ranks' mean
+        of the loss, which their gradient mean takes, is the loss of the micro-batches together);
+        :func:`step_balance_loss` adds the step's earlier micro-batches under ``global_batch``."""
         tokens = logits.shape[0] // sequences
         if sequences > 1:
             chosen = experts.reshape(sequences, -1)
             f = torch.zeros(sequences, self.n_experts, dtype=probs.dtype, device=probs.device)
             f = f.scatter_add(1, chosen, torch.ones_like(chosen, dtype=probs.dtype))
-        elif self.lb_loss_scope == "all_ranks":
+        elif self.lb_loss_scope in ("all_ranks", "global_batch"):
             f = self.all_ranks_counts(counts).to(probs.dtype)[None]
         else:
             f = counts.to(probs.dtype)[None]
-        pairs = f.sum(-1) if self.lb_loss_scope == "all_ranks" else self.top_k * tokens
         mean_probs = probs.reshape(sequences, tokens, -1).mean(dim=1)
-        lb = (self.n_experts / pairs * (f * mean_probs).sum(-1)).mean()
+        lb = balance_loss(self.n_experts, f, mean_probs)
         z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt())
+        return MoEAux(lb, z, counts.detach(), logits.detach().float().pow(2).mean().sqrt(), f.detach(), mean_probs)
 

@@ -25,7 +25,7 @@ from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
                                    trunc_normal_, xavier_normal_)
-from sdd_train.model.moe import MoE, MoEAux
+from sdd_train.model.moe import MoE, MoEAux, step_balance_loss
 from sdd_train.model.mup import init_stds, logit_scale, width_mult
 from sdd_train.model.ngpt import Scale, normalize_
 
@@ -56,6 +56,9 @@ class LossOutput:
     moe_router_z_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None  # [layers, experts] (token, expert) pairs routed to each expert
     router_logit_rms: torch.Tensor | None = None  # [layers] RMS of each router's logits
+    # [layers, experts] under lb_loss_scope=global_batch: the pairs every rank routed in this micro-batch, which
+    # the next micro-batch of the step hands back summed as ``earlier_counts``
+    balance_counts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -108,13 +111,16 @@ class Transformer(nn.Module):
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096):
+                targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096,
+                earlier_counts: torch.Tensor | None = None):
         """tokens [B, S] -> logits [B, S, vocab_size], or with ``targets`` [B, S] a :class:`LossOutput`.
 
         ``doc_ids`` [B, S] confines attention to documents. With a ``cache`` (:meth:`new_cache`)
         the tokens continue the cached positions and their keys / values are added to it. The loss
         is computed ``loss_chunk`` tokens at a time so the full logits never exist (inside the root
         forward, so FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
+        ``earlier_counts`` [layers, experts] (``model.moe.lb_loss_scope=global_batch``): the (token, expert)
+        pairs every rank routed in the step's earlier micro-batches, which the load-balancing loss counts too.
         """
         states, aux = self.run_blocks(tokens, doc_ids, cache)
         x = states[-1]
@@ -131,7 +137,12 @@ class Transformer(nn.Module):
         out = LossOutput(total, ce, z)
         if aux:
             moe = self.cfg.moe
-            out.moe_lb_loss = torch.stack([a.lb_loss for a in aux]).mean()
+            lb = [a.lb_loss for a in aux]
+            if moe.lb_loss_scope == "global_batch":
+                out.balance_counts = torch.stack([a.balance_counts[0] for a in aux])
+                if earlier_counts is not None:
+                    lb = [step_balance_loss(a, earlier) for a, earlier in zip(aux, earlier_counts)]
+            out.moe_lb_loss = torch.stack(lb).mean()
             out.moe_router_z_loss = torch.stack([a.router_z_loss for a in aux]).mean()
             out.loss = total + moe.lb_loss_weight * out.moe_lb_loss + moe.router_z_loss_weight() * out.moe_router_z_loss
             out.expert_load = torch.stack([a.load for a in aux])

@@ -171,6 +171,8 @@ class TrainModule:
         # [cross-entropy, logits z-loss, MoE load balancing, MoE router z-loss], summed over micro-batches
         sums = torch.zeros(4, device=world.device)
         loads = logit_rms = None
+        # lb_loss_scope=global_batch: every rank's pairs of the step's micro-batches so far, per MoE layer
+        earlier = self.zero_step_counts() if self.cfg.model.moe.lb_loss_scope == "global_batch" else None
         # under bf16 on CPU the step's fp32 products of bf16 values run in oneDNN's bf16 mode, exactly
         with bf16_products_of_bf16_values(world.device) if t.precision == "bf16" else contextlib.nullcontext():
             batches = iter(micro_batches)
@@ -181,7 +183,9 @@ class TrainModule:
                     self.model.set_requires_gradient_sync(micro == accum - 1)
                 with record_function("forward"), autocast(world.device, t.precision):
                     out = self.model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
-                                     z_loss=o.z_loss, loss_chunk=t.loss_chunk_size)
+                                     z_loss=o.z_loss, loss_chunk=t.loss_chunk_size, earlier_counts=earlier)
+                if out.balance_counts is not None:
+                    earlier = earlier + out.balance_counts
                 parts = [out.ce.detach(), out.z_loss.detach() if out.z_loss is not None else out.ce.new_zeros(())]
                 if out.expert_load is not None:
                     parts += [out.moe_lb_loss.detach(), out.moe_router_z_loss.detach()]
@@ -196,6 +200,13 @@ class TrainModule:
         return StepOutput(losses=means[:4], z_loss=o.z_loss > 0, lr=self.lr(step),
                           expert_load=all_reduce_sum(loads) if loads is not None else None,
                           router_logit_rms=means[4:] if logit_rms is not None else None)
+
+    def zero_step_counts(self) -> torch.Tensor | None:
+        """[MoE layers, experts] zeros: the pairs counted before a step's first micro-batch (a tensor rather
+        than None, so a compiled forward sees one input type in every micro-batch); None for a dense model."""
+        if not self.moe_layers:
+            return None
+        return torch.zeros(len(self.moe_layers), self.moe_layers[0].n_experts, device=self.world.device)
 
     def clip_gradients(self, out: StepOutput) -> None:
         """Clip the gradients to ``optim.grad_clip``; ``out`` gets the global pre-clip norm (on the device)."""
