@@ -86,3 +86,23 @@ def test_a_bad_mesh_shape_exits_2_before_anything_is_written(tmp_path, capsys):
     assert err.startswith("config error: parallel.dp_replicate:") and len(err.splitlines()) == 1
     assert not run.exists() and not cache.exists()
 
+
+
+def test_experts_whose_features_the_sharing_ranks_do_not_divide_are_refused_before_the_run_starts():
+    """6 ranks with parallel.ep=2: 3 ranks share each expert; they split the up+gate projection's 192 output
+    features but not the down projection's d_model 64. With ep=3 (2 ranks share each expert) both divide.
+    check_world runs before the data or the run directory is touched."""
+    from sdd_train.config import load_config
+    from sdd_train.train.launch import check_world
+
+    cfg = load_config(str(TINY).replace("tiny.yaml", "tiny_moe.yaml"),
+                      ["train.global_batch_size=48", "train.micro_batch_size=8", "model.d_model=64",
+                       "model.moe.expert_hidden=96"])
+
+    def world(ep: int) -> World:
+        return World(rank=0, world_size=6, local_rank=0, device=torch.device("cpu"), dims=ParallelDims(1, 6, 6, ep=ep))
+
+    with pytest.raises(ConfigError, match=r"^parallel.ep: 3 ranks share each expert \(dp_shard 6 / ep 2\) and split"
+                                          r" its 64 output features"):
+        check_world(cfg, world(2))
+    check_world(cfg, world(3))

@@ -129,6 +129,18 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
     return run_experts
 
 
+def check_expert_shards(out_features: Sequence[int], dims: ParallelDims) -> None:
+    """The ``dims.expert_shard`` ranks that share each expert split its matrices' output features
+    (``out_features``: the up+gate projection's 2 x model.moe.expert_hidden, the down projection's
+    model.d_model) evenly, or the run stops with a ConfigError naming the keys."""
+    for size in out_features:
+        if dims.expert_shard > 1 and size % dims.expert_shard:
+            raise ConfigError(
+                f"parallel.ep: {dims.expert_shard} ranks share each expert (dp_shard {dims.dp_shard} / ep"
+                f" {dims.ep}) and split its {size} output features, which they do not divide; set"
+                f" parallel.ep={dims.dp_shard} or sizes (model.d_model, model.moe.expert_hidden) they divide")
+
+
 def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims, param_dtype: torch.dtype = torch.float32
                           ) -> set[nn.Parameter]:
     """Split the experts of every MoE layer in ``layers`` over EP groups of ``dims.ep`` ranks of the mesh's
@@ -138,13 +150,7 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims,
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if dims.expert_shard > 1:  # checked before the expert mesh's process groups are made
-        for layer in layers:
-            for p in layer.expert_params():
-                if p is not None and p.shape[1] % dims.expert_shard:
-                    raise ConfigError(
-                        f"parallel.ep: {dims.expert_shard} ranks share each expert (dp_shard {dims.dp_shard} / ep"
-                        f" {dims.ep}) and split its {p.shape[1]} output features, which they do not divide; set"
-                        f" parallel.ep={dims.dp_shard} or sizes (model.d_model, model.moe.expert_hidden) they divide")
+        check_expert_shards([p.shape[1] for layer in layers for p in layer.expert_params() if p is not None], dims)
         mesh = dims.build_expert_mesh(mesh.device_type)
     names = mesh.mesh_dim_names
     split = {"dp_shard": Shard(0), "ep": Shard(0), "expert_shard": Shard(1)}

@@ -20,6 +20,7 @@ from sdd_train.config import ConfigError, RunConfig
 from sdd_train.config.validation import check_batch_split
 from sdd_train.data.loader import MixtureLoader
 from sdd_train.data.run_data import open_run_data
+from sdd_train.distributed.expert_parallel import check_expert_shards
 from sdd_train.distributed.world import World, barrier, close_world, init_world
 from sdd_train.eval.downstream import build_tasks, check_tasks
 from sdd_train.eval.validation import EvalSet, build_eval_sets
@@ -37,6 +38,8 @@ def check_world(cfg: RunConfig, world: World) -> None:
     """The checks that need the world size."""
     t = cfg.train
     check_batch_split(t, world.world_size)
+    if cfg.model.ffn == "moe":
+        check_expert_shards((2 * cfg.model.moe.expert_hidden, cfg.model.d_model), world.dims)
     problem = attention_backend_problem(cfg.model.attention_backend, world.device, t.precision)
     if problem:
         raise BackendUnavailable(f"model.attention_backend: 'flash' {problem}; use 'auto' (flash-attn where it runs)")
