@@ -56,19 +56,25 @@ def test_tiny_config_size():
     assert 5e6 < counts.total < 8e6
 
 
-@pytest.mark.parametrize("block,norms_per_layer", [
-    # on top of the Pre-Norm 1B's matrices; d = 2048, kv = 512; every count by hand from the scheme's formula
-    ("pre", 2 * 2048 + 2048 + 512),  # attn_norm, ff_norm, full QK-norm over q and k
-    ("peri", 4 * 2048 + 2048 + 512),  # and a norm on each sublayer's output
-    ("lns", 2 * 2048 + 2048 + 512),  # Pre-Norm's: the scaling has no parameters
-    ("mixln", 2 * 2048),  # no QK-norm
-    ("rezero", 1),  # no norms; one residual gate
-    ("hybridnorm", 2048 + 2048 + 512 + 512),  # ff_norm, Q-, K- and V-norm (no attention input norm)
+@pytest.mark.parametrize("block,norms_per_layer,final", [
+    # on top of the Pre-Norm 1B's matrices; d = 2048, kv = 512, h = 8192, head 64; every count by hand from the
+    # scheme's formula; ``final``: the norm before the head, where the scheme has one
+    ("pre", 2 * 2048 + 2048 + 512, 2048),  # attn_norm, ff_norm, full QK-norm over q and k
+    ("post", 2 * 2048, 0),  # the two post-norms; no QK-norm, no final norm (the stream leaves a norm)
+    ("deepnorm", 2 * 2048, 0),  # Post-Norm's: the residual scale is a constant
+    ("reordered", 2 * 2048 + 2048 + 512, 2048),  # the sublayer output norms and full QK-norm
+    ("spannorm", 3 * 2048, 0),  # the two input norms and the closing out_norm; no QK-norm
+    # norms, per-head q/k norms, the attention context norm, the SDD gains of attn_out, ff_proj (2h) and ff_out
+    ("sdd_pre", 2 * 2048 + 2 * 64 + 2048 + 2048 + 2 * 8192 + 2048, 2048),
+    ("peri", 4 * 2048 + 2048 + 512, 2048),  # and a norm on each sublayer's output
+    ("lns", 2 * 2048 + 2048 + 512, 2048),  # Pre-Norm's: the scaling has no parameters
+    ("mixln", 2 * 2048, 2048),  # no QK-norm
+    ("rezero", 1, 0),  # no norms; one residual gate
+    ("hybridnorm", 2048 + 2048 + 512 + 512, 2048),  # ff_norm, Q-, K- and V-norm (no attention input norm)
 ])
-def test_every_new_scheme_hand_count(block, norms_per_layer):
+def test_every_scheme_hand_count(block, norms_per_layer, final):
     d, L, V, kv, h = 2048, 16, 100352, 512, 8192
     matrices = d * (d + 2 * kv) + d * d + 3 * d * h
-    final = 0 if block == "rezero" else d
     model = on_meta(load_config(DENSE_1B, [f"model.block={block}"]).model)
     assert model.param_counts().total == V * d + L * (matrices + norms_per_layer) + final
     # training FLOPs are 6 per parameter (gains included) plus attention's: they move with the count alone
