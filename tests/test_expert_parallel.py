@@ -103,3 +103,69 @@ def test_experts_sharded_across_two_ep_groups_match_one_process(moe_single, cach
     resumed = rewound_copy(run, tmp_path / "resumed", 2)
     assert main(args_for(resumed, cache, *MOE, "train.checkpoint_interval=2")) == 0  # parallel.ep=1
     assert_same_run(one, records(resumed), range(3, 5), rel=1e-5)
+
+
+RESHARD_WORKER = """
+import gc, json, weakref
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from sdd_train.config import ModelConfig, MoEConfig
+from sdd_train.distributed import expert_parallel
+from sdd_train.distributed.dims import ParallelDims
+from sdd_train.model.moe import MoE
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+gathered = []  # weak references to every gathered expert stack of the forward
+plain = expert_parallel._gathered
+def recording(local, shards):
+    out = plain(local, shards)
+    if local.requires_grad:  # the forward's gathers (the backward's own are of detached pieces)
+        gathered.append(weakref.ref(expert_parallel._root(out)))
+    return out
+expert_parallel._gathered = recording
+cfg = ModelConfig(d_model=8, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
+                  moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=6))
+results = {}
+for reshard in (True, False):
+    torch.manual_seed(0)
+    layer = MoE(cfg, sdd=True)
+    # ep 1 of 2 shard ranks: every rank holds all 4 experts, each split in halves over the 2 ranks
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
+    expert_parallel.apply_expert_parallel([layer], mesh, ParallelDims(1, 2, 2, ep=1),
+                                          reshard_after_forward=reshard)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(16, 8)
+    gathered.clear()
+    y, aux = layer(x)
+    gc.collect()
+    alive = sum(ref() is not None for ref in gathered)
+    y.square().sum().backward()
+    grads = [p.grad.to_local().tolist() for p in layer.expert_params() if p is not None]
+    results[str(reshard)] = {"gathers": len(gathered), "alive": alive, "y": y.tolist(), "grads": grads}
+if rank == 0:
+    print(json.dumps(results))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_experts_are_freed_after_the_forward_and_gathered_again_for_the_backward(tmp_path):
+    """2 ranks that split every expert in halves: under parallel.reshard_after_forward (the default) none of the
+    4 expert stacks the forward all-gathered (2 matrices, 2 SDD gain stacks) outlives the forward, and the
+    backward gathers them again to the same outputs and gradients as keeping them, bitwise."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(RESHARD_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    freed, kept = results["True"], results["False"]
+    assert freed["gathers"] == kept["gathers"] == 4
+    assert freed["alive"] == 0 and kept["alive"] > 0
+    assert freed["y"] == kept["y"] and freed["grads"] == kept["grads"]

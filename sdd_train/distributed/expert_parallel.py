@@ -25,13 +25,16 @@ per forward (and one in a recomputing backward), as the experts' loop already ne
 Gradients: a rank's expert gradient sums what every rank of its EP group sent it; the all-gather's
 backward sums the ``expert_shard`` ranks' gradients into each one's shard, and the backward of the
 weights' local view divides that by the world size (FSDP2's mean over ranks, which the other parameters
-get) and sums it over the replica groups (HSDP), so the optimizer sees what one process computes. The
-gathered experts are kept from the forward to the backward (FSDP2's ``reshard_after_forward=False``).
+get) and sums it over the replica groups (HSDP), so the optimizer sees what one process computes. Under
+``parallel.reshard_after_forward`` (the default) the gathered experts are freed after the forward and
+gathered again for the backward, as FSDP2 does for the other parameters (saved-tensor hooks keep their
+place in the autograd graph instead of them); with it false they are kept from the forward to the backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,11 +92,57 @@ def _gathered(local: torch.Tensor, shards: dist.ProcessGroup | None) -> torch.Te
     return funcol.wait_tensor(gather(local.movedim(1, 0).contiguous(), 0, shards)).movedim(0, 1)
 
 
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _storage(t: torch.Tensor) -> int:
+    """Which storage ``t`` views (an alias that the autograd of a custom op saves is no view of its input)."""
+    return t.untyped_storage()._cdata
+
+
+@contextlib.contextmanager
+def _gathered_again_in_backward(gathered: Sequence[torch.Tensor | None], regather: Callable[[int], torch.Tensor]
+                                ) -> Iterator[None]:
+    """Within this context, a tensor the autograd graph saves that is (a view of) one of ``gathered`` is kept
+    as its place in it, and ``regather(i)`` makes that whole tensor again when the backward needs it (once for
+    all of its views that one backward reads, dropped after the last): the all-gathered experts are freed
+    after the forward, as FSDP2's ``reshard_after_forward`` frees the other parameters."""
+    storages = [None if g is None else _storage(g) for g in gathered]
+    pending: dict[int, int] = {}  # views of whole tensor i saved and not yet read
+    again: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        for i, storage in enumerate(storages):
+            if storage is not None and _storage(t) == storage:
+                pending[i] = pending.get(i, 0) + 1
+                return i, t.size(), t.stride(), t.storage_offset()
+        return t
+
+    def unpack(saved):
+        if isinstance(saved, torch.Tensor):
+            return saved
+        i, size, stride, offset = saved
+        if i not in again:
+            with torch.no_grad():
+                again[i] = _root(regather(i))
+        whole = again[i]
+        pending[i] -= 1
+        if not pending[i]:
+            del again[i]
+        return whole.as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None,
-                        param_dtype: torch.dtype = torch.float32, shards: dist.ProcessGroup | None = None):
+                        param_dtype: torch.dtype = torch.float32, shards: dist.ProcessGroup | None = None,
+                        reshard_after_forward: bool = True):
     """``layer.run_experts`` with the layer's experts split over the ranks of ``group`` (and each split
     over ``shards``), computed with ``param_dtype`` copies of them (as FSDP2 computes with its
-    all-gathered ``parallel.param_dtype`` ones)."""
+    all-gathered ``parallel.param_dtype`` ones). With ``shards`` and ``reshard_after_forward`` the gathered
+    experts are freed after the forward and gathered again by the backward."""
     local_run = type(layer).run_experts.__get__(layer)  # the class's method: the computation, unsplit
     ep, world_size = dist.get_world_size(group), dist.get_world_size()
 
@@ -118,10 +167,13 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         order = (local_expert * ep + block // n_local).argsort(stable=True)
         # 3. this rank's experts on their rows
         given = params or layer.expert_params()
-        local = type(given)(*(None if p is None else
-                              _gathered(_ExpertGradSync.apply(p.to_local(), world_size, replicas), shards)
-                              .to(param_dtype) for p in given))
-        y = local_run(arrived[order], received.sum(0), local_expert[order], local)
+        pieces = [None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas) for p in given]
+        local = type(given)(*(None if p is None else _gathered(p, shards).to(param_dtype) for p in pieces))
+        kept = contextlib.nullcontext()
+        if shards is not None and reshard_after_forward:
+            kept = _gathered_again_in_backward(local, lambda i: _gathered(pieces[i].detach(), shards).to(param_dtype))
+        with kept:
+            y = local_run(arrived[order], received.sum(0), local_expert[order], local)
         # 4. back to the (source rank, local expert) order, and home
         y = torch.empty_like(y).index_copy(0, order, y)
         return _all_to_all(y, send_splits, recv_splits, group)
@@ -141,8 +193,8 @@ def check_expert_shards(out_features: Sequence[int], dims: ParallelDims) -> None
                 f" parallel.ep={dims.dp_shard} or sizes (model.d_model, model.moe.expert_hidden) they divide")
 
 
-def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims, param_dtype: torch.dtype = torch.float32
-                          ) -> set[nn.Parameter]:
+def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims, param_dtype: torch.dtype = torch.float32,
+                          reshard_after_forward: bool = True) -> set[nn.Parameter]:
     """Split the experts of every MoE layer in ``layers`` over EP groups of ``dims.ep`` ranks of the mesh's
     ``dp_shard`` dimension (each expert sharded over ``dims.expert_shard`` ranks, replicated over
     ``dp_replicate``) and route their rows there; returns the expert parameters, which FSDP2 must leave
@@ -170,7 +222,7 @@ def apply_expert_parallel(layers: Sequence[nn.Module], mesh, dims: ParallelDims,
                                        requires_grad=param.requires_grad)
             owner.register_parameter(attr, split_param)
             ignored.add(split_param)
-        layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype, shards)
+        layer.run_experts = expert_parallel_run(layer, group, replicas, param_dtype, shards, reshard_after_forward)
     return ignored
 
 

@@ -187,8 +187,8 @@ def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device
         apply_compile(plan, fullgraph=dims.ep == 1, backend=compile_backend)
     if dims.sharded:
         mesh = dims.build_mesh(device.type)
-        experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, PARAM_DTYPES[par.param_dtype])
-                   if dims.ep > 1 else set())
+        experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, PARAM_DTYPES[par.param_dtype],
+                                         par.reshard_after_forward) if dims.ep > 1 else set())
         apply_all_ranks_balance(plan.expert_layers)
         apply_fsdp(plan, par, mesh, device.type, experts)
     elif PARAM_DTYPES[par.param_dtype] != torch.float32:
