@@ -130,6 +130,9 @@ results = {}
 for reshard in (True, False):
     torch.manual_seed(0)
     layer = MoE(cfg, sdd=True)
+    with torch.no_grad():  # the layer's own init is the model's (Transformer.init_weights)
+        for p in layer.parameters():
+            p.normal_(0.0, 0.3)
     # ep 1 of 2 shard ranks: every rank holds all 4 experts, each split in halves over the 2 ranks
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
     expert_parallel.apply_expert_parallel([layer], mesh, ParallelDims(1, 2, 2, ep=1),

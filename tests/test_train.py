@@ -204,3 +204,24 @@ def test_training_with_the_chunked_loss_matches_the_plain_loss(tmp_path, data_ca
     assert a.keys() == b.keys() == set(range(1, 6))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
+def test_the_gradient_norm_is_accurate_for_a_large_gradient_and_clips_to_it():
+    """A 16M-element fp32 gradient beside a small one: the norm is the float64 one to 1e-6 (one fp32 reduction
+    over the whole tensor on CPU is ~6e-4 off, which made one process and 4 ranks log different norms), and
+    clipping scales every gradient by max_norm / norm."""
+    from sdd_train.kernels import sum_of_squares
+    from sdd_train.train.train_module import grad_norm_and_clip
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(16_000_077)), torch.nn.Parameter(torch.zeros(3, 5))]
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1e-3
+    truth = math.sqrt(sum(p.grad.double().square().sum().item() for p in params))
+    before = [p.grad.clone() for p in params]
+    total = grad_norm_and_clip(params, max_norm=1e-2)
+    assert total.item() == pytest.approx(truth, rel=1e-6)
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g * (1e-2 / (total + 1e-6)), rtol=1e-6, atol=0)
+    x = torch.randn(100_001, dtype=torch.float64)
+    assert sum_of_squares(x).item() == pytest.approx(x.square().sum().item(), rel=1e-14)  # float64 stays float64

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sdd_train.distributed.world import all_reduce_sum
+from sdd_train.kernels import sum_of_squares
 
 LINEAR_FAMILIES = ("att_proj", "attn_out", "ff_proj", "ff_out", "expert_proj", "expert_out", "router")
 
@@ -76,7 +77,7 @@ class LayerStats:
         """Global L2 norm of each group, from per-rank local tensors (None counts as zero)."""
         device = self.params[0].device
         squares = torch.stack([
-            _local(t).detach().float().square().sum() if t is not None else torch.zeros((), device=device)
+            sum_of_squares(_local(t).detach().float()) if t is not None else torch.zeros((), device=device)
             for t in tensors
         ]).double() * self.weights.to(device)
         grouped = torch.zeros(len(self.keys), dtype=torch.float64, device=device)

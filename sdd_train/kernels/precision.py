@@ -28,6 +28,19 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+def sum_of_squares(x: torch.Tensor, row: int = 8192) -> torch.Tensor:
+    """sum(x^2) in ``x``'s dtype, summed in rows of ``row`` elements and then over the rows: one reduction
+    over a whole large tensor accumulates rounding in proportion to its length on CPU (torch's fp32
+    ``vector_norm``), which in a gradient norm makes one process and N ranks (who reduce shards) disagree
+    (docs/distributed.md)."""
+    flat = x.reshape(-1)
+    whole = flat.numel() // row * row
+    total = torch.linalg.vector_norm(flat[:whole].view(-1, row), dim=1).square().sum() if whole else flat.new_zeros(())
+    if whole < flat.numel():
+        total = total + flat[whole:].square().sum()
+    return total
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``x`` runs in here: autocast's on ``x``'s device when it is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):

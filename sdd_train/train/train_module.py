@@ -30,7 +30,7 @@ from sdd_train.distributed.parallelize import parallelize
 from sdd_train.distributed.world import World, all_reduce_max, all_reduce_sum
 from sdd_train.eval.downstream import DownstreamTask, evaluate_tasks
 from sdd_train.eval.validation import EvalSet, evaluate_sets
-from sdd_train.kernels import autocast
+from sdd_train.kernels import autocast, sum_of_squares, upcast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
 from sdd_train.model.moe import MoE
@@ -101,7 +101,8 @@ def expert_load_stats(loads: torch.Tensor) -> dict[str, float]:
 
 
 def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Global L2 norm of all gradients (exact over FSDP shards), then clip to ``max_norm``.
+    """Global L2 norm of all gradients (exact over FSDP shards and meshes: the same in one process and on N
+    ranks, to fp32 rounding), then clip to ``max_norm``.
 
     Clipping is on the device whatever the norm: a non-finite norm makes non-finite (or zero)
     gradients, and such a step's update is dropped anyway (the stability callback), so no read of
@@ -111,15 +112,11 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
-    if len(by_mesh) <= 1:
-        total = torch.nn.utils.get_total_norm([p.grad for group in by_mesh.values() for p in group], norm_type=2.0)
-        if type(total).__name__ == "DTensor":  # partial norms of the shards -> one global value
-            total = total.full_tensor()
-    else:  # experts sharded on a mesh of their own: every rank's squares, each element counted once, in one sum
-        world = torch.distributed.get_world_size()
-        squares = torch.stack([torch.linalg.vector_norm(p.grad.to_local()).square() / replica_count(p, world)
-                               for group in by_mesh.values() for p in group]).sum()
-        total = all_reduce_sum(squares).sqrt()
+    # every rank's squares of its own elements, each element counted once over the world, in one all-reduce
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    squares = [sum_of_squares(upcast(p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad))
+               / replica_count(p, world) for group in by_mesh.values() for p in group]
+    total = all_reduce_sum(torch.stack(squares).sum() if squares else torch.zeros(())).sqrt()
     if max_norm < math.inf:
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
