@@ -106,9 +106,10 @@ def test_experts_sharded_across_two_ep_groups_match_one_process(moe_single, cach
 
 
 RESHARD_WORKER = """
-import gc, json, weakref
+import contextlib, gc, json, weakref
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.checkpoint import checkpoint
 from sdd_train.config import ModelConfig, MoEConfig
 from sdd_train.distributed import expert_parallel
 from sdd_train.distributed.dims import ParallelDims
@@ -116,18 +117,20 @@ from sdd_train.model.moe import MoE
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-gathered = []  # weak references to every gathered expert stack of the forward
-plain = expert_parallel._gathered
-def recording(local, shards):
-    out = plain(local, shards)
-    if local.requires_grad:  # the forward's gathers (the backward's own are of detached pieces)
-        gathered.append(weakref.ref(expert_parallel._root(out)))
+made, again = [], []  # weak references to the forward's whole expert stacks; the backward's own gathers
+plain = expert_parallel._materialized
+def recording(piece, shards, dtype):
+    out = plain(piece, shards, dtype)
+    if piece.requires_grad:
+        made.append(weakref.ref(expert_parallel._root(out)))
+    else:
+        again.append(1)
     return out
-expert_parallel._gathered = recording
+expert_parallel._materialized = recording
 cfg = ModelConfig(d_model=8, n_heads=2, n_kv_heads=2, ffn="moe", n_layers=2,
                   moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=6))
 results = {}
-for reshard in (True, False):
+for case in ("kept", "freed", "freed_bf16", "kept_bf16", "checkpointed"):
     torch.manual_seed(0)
     layer = MoE(cfg, sdd=True)
     with torch.no_grad():  # the layer's own init is the model's (Transformer.init_weights)
@@ -136,16 +139,18 @@ for reshard in (True, False):
     # ep 1 of 2 shard ranks: every rank holds all 4 experts, each split in halves over the 2 ranks
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("dp_shard",))
     expert_parallel.apply_expert_parallel([layer], mesh, ParallelDims(1, 2, 2, ep=1),
-                                          reshard_after_forward=reshard)
+                                          reshard_after_forward=not case.startswith("kept"))
     torch.manual_seed(1 + rank)
     x = torch.randn(16, 8)
-    gathered.clear()
-    y, aux = layer(x)
+    made.clear(), again.clear()
+    bf16 = torch.autocast("cpu", torch.bfloat16) if case.endswith("bf16") else contextlib.nullcontext()
+    with bf16:
+        y = checkpoint(lambda t: layer(t)[0], x, use_reentrant=False) if case == "checkpointed" else layer(x)[0]
     gc.collect()
-    alive = sum(ref() is not None for ref in gathered)
-    y.square().sum().backward()
+    alive = sum(ref() is not None for ref in made)
+    y.float().square().sum().backward()
     grads = [p.grad.to_local().tolist() for p in layer.expert_params() if p is not None]
-    results[str(reshard)] = {"gathers": len(gathered), "alive": alive, "y": y.tolist(), "grads": grads}
+    results[case] = {"made": len(made), "alive": alive, "again": len(again), "y": y.tolist(), "grads": grads}
 if rank == 0:
     print(json.dumps(results))
 dist.destroy_process_group()
@@ -153,9 +158,11 @@ dist.destroy_process_group()
 
 
 def test_sharded_experts_are_freed_after_the_forward_and_gathered_again_for_the_backward(tmp_path):
-    """2 ranks that split every expert in halves: under parallel.reshard_after_forward (the default) none of the
-    4 expert stacks the forward all-gathered (2 matrices, 2 SDD gain stacks) outlives the forward, and the
-    backward gathers them again to the same outputs and gradients as keeping them, bitwise."""
+    """2 ranks that split every expert in halves. Under parallel.reshard_after_forward (the default) none of the
+    4 stacks the forward makes whole (2 matrices, 2 SDD gain stacks) outlives it, in fp32 and under bf16
+    autocast (the matrices made in bf16, as the GEMMs take them), and the backward makes them again, to the
+    outputs and gradients of keeping them, bitwise. Under activation checkpointing the checkpoint's recompute
+    makes them again (forward and recompute: 8), and the backward nothing more."""
     import json
     import os
     import subprocess
@@ -167,8 +174,12 @@ def test_sharded_experts_are_freed_after_the_forward_and_gathered_again_for_the_
                            str(script)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    freed, kept = results["True"], results["False"]
-    assert freed["gathers"] == kept["gathers"] == 4
-    assert freed["alive"] == 0 and kept["alive"] > 0
-    assert freed["y"] == kept["y"] and freed["grads"] == kept["grads"]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    for freed, kept in (("freed", "kept"), ("freed_bf16", "kept_bf16")):
+        assert r[freed]["made"] == r[kept]["made"] == 4
+        assert r[freed]["alive"] == 0 and r[kept]["alive"] > 0, (freed, r[freed]["alive"], r[kept]["alive"])
+        assert r[freed]["again"] > 0 and r[kept]["again"] == 0
+        assert r[freed]["y"] == r[kept]["y"] and r[freed]["grads"] == r[kept]["grads"]
+    assert r["freed_bf16"]["y"] != r["freed"]["y"]  # bf16 did compute in bf16
+    assert r["checkpointed"]["made"] == 8 and r["checkpointed"]["alive"] == 0 and r["checkpointed"]["again"] == 0
+    assert r["checkpointed"]["y"] == r["kept"]["y"] and r["checkpointed"]["grads"] == r["kept"]["grads"]

@@ -90,7 +90,8 @@ def test_a_bad_mesh_shape_exits_2_before_anything_is_written(tmp_path, capsys):
 
 def test_experts_whose_features_the_sharing_ranks_do_not_divide_are_refused_before_the_run_starts():
     """6 ranks with parallel.ep=2: 3 ranks share each expert; they split the up+gate projection's 192 output
-    features but not the down projection's d_model 64. With ep=3 (2 ranks share each expert) both divide.
+    features but not the down projection's d_model 64. With ep=3 (2 ranks share each expert) both divide; with
+    ep=1 FSDP2 shards the experts as any parameter.
     check_world runs before the data or the run directory is touched."""
     from sdd_train.config import load_config
     from sdd_train.train.launch import check_world
@@ -106,3 +107,4 @@ def test_experts_whose_features_the_sharing_ranks_do_not_divide_are_refused_befo
                                           r" its 64 output features"):
         check_world(cfg, world(2))
     check_world(cfg, world(3))
+    check_world(cfg, world(1))  # no expert parallelism: FSDP2 shards the experts with their block, padded

@@ -44,6 +44,7 @@ from torch import nn
 
 from sdd_train.config import ConfigError
 from sdd_train.distributed.dims import ParallelDims
+from sdd_train.kernels import autocast_dtype
 
 class _ExpertGradSync(torch.autograd.Function):
     """Identity forward; backward: the gradient / world size, summed over the replica group (if any)."""
@@ -94,6 +95,17 @@ def _gathered(local: torch.Tensor, shards: dist.ProcessGroup | None) -> torch.Te
 
 def _root(t: torch.Tensor) -> torch.Tensor:
     return t if t._base is None else t._base
+
+
+def _materialized(piece: torch.Tensor, shards: dist.ProcessGroup | None, dtype: torch.dtype) -> torch.Tensor:
+    """A rank's piece of an expert stack made whole (all-gathered over ``shards``) in ``dtype``."""
+    return _gathered(piece, shards).to(dtype)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing's) already decide what the forward keeps."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -168,10 +180,15 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
         # 3. this rank's experts on their rows
         given = params or layer.expert_params()
         pieces = [None if p is None else _ExpertGradSync.apply(p.to_local(), world_size, replicas) for p in given]
-        local = type(given)(*(None if p is None else _gathered(p, shards).to(param_dtype) for p in pieces))
+        # the matrices in the dtype the expert GEMMs take (so that the graph saves them, not a copy), the gains in
+        # param_dtype
+        dtypes = [autocast_dtype(rows) if name.endswith("weight") else param_dtype for name in given._fields]
+        local = type(given)(*(None if p is None else _materialized(p, shards, d) for p, d in zip(pieces, dtypes)))
         kept = contextlib.nullcontext()
-        if shards is not None and reshard_after_forward:
-            kept = _gathered_again_in_backward(local, lambda i: _gathered(pieces[i].detach(), shards).to(param_dtype))
+        # under activation checkpointing the checkpoint's hooks drop what the forward saves already, and its
+        # recompute gathers the experts again
+        if shards is not None and reshard_after_forward and not _saved_tensor_hooks_active():
+            kept = _gathered_again_in_backward(local, lambda i: _materialized(pieces[i].detach(), shards, dtypes[i]))
         with kept:
             y = local_run(arrived[order], received.sum(0), local_expert[order], local)
         # 4. back to the (source rank, local expert) order, and home
@@ -182,9 +199,11 @@ def expert_parallel_run(layer: nn.Module, group: dist.ProcessGroup, replicas: di
 
 
 def check_expert_shards(out_features: Sequence[int], dims: ParallelDims) -> None:
-    """The ``dims.expert_shard`` ranks that share each expert split its matrices' output features
-    (``out_features``: the up+gate projection's 2 x model.moe.expert_hidden, the down projection's
-    model.d_model) evenly, or the run stops with a ConfigError naming the keys."""
+    """Under expert parallelism (``dims.ep`` > 1) the ``dims.expert_shard`` ranks that share each expert split
+    its matrices' output features (``out_features``: the up+gate projection's 2 x model.moe.expert_hidden,
+    the down projection's model.d_model) evenly, or the run stops with a ConfigError naming the keys."""
+    if dims.ep == 1:  # FSDP2 shards the experts with their block, padding as it needs
+        return
     for size in out_features:
         if dims.expert_shard > 1 and size % dims.expert_shard:
             raise ConfigError(

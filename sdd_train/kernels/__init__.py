@@ -24,7 +24,7 @@ from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import l2_normalize, rms_norm, rms_norm_torch, row_gain_rms_norm
 from sdd_train.kernels.precision import (autocast, autocast_dtype, compute_dtype, slow_bf16_matmuls, sum_of_squares,
-                                         upcast)
+                                         sums_of_squares, upcast)
 from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 

@@ -41,6 +41,14 @@ def sum_of_squares(x: torch.Tensor, row: int = 8192) -> torch.Tensor:
     return total
 
 
+def sums_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of squares of each tensor, [len(tensors)]: CUDA's fused norm (a tree reduction, one launch for
+    all of them), :func:`sum_of_squares` elsewhere."""
+    if tensors[0].is_cuda:
+        return torch.stack(torch._foreach_norm(tensors)).square()
+    return torch.stack([sum_of_squares(t) for t in tensors])
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of ``x`` runs in here: autocast's on ``x``'s device when it is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):

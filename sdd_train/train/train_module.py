@@ -30,7 +30,7 @@ from sdd_train.distributed.parallelize import parallelize
 from sdd_train.distributed.world import World, all_reduce_max, all_reduce_sum
 from sdd_train.eval.downstream import DownstreamTask, evaluate_tasks
 from sdd_train.eval.validation import EvalSet, evaluate_sets
-from sdd_train.kernels import autocast, sum_of_squares, upcast
+from sdd_train.kernels import autocast, sums_of_squares, upcast
 from sdd_train.kernels.precision import bf16_products_of_bf16_values
 from sdd_train.model import Transformer
 from sdd_train.model.moe import MoE
@@ -112,11 +112,17 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     for p in params:
         if p.grad is not None:
             by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
-    # every rank's squares of its own elements, each element counted once over the world, in one all-reduce
+    # every rank's squares of its own elements, each element counted once over the world (divided by the ranks
+    # that hold it), in one all-reduce
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    squares = [sum_of_squares(upcast(p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad))
-               / replica_count(p, world) for group in by_mesh.values() for p in group]
-    total = all_reduce_sum(torch.stack(squares).sum() if squares else torch.zeros(())).sqrt()
+    by_replicas: dict[int, list[torch.Tensor]] = {}
+    for p in (p for group in by_mesh.values() for p in group):
+        local = p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad
+        by_replicas.setdefault(replica_count(p, world), []).append(upcast(local))
+    device = params[0].device if params else None
+    squares = sum((sums_of_squares(grads).sum() / n for n, grads in by_replicas.items()),
+                  torch.zeros((), device=device))
+    total = all_reduce_sum(squares).sqrt()
     if max_norm < math.inf:
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
