@@ -41,17 +41,27 @@ def run_style(i: int) -> dict[str, str]:
 
 
 def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> Path:
-    """One panel per group; per run its train loss (line) and validation loss (dots)."""
+    """One panel per group; per run its train loss (line) and validation loss (dots). A panel whose losses rise
+    above 1.1 x the highest first loss (a blow-up) is cut there, so the other runs stay readable, and says so."""
     fig, axes = _grid(len(groups))
     for ax, (title, runs) in zip(axes, groups.items()):
+        firsts, highest, lowest = [], -math.inf, math.inf
         for i, (name, records) in enumerate(runs.items()):
             style = run_style(i)
             train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
             val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
             if train:
                 ax.plot(*zip(*train), lw=1.2, label=name, **style)
+                firsts.append(train[0][1])
+                highest = max(highest, max(loss for _, loss in train))
+                lowest = min(lowest, min(loss for _, loss in train), *(loss for _, loss in val))
             if val:
                 ax.plot(*zip(*val), "o", color=style["color"], ms=3)
+        if firsts and highest > 1.1 * max(firsts):
+            top = 1.1 * max(firsts)
+            ax.set_ylim(lowest - 0.05 * (top - lowest), top)
+            ax.text(0.01, 0.99, f"cut at {1.1 * max(firsts):.3g} (highest loss {highest:.3g})", transform=ax.transAxes,
+                    va="top", fontsize=7)
         ax.set(title=title, xlabel="step", ylabel="loss (line: train, dots: val)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
