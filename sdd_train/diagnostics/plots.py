@@ -57,10 +57,10 @@ def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) 
                 lowest = min(lowest, min(loss for _, loss in train), *(loss for _, loss in val))
             if val:
                 ax.plot(*zip(*val), "o", color=style["color"], ms=3)
-        if firsts and highest > 1.1 * max(firsts):
-            top = 1.1 * max(firsts)
+        top = 1.1 * max(firsts, default=math.inf)
+        if highest > top:
             ax.set_ylim(lowest - 0.05 * (top - lowest), top)
-            ax.text(0.01, 0.99, f"cut at {1.1 * max(firsts):.3g} (highest loss {highest:.3g})", transform=ax.transAxes,
+            ax.text(0.01, 0.99, f"cut at {top:.3g} (highest loss {highest:.3g})", transform=ax.transAxes,
                     va="top", fontsize=7)
         ax.set(title=title, xlabel="step", ylabel="loss (line: train, dots: val)")
         ax.grid(alpha=0.3)

@@ -205,7 +205,7 @@ def check_expert_shards(out_features: Sequence[int], dims: ParallelDims) -> None
     if dims.ep == 1:  # FSDP2 shards the experts with their block, padding as it needs
         return
     for size in out_features:
-        if dims.expert_shard > 1 and size % dims.expert_shard:
+        if size % dims.expert_shard:
             raise ConfigError(
                 f"parallel.ep: {dims.expert_shard} ranks share each expert (dp_shard {dims.dp_shard} / ep"
                 f" {dims.ep}) and split its {size} output features, which they do not divide; set"
