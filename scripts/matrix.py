@@ -4,8 +4,10 @@ docs/matrix/table.md (every row) and its summary into docs/testing.md between it
 docs/matrix/results.jsonl as it finishes, with the commit, CPU and date it ran on: the file is committed, so
 an interrupted matrix resumes where it stopped, in this clone or another (--fresh starts over).
 
-    python scripts/matrix.py                                # everything (hours on 2 cores)
-    python scripts/matrix.py --subset pairwise              # what CI runs
+    python scripts/matrix.py                                # everything (hours on 2 cores), every 3 settings first
+    python scripts/matrix.py --subset triples               # only every 3 settings together (~110 runs)
+    python scripts/matrix.py --subset pairwise              # every pair (CI runs the pairs of its own universe)
+    python scripts/matrix.py --list                         # what is left to run, in order
     python scripts/matrix.py --only world=1 --only compile=off
     python scripts/matrix.py --shard 0/2 & python scripts/matrix.py --shard 1/2   # two at once, then
     python scripts/matrix.py --table-only                                         # the whole table
@@ -14,6 +16,7 @@ an interrupted matrix resumes where it stopped, in this clone or another (--fres
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import json
 import os
@@ -40,9 +43,25 @@ RESULTS = ROOT / "docs" / "matrix" / "results.jsonl"
 POOL = 24  # multi-rank combinations per torchrun launch (tests/rank_pool.py); a failure loses the rest of one
 
 
-def select(subset: str, only: list[str], shard: str | None = None) -> list[Combo]:
+@functools.lru_cache(maxsize=1)
+def full_order(ran: frozenset[Combo]) -> list[Combo]:
     product = matrix.full_product()
-    combos = matrix.pairwise(product) if subset == "pairwise" else product
+    return list(dict.fromkeys(matrix.covering(product, 3, ran) + product))
+
+
+def select(subset: str, only: list[str], shard: str | None = None, ran: frozenset[Combo] | None = frozenset()
+           ) -> list[Combo]:
+    """The combinations to run, in the order they run. The full product runs a 3-wise covering first (every
+    three settings together, what ``ran`` already ran counted; None: product order), then the rest: a matrix
+    stopped early has tried every three settings together, not only the first of its dense
+    pre-norm combinations."""
+    product = matrix.full_product()
+    if subset == "pairwise":
+        combos = matrix.pairwise(product)
+    elif subset == "triples":
+        combos = matrix.covering(product, 3)
+    else:
+        combos = product if ran is None else full_order(ran)
     if shard:
         index, _, count = shard.partition("/")
         if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -185,7 +204,8 @@ def main() -> int:
 
 def run_matrix() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subset", choices=["full", "pairwise"], default="full")
+    parser.add_argument("--subset", choices=["full", "triples", "pairwise"], default="full",
+                        help="every combination (a 3-wise covering first), only that covering, or every pair")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=VALUE",
                         help="only combinations with this value (repeatable)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "matrix", help="run directories, results.jsonl")
@@ -196,6 +216,7 @@ def run_matrix() -> int:
     parser.add_argument("--table", type=Path, default=RESULTS.parent / "table.md", help="where every row goes")
     parser.add_argument("--fresh", action="store_true", help="forget earlier results in WORK")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one combination may take")
+    parser.add_argument("--list", action="store_true", help="run nothing: list what is left to run, in order")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: write the table of the combinations WORK/results.jsonl holds")
     parser.add_argument("--shard", metavar="I/N", default=None,
@@ -205,18 +226,24 @@ def run_matrix() -> int:
                         help="one-process combinations in this process, as tests/test_matrix.py (no start-up per run;"
                              " a crash ends the matrix, which re-running resumes)")
     args = parser.parse_args()
-    combos = select(args.subset, args.only, args.shard)
     if args.fresh:
         shutil.rmtree(args.work, ignore_errors=True)
         args.results.unlink(missing_ok=True)
+    loaded = load_rows(args.results)
+    product = {c.name: c for c in matrix.full_product()}
+    ran = None if args.table_only else frozenset(product[name] for name in loaded)
+    combos = select(args.subset, args.only, args.shard, ran)
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     RUN_ON.update(commit=commit(), cpu=cpu_model(), date=date.today().isoformat())
-    loaded = load_rows(args.results)
     runner = matrix_run.Runner(args.work, args.cache or args.work / "cache", args.in_process, args.timeout)
     todo = matrix.with_references(combos)
     if not args.table_only:
         forget_lost_references(todo, loaded, args.work)
+    if args.list:
+        left = [c for c in todo if c.name not in loaded]
+        print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
+        return 0
     done = {name: (row, outcome) for name, (row, outcome, _) in loaded.items()}
     meta = {name: where for name, (_, _, where) in loaded.items()}
     start = time.perf_counter()
@@ -232,7 +259,8 @@ def run_matrix() -> int:
         save_row(args.results, row, runner.outcomes[combo])
         done[combo.name], meta[combo.name] = (row, runner.outcomes[combo]), dict(RUN_ON)
         print(f"[{i}/{len(todo)}] {matrix_run.format_row(row)}", flush=True)
-    rows = [done[c.name][0] for c in todo if c.name in done]
+    order = {name: i for i, name in enumerate(product)}  # the table lists them in product order
+    rows = sorted((done[c.name][0] for c in todo if c.name in done), key=lambda row: order[row.combo.name])
     command = "make matrix" + (f" MATRIX_ARGS='{' '.join(sys.argv[1:])}'" if sys.argv[1:] else "")
     if args.shard:
         print(f"shard {args.shard}: {len(rows)} of its {len(todo)} combinations; the table: --table-only once every"

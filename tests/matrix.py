@@ -12,7 +12,6 @@ layers in another order, which tests/test_blocks.py checks against float64 for e
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 NA = "-"  # an axis that does not apply to a combination
@@ -180,21 +179,21 @@ def with_references(combos: list[Combo]) -> list[Combo]:
     return ordered
 
 
-# ---- the pairwise covering subset
+# ---- covering subsets: every pair (CI) or every triple (the order make matrix runs in) of settings
 
-Pair = tuple[int, str, int, str]
-
-
-def pairs(combo: Combo) -> set[Pair]:
-    """The (axis, value) x (axis, value) pairs a combination exercises ('-' values exercise nothing)."""
-    return {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(combo.values), 2) if NA not in (a, b)}
+Interaction = tuple[tuple[int, str], ...]  # (axis index, value) for each of 2 or 3 axes
 
 
-def missing_pairs(chosen: list[Combo], universe: list[Combo]) -> set[Pair]:
-    """Pairs some combination of ``universe`` exercises that no combination of ``chosen`` does (a
-    refused combination exercises nothing)."""
-    def exercised(combos: list[Combo]) -> set[Pair]:
-        return set().union(*(pairs(c) for c in combos if not refusal(c)))
+def interactions(combo: Combo, strength: int = 2) -> set[Interaction]:
+    """The settings of ``strength`` axes together that a combination exercises ('-' values exercise nothing)."""
+    return set(itertools.combinations([(i, v) for i, v in enumerate(combo.values) if v != NA], strength))
+
+
+def missing_pairs(chosen: list[Combo], universe: list[Combo], strength: int = 2) -> set[Interaction]:
+    """Pairs (or triples) some combination of ``universe`` exercises that no combination of ``chosen`` does
+    (a refused combination exercises nothing)."""
+    def exercised(combos: list[Combo]) -> set[Interaction]:
+        return set().union(*(interactions(c, strength) for c in combos if not refusal(c)))
     return exercised(universe) - exercised(chosen)
 
 
@@ -217,25 +216,47 @@ def ci_universe(product: list[Combo]) -> list[Combo]:
 
 
 def pairwise(universe: list[Combo]) -> list[Combo]:
-    """A deterministic greedy covering: one combination for each refusal, then, until every pair is
-    exercised, the combination that covers the most missing pairs per unit of cost (its own and that of
-    references not yet run); ties go to the earlier combination in ``universe``."""
+    """CI's subset: every pair of settings of ``universe`` in at least one combination."""
+    return covering(universe, 2)
+
+
+def covering(universe: list[Combo], strength: int, ran: frozenset[Combo] = frozenset()) -> list[Combo]:
+    """A deterministic greedy covering: one combination for each refusal, then, until every pair (or triple,
+    ``strength``) of settings is exercised, the combination that covers the most missing ones per unit of
+    cost (its own and that of references not yet run); ties go to the earlier combination in ``universe``.
+    What ``ran`` (combinations already run: a resumed matrix) and each chosen one's references exercise is
+    covered, and what ran costs nothing."""
     runnable = [c for c in universe if not refusal(c)]
-    bit = {pair: 1 << i for i, pair in enumerate(sorted(missing_pairs([], universe)))}
-    need = sum(bit.values())  # the missing pairs as a bit set
-    chosen: list[Combo] = [next(c for c in universe if applies(c)) for _, applies in REFUSALS
-                           if any(map(applies, universe))]
-    runs: set[Combo] = set()
-    covers = {combo: sum(bit[p] for p in pairs(combo)) for combo in runnable}
-    closures = {combo: [(c, cost(c)) for c in with_references([combo])] for combo in runnable}
+    exercised = {combo: interactions(combo, strength) for combo in runnable}
+    bit = {t: 1 << i for i, t in enumerate(sorted(set().union(*exercised.values())))}
+    covers = {combo: sum(bit[t] for t in ts) for combo, ts in exercised.items()}
+    closures = {combo: with_references([combo]) for combo in runnable}
+    unpaid = {combo: sum(map(cost, closure)) for combo, closure in closures.items()}  # of what has not run
+    paid_by: dict[Combo, list[Combo]] = {}  # the combinations whose closure holds each run
+    for combo, closure in closures.items():
+        for c in closure:
+            paid_by.setdefault(c, []).append(combo)
+    need = sum(bit.values())  # the missing interactions as a bit set
+
+    def run(combo: Combo) -> None:
+        nonlocal need
+        need &= ~covers.get(combo, 0)
+        for other in paid_by.pop(combo, []):
+            unpaid[other] -= cost(combo)
+
+    for combo in ran:
+        run(combo)
+    chosen = [c for c in (next(c for c in universe if applies(c)) for _, applies in REFUSALS
+                          if any(map(applies, universe))) if c not in ran]
     while need:
         def score(combo: Combo) -> float:
             gain = (covers[combo] & need).bit_count()
-            return gain and gain / (sum(cost for c, cost in closures[combo] if c not in runs) or math.inf)
+            return gain and gain / (unpaid[combo] or 1e-9)
         best = max(runnable, key=score)  # max keeps the first of equal scores
         chosen.append(best)
-        runs.update(c for c, _ in closures[best])
-        need &= ~covers[best]
+        for combo in closures[best]:  # its references run too
+            if combo in paid_by:
+                run(combo)
     return chosen
 
 

@@ -97,6 +97,21 @@ def test_the_subset_covers_every_pair_of_settings():
     assert [why for why, _ in matrix.REFUSALS] == [matrix.refusal(c) for c in SUBSET if matrix.refusal(c)]
 
 
+def test_make_matrix_runs_every_three_settings_together_first():
+    """``make matrix`` runs a 3-wise covering before the rest of the product, so a matrix stopped early has
+    tried every three settings together; what a resumed matrix already ran counts, and is not run again."""
+    script = matrix_script()
+    triples = matrix.covering(PRODUCT, 3)
+    assert matrix.missing_pairs(triples, PRODUCT, 3) == set()
+    assert matrix.missing_pairs(triples[:-1], PRODUCT, 3)  # the check can fail
+    assert len(triples) <= 150  # of 6656
+    order = script.select("full", [])
+    assert order[:len(triples)] == triples and len(order) == len(PRODUCT) and set(order) == set(PRODUCT)
+    ran = frozenset(triples[:40])
+    rest = matrix.covering(PRODUCT, 3, ran)
+    assert not ran & set(rest) and matrix.missing_pairs([*ran, *rest], PRODUCT, 3) == set()
+
+
 def test_a_refusal_is_exit_2_with_one_line():
     one = "config error: train.global_batch_size: 8 is not a multiple of ..."
     assert matrix_run.judge_exit(2, one + "\n", 1.0).status == "refused"
