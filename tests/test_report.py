@@ -87,3 +87,22 @@ def test_sweep_report_of_a_learning_rate_sweep_names_each_lines_best_lr(tmp_path
 def test_report_of_something_else_is_a_usage_error(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "neither a run directory" in capsys.readouterr().err
+
+
+def test_the_depth_plot_cuts_off_the_lines_far_above_the_rest(tmp_path, monkeypatch):
+    """Fig. 10 with schemes that never left the plateau: the axis stops at the lowest loss + 3 x (the lines'
+    median best - the lowest), here 4.2 + 3 x 0.15, so the close lines stay readable, and names the lines cut."""
+    from sdd_train.diagnostics import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    best = {"pre": 4.2, "sdd": 4.3, "post": 4.35, "rezero": 6.4}
+    rows = [{"block": b, "depth": d, "loss": loss + 0.01 * i, "diverged": False}
+            for b, loss in best.items() for i, d in enumerate((2, 4, 8))]
+    plots.loss_vs_depth(rows, "block", tmp_path / "depth.png")
+    ax = figures[0].axes[0]
+    assert ax.get_ylim()[1] == pytest.approx(4.2 + 3 * (4.35 - 4.2))
+    assert [t.get_text() for t in ax.texts] == ["cut at 4.65; above it: rezero"]
+    figures.clear()
+    plots.loss_vs_depth([r for r in rows if r["block"] != "rezero"], "block", tmp_path / "depth.png")
+    assert not figures[0].axes[0].texts  # nothing far above: nothing cut

@@ -161,23 +161,38 @@ def residual_rms(records: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Path:
-    """Fig. 10: final loss against depth, one line per ``line_axis`` value; diverged runs as crosses."""
-    fig, (ax,) = _grid(1, width=5.5)
+    """Fig. 10: final loss against depth, one line per ``line_axis`` value; diverged runs as crosses. Where some
+    lines sit far above the rest (schemes that never left the plateau), the axis is cut at the lowest loss + 3 x
+    (the lines' median best - the lowest), and the plot names what lies above the cut."""
+    fig, (ax,) = _grid(1, width=6.5, height=3.8)
     lines = list(dict.fromkeys(r[line_axis] for r in rows))
+    bests: dict[str, float] = {}
     for i, line in enumerate(lines):
         points = sorted((r["depth"], r) for r in rows if r[line_axis] == line)
         ok = [(d, r["loss"]) for d, r in points if not r["diverged"]]
         bad = [(d, r["loss"]) for d, r in points if r["diverged"] and math.isfinite(r["loss"])]
+        style = run_style(i)
         if ok:
-            ax.plot(*zip(*ok), marker="o", color=f"C{i}", label=line)
+            ax.plot(*zip(*ok), marker="o", label=line, **style)
         if bad:
-            ax.plot(*zip(*bad), "x", ms=9, color=f"C{i}")
+            ax.plot(*zip(*bad), "x", ms=9, color=style["color"])
+        if ok or bad:
+            bests[line] = min(loss for _, loss in ok + bad)
     ax.set(xlabel="layers", ylabel="final loss (validation if measured)", xscale="log")
     depths = sorted({r["depth"] for r in rows})
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    ax.legend()
+    if bests:
+        low = min(bests.values())
+        top = low + max(3 * (sorted(bests.values())[len(bests) // 2] - low), 0.3)
+        above = [line for line in lines if any(r[line_axis] == line and math.isfinite(r["loss"]) and r["loss"] > top
+                                               for r in rows)]
+        if above:
+            ax.set_ylim(low - 0.05 * (top - low), top)
+            ax.text(0.01, 0.99, f"cut at {top:.3g}; above it: {', '.join(above)}", transform=ax.transAxes,
+                    va="top", fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
