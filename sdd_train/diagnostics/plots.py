@@ -175,7 +175,7 @@ def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Pat
         if ok:
             ax.plot(*zip(*ok), marker="o", label=line, **style)
         if bad:
-            ax.plot(*zip(*bad), "x", ms=9, color=style["color"])
+            ax.plot(*zip(*bad), "x", ms=9, color=style["color"], label=None if ok else line)
         if ok or bad:
             bests[line] = min(loss for _, loss in ok + bad)
     ax.set(xlabel="layers", ylabel="final loss (validation if measured)", xscale="log")
