@@ -233,17 +233,17 @@ def run_matrix() -> int:
     product = {c.name: c for c in matrix.full_product()}
     ran = None if args.table_only else frozenset(product[name] for name in loaded)
     combos = select(args.subset, args.only, args.shard, ran)
+    todo = matrix.with_references(combos)
+    if not args.table_only:
+        forget_lost_references(todo, loaded, args.work)
+    if args.list:  # before anything is written
+        left = [c for c in todo if c.name not in loaded]
+        print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     RUN_ON.update(commit=commit(), cpu=cpu_model(), date=date.today().isoformat())
     runner = matrix_run.Runner(args.work, args.cache or args.work / "cache", args.in_process, args.timeout)
-    todo = matrix.with_references(combos)
-    if not args.table_only:
-        forget_lost_references(todo, loaded, args.work)
-    if args.list:
-        left = [c for c in todo if c.name not in loaded]
-        print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
-        return 0
     done = {name: (row, outcome) for name, (row, outcome, _) in loaded.items()}
     meta = {name: where for name, (_, _, where) in loaded.items()}
     start = time.perf_counter()

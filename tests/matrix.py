@@ -251,7 +251,7 @@ def covering(universe: list[Combo], strength: int, ran: frozenset[Combo] = froze
     while need:
         def score(combo: Combo) -> float:
             gain = (covers[combo] & need).bit_count()
-            return gain and gain / (unpaid[combo] or 1e-9)
+            return gain and gain / unpaid[combo]  # a combination with a gain has not run: its own cost is unpaid
         best = max(runnable, key=score)  # max keeps the first of equal scores
         chosen.append(best)
         for combo in closures[best]:  # its references run too

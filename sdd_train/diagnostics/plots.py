@@ -40,6 +40,12 @@ def run_style(i: int) -> dict[str, str]:
     return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[i // 10 % 3]}
 
 
+def _cut_above(ax, lowest: float, top: float, note: str) -> None:
+    """Stop the y axis at ``top`` (what rises above it would flatten the rest) and say so in the corner."""
+    ax.set_ylim(lowest - 0.05 * (top - lowest), top)
+    ax.text(0.01, 0.99, note, transform=ax.transAxes, va="top", fontsize=7)
+
+
 def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> Path:
     """One panel per group; per run its train loss (line) and validation loss (dots). A panel whose losses rise
     above 1.1 x the highest first loss (a blow-up) is cut there, so the other runs stay readable, and says so."""
@@ -59,9 +65,7 @@ def loss_curves(groups: dict[str, dict[str, list[dict[str, Any]]]], path: Path) 
                 ax.plot(*zip(*val), "o", color=style["color"], ms=3)
         top = 1.1 * max(firsts, default=math.inf)
         if highest > top:
-            ax.set_ylim(lowest - 0.05 * (top - lowest), top)
-            ax.text(0.01, 0.99, f"cut at {top:.3g} (highest loss {highest:.3g})", transform=ax.transAxes,
-                    va="top", fontsize=7)
+            _cut_above(ax, lowest, top, f"cut at {top:.3g} (highest loss {highest:.3g})")
         ax.set(title=title, xlabel="step", ylabel="loss (line: train, dots: val)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -166,7 +170,7 @@ def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Pat
     (the lines' median best - the lowest), and the plot names what lies above the cut."""
     fig, (ax,) = _grid(1, width=6.5, height=3.8)
     lines = list(dict.fromkeys(r[line_axis] for r in rows))
-    bests: dict[str, float] = {}
+    ranges: dict[str, tuple[float, float]] = {}  # each line's lowest and highest finite loss
     for i, line in enumerate(lines):
         points = sorted((r["depth"], r) for r in rows if r[line_axis] == line)
         ok = [(d, r["loss"]) for d, r in points if not r["diverged"]]
@@ -176,22 +180,20 @@ def loss_vs_depth(rows: list[dict[str, Any]], line_axis: str, path: Path) -> Pat
             ax.plot(*zip(*ok), marker="o", label=line, **style)
         if bad:
             ax.plot(*zip(*bad), "x", ms=9, color=style["color"], label=None if ok else line)
-        if ok or bad:
-            bests[line] = min(loss for _, loss in ok + bad)
+        finite = [loss for _, loss in ok + bad if math.isfinite(loss)]
+        if finite:
+            ranges[line] = min(finite), max(finite)
     ax.set(xlabel="layers", ylabel="final loss (validation if measured)", xscale="log")
     depths = sorted({r["depth"] for r in rows})
     ax.set_xticks(depths, [str(d) for d in depths])
     ax.minorticks_off()
     ax.grid(alpha=0.3)
-    if bests:
-        low = min(bests.values())
-        top = low + max(3 * (sorted(bests.values())[len(bests) // 2] - low), 0.3)
-        above = [line for line in lines if any(r[line_axis] == line and math.isfinite(r["loss"]) and r["loss"] > top
-                                               for r in rows)]
+    if ranges:
+        bests = sorted(best for best, _ in ranges.values())
+        top = bests[0] + max(3 * (bests[len(bests) // 2] - bests[0]), 0.3)
+        above = [line for line, (_, highest) in ranges.items() if highest > top]
         if above:
-            ax.set_ylim(low - 0.05 * (top - low), top)
-            ax.text(0.01, 0.99, f"cut at {top:.3g}; above it: {', '.join(above)}", transform=ax.transAxes,
-                    va="top", fontsize=7)
+            _cut_above(ax, bests[0], top, f"cut at {top:.3g}; above it: {', '.join(above)}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
