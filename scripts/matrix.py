@@ -87,14 +87,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+CODE = ("sdd_train", "tests/matrix.py", "tests/matrix_run.py", "tests/rank_pool.py", "pyproject.toml")  # what a row runs
+
+
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
 def commit() -> str:
-    """The checkout's commit, with '+' when tracked files differ from it (rows then ran on uncommitted code)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
-    # the matrix's own outputs do not count: it writes them
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs/matrix", ":!docs/testing.md")
-    return head + ("+" if changed else "")
+    """The checkout's commit, with '+' when the code a row runs differs from it (rows then ran on uncommitted
+    code; the matrix's own outputs and the docs do not count)."""
+    head = git("rev-parse", "--short=7", "HEAD").stdout.strip() or "unknown"
+    return head + ("+" if git("status", "--porcelain", "--untracked-files=no", "--", *CODE).stdout.strip() else "")
+
+
+@functools.lru_cache(maxsize=None)
+def same_code(recorded: str) -> bool:
+    """Whether a row recorded at commit ``recorded`` ran the code this checkout runs. A row that ran on
+    uncommitted code ('+') cannot be told apart from other uncommitted code, so it never counts as the same."""
+    return not recorded.endswith("+") and git("diff", "--quiet", recorded, "--", *CODE).returncode == 0
 
 
 RUN_ON = {"commit": "", "cpu": "", "date": ""}  # where the rows of this invocation run; set in run_matrix
@@ -178,13 +189,27 @@ def write_doc(doc: Path, text: str) -> None:
     doc.write_text(pattern.sub(lambda _: text, old))
 
 
-def forget_lost_references(todo: list[Combo], loaded: dict, work: Path) -> None:
-    """A combination still to run is compared with its reference's run directory; where that reference's row
-    came from another clone (results.jsonl is committed, run directories are not), run the reference again."""
+def stale(where: dict[str, str]) -> bool:
+    """A row recorded on other code or another CPU: a comparison with it would measure the change of code or
+    machine, not the setting compared (bitwise holds on one machine with one code)."""
+    return where.get("cpu") != RUN_ON["cpu"] or not same_code(where.get("commit", ""))
+
+
+def forget_stale_rows(todo: list[Combo], loaded: dict, work: Path) -> None:
+    """Which earlier rows this invocation runs again. A combination still to run is compared with its
+    reference's run directory, so that reference runs again here where its directory is missing (results.jsonl
+    is committed, run directories are not) or where it ran on other code or another CPU; and so on up the chain.
+    A row that failed on other code or another CPU runs again too: the change may have fixed it."""
+    for combo in todo:
+        row, _, where = loaded.get(combo.name, (None, None, {}))
+        if row and row.status in ("fail", "untested") and stale(where):
+            del loaded[combo.name]
     for combo in todo:
         ref = matrix.reference(combo)
         while combo.name not in loaded and ref and ref[0].name in loaded:
-            if loaded[ref[0].name][1].status == "ok" and not (work / ref[0].name / "metrics.jsonl").exists():
+            _, outcome, where = loaded[ref[0].name]
+            lost = outcome.status == "ok" and not (work / ref[0].name / "metrics.jsonl").exists()
+            if lost or stale(where):
                 del loaded[ref[0].name]
             combo, ref = ref[0], matrix.reference(ref[0])
 
@@ -234,15 +259,15 @@ def run_matrix() -> int:
     ran = None if args.table_only else frozenset(product[name] for name in loaded)
     combos = select(args.subset, args.only, args.shard, ran)
     todo = matrix.with_references(combos)
+    RUN_ON.update(commit=commit(), cpu=cpu_model(), date=date.today().isoformat())
     if not args.table_only:
-        forget_lost_references(todo, loaded, args.work)
+        forget_stale_rows(todo, loaded, args.work)
     if args.list:  # before anything is written
         left = [c for c in todo if c.name not in loaded]
         print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    RUN_ON.update(commit=commit(), cpu=cpu_model(), date=date.today().isoformat())
     runner = matrix_run.Runner(args.work, args.cache or args.work / "cache", args.in_process, args.timeout)
     done = {name: (row, outcome) for name, (row, outcome, _) in loaded.items()}
     meta = {name: where for name, (_, _, where) in loaded.items()}

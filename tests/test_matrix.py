@@ -64,25 +64,55 @@ def test_shards_split_the_product_each_with_its_references():
         script.select("full", [], "3/3")
 
 
-def test_a_matrix_resumed_in_another_clone_reruns_the_references_it_compares_with(tmp_path):
+def test_a_matrix_resumed_elsewhere_reruns_the_references_it_compares_with(tmp_path, monkeypatch):
     """results.jsonl is committed and run directories are not: a combination still to run whose reference's
-    row came from elsewhere gets that reference run again here (a reference that failed stays as it is)."""
+    row came from another clone, other code or another CPU gets that reference run again here (a reference that
+    crashed on this code stays as it is); a row that failed on other code runs again."""
     script = matrix_script()
+    here, before = {"commit": "abc1234", "cpu": "EPYC"}, {"commit": "0ld0000", "cpu": "EPYC"}
+    monkeypatch.setitem(script.RUN_ON, "cpu", "EPYC")
+    monkeypatch.setattr(script, "same_code", lambda recorded: recorded == "abc1234")
     acfull = matrix.make(ac="full", compile="on")
     compiled, root = matrix.make(compile="on"), matrix.make()
     ok = matrix_run.Outcome("ok", 1.0)
-    loaded = {c.name: (None, ok, {}) for c in (compiled, root)}
+    loaded = {c.name: (None, ok, here) for c in (compiled, root)}
     lost = dict(loaded)
-    script.forget_lost_references(matrix.with_references([acfull]), lost, tmp_path)
+    script.forget_stale_rows(matrix.with_references([acfull]), lost, tmp_path)
     assert lost == {}  # acfull's reference, and that one's
-    (tmp_path / root.name).mkdir()
-    (tmp_path / root.name / "metrics.jsonl").touch()
-    here = dict(loaded)
-    script.forget_lost_references(matrix.with_references([acfull]), here, tmp_path)
-    assert list(here) == [root.name]
-    failed = {compiled.name: (None, matrix_run.Outcome("fail", 1.0), {})}
-    script.forget_lost_references([acfull], failed, tmp_path)
-    assert list(failed) == [compiled.name]
+    for c in (compiled, root):
+        (tmp_path / c.name).mkdir()
+        (tmp_path / c.name / "metrics.jsonl").touch()
+    kept = dict(loaded)
+    script.forget_stale_rows(matrix.with_references([acfull]), kept, tmp_path)
+    assert kept == loaded
+    older = {compiled.name: (None, ok, before), root.name: (None, ok, here)}
+    script.forget_stale_rows(matrix.with_references([acfull]), older, tmp_path)
+    assert list(older) == [root.name]  # the compiled reference ran at another commit
+    crashed = {compiled.name: (None, matrix_run.Outcome("fail", 1.0), here)}
+    script.forget_stale_rows([acfull], crashed, tmp_path)
+    assert list(crashed) == [compiled.name]
+    failed = matrix_run.Row(acfull, "fail", 1.0, "ac: " + compiled.name, matrix_run.Diff(1e-7, 1e-7), "")
+    rows = {acfull.name: (failed, ok, before), **{c.name: (None, ok, here) for c in (compiled, root)}}
+    script.forget_stale_rows(matrix.with_references([acfull]), rows, tmp_path)
+    assert acfull.name not in rows and compiled.name in rows  # runs again, against this commit's reference
+    rows = {acfull.name: (failed, ok, here)}
+    script.forget_stale_rows([acfull], rows, tmp_path)
+    assert acfull.name in rows  # failed on this code: running it again would fail again
+    elsewhere = {c.name: (None, ok, {**here, "cpu": "Xeon"}) for c in (compiled, root)}
+    script.forget_stale_rows(matrix.with_references([acfull]), elsewhere, tmp_path)
+    assert elsewhere == {}
+
+
+def test_a_row_counts_as_this_code_only_where_the_code_it_ran_is_unchanged():
+    script = matrix_script()
+    first = script.git("rev-list", "--max-parents=0", "HEAD").stdout.split()
+    if not first or script.git("rev-parse", "--is-shallow-repository").stdout.strip() == "true":
+        pytest.skip("needs the repository's history")
+    assert not script.same_code(first[0])  # the first commit had none of this code
+    assert not script.same_code(first[0] + "+") and not script.same_code("") and not script.same_code("0ld0000")
+    last = script.git("log", "-1", "--format=%h", "--", *script.CODE).stdout.strip()  # last commit touching it
+    clean = not script.git("status", "--porcelain", "--untracked-files=no", "--", *script.CODE).stdout.strip()
+    assert script.same_code(last) == clean
 
 
 def test_the_subset_covers_every_pair_of_settings():
