@@ -225,6 +225,9 @@ def main() -> int:
         print(f"matrix: {e or 'interrupted'}; the combinations before it are in results.jsonl, re-run to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `--list | head` stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
 
 
 def run_matrix() -> int:
