@@ -176,7 +176,7 @@ def test_flash_attn_path_with_gqa_and_documents_equals_sdpa(flash_attn_reference
     sdpa.load_state_dict(flash.state_dict())
     tokens = torch.randint(0, 97, (3, 16))
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 16, [3] * 7 + [4] * 2 + [5] * 7])
-    assert isinstance(attention.attention_mask(doc_ids, "flash"), attention.DocumentSpans)
+    assert isinstance(attention.attention_mask(doc_ids, "flash", torch.bfloat16), attention.DocumentSpans)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for ids in (None, doc_ids):
             torch.testing.assert_close(flash(tokens, ids), sdpa(tokens, ids), rtol=0, atol=3e-2)  # a misplaced boundary: ~1
@@ -184,15 +184,34 @@ def test_flash_attn_path_with_gqa_and_documents_equals_sdpa(flash_attn_reference
 
 
 def test_document_spans_fall_back_to_a_dense_mask_in_fp32(flash_attn_reference):
-    """fp32 cannot run flash-attn: spans become the dense document mask for SDPA ('auto')."""
+    """fp32 cannot run flash-attn: spans handed to it become the dense document mask for SDPA ('auto')."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]])
-    spans = attention.attention_mask(doc_ids, "auto")
+    spans = attention.document_spans(doc_ids)
     want = attention.causal_attention(q, k, v, "sdpa", attention.document_mask(doc_ids))
     torch.testing.assert_close(attention.causal_attention(q, k, v, "auto", spans), want)
     with pytest.raises(RuntimeError, match="half-precision"):
         attention.causal_attention(q, k, v, "flash", spans)
+
+
+def test_an_fp32_run_with_flash_attn_installed_gets_flex_attentions_mask_not_a_dense_one(flash_attn_reference,
+                                                                                          monkeypatch):
+    """flash-attn takes half precision only: an fp32 run on a GPU that has it got spans it could not use, which
+    became SDPA's dense mask (GQA: the math backend, every score in memory). The mask follows the q/k/v dtype:
+    spans for bf16, FlexAttention's block mask for fp32, and the model's forward asks in the dtype it computes."""
+    monkeypatch.setattr(attention, "flex_attention_usable", lambda t: True)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 3, 3, 3, 3]])
+    assert isinstance(attention.attention_mask(doc_ids, "auto", torch.bfloat16), attention.DocumentSpans)
+    assert isinstance(attention.attention_mask(doc_ids, "auto", torch.float32), attention.DocumentBlockMask)
+    asked: list[torch.dtype] = []
+    monkeypatch.setattr("sdd_train.model.transformer.attention_mask",
+                        lambda ids, backend, dtype: asked.append(dtype))
+    model, tokens = Transformer(small_model_cfg("pre")), torch.randint(0, 97, (2, 6))
+    model(tokens, doc_ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens, doc_ids)
+    assert asked == [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.gpu
@@ -203,7 +222,7 @@ def test_flash_attn_matches_sdpa_on_gpu():
     torch.testing.assert_close(attention.causal_attention(q, k, v, "flash"), attention.causal_attention(q, k, v, "sdpa"),
                                rtol=2e-2, atol=2e-2)
     doc_ids = torch.cat([torch.zeros(2, 50), torch.ones(2, 78)], dim=1).cuda()
-    spans, dense = attention.attention_mask(doc_ids, "flash"), attention.document_mask(doc_ids)
+    spans, dense = attention.attention_mask(doc_ids, "flash", torch.bfloat16), attention.document_mask(doc_ids)
     torch.testing.assert_close(attention.causal_attention(q, k, v, "flash", spans),
                                attention.causal_attention(q, k, v, "sdpa", dense), rtol=2e-2, atol=2e-2)
 
@@ -233,8 +252,9 @@ def test_document_masks_on_a_gpu_without_flash_attn_go_to_flex_attention(monkeyp
     flex, sdpa = Transformer(cfg), Transformer(dataclasses.replace(cfg, attention_backend="sdpa"))
     sdpa.load_state_dict(flex.state_dict())
     doc_ids = torch.tensor([[0] * 5 + [1] * 11, [2] * 16, [3] * 7 + [4] * 2 + [5] * 7])
-    assert isinstance(attention.attention_mask(doc_ids, "auto"), attention.DocumentBlockMask)
-    assert isinstance(attention.attention_mask(doc_ids, "sdpa"), torch.Tensor)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert isinstance(attention.attention_mask(doc_ids, "auto", dtype), attention.DocumentBlockMask)
+        assert isinstance(attention.attention_mask(doc_ids, "sdpa", dtype), torch.Tensor)
     tokens = torch.randint(0, 97, (3, 16))
     with torch.no_grad():
         torch.testing.assert_close(flex(tokens, doc_ids), sdpa(tokens, doc_ids), rtol=1e-5, atol=1e-5)

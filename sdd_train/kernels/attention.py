@@ -1,11 +1,12 @@
 """Causal attention: which implementation runs (flash-attn, FlexAttention, the CPU batched-matmul
 kernel, SDPA), and the document masks each takes.
 
-Document masks, per device: flash-attn's varlen kernel takes the documents as spans (their number
-is a dynamic dimension, so a compiled block is traced once for every document count); a GPU without
-flash-attn gets FlexAttention with a document block mask (a Triton kernel under compile; SDPA would
-take a dense mask with GQA only in its math backend, which materialises every score); a CPU takes
-SDPA's dense mask, which its flash kernel serves, GQA included.
+Document masks, per device: flash-attn's varlen kernel takes the documents as spans in half
+precision (their number is a dynamic dimension, so a compiled block is traced once for every
+document count); any other GPU run gets FlexAttention with a document block mask (a Triton kernel
+under compile; SDPA would take a dense mask with GQA only in its math backend, which materialises
+every score), unless ``model.attention_backend=sdpa`` asks for SDPA; a CPU takes a dense mask, for
+the batched-matmul kernel of :mod:`sdd_train.kernels.cpu_attention` or SDPA.
 """
 
 from __future__ import annotations
@@ -141,13 +142,14 @@ def attention_backend_problem(backend: str, device: torch.device, precision: str
     return None
 
 
-def attention_mask(doc_ids: torch.Tensor | None, backend: str) -> AttentionMask:
-    """The document mask in the form the attention backend will take: spans for flash-attn, a block
-    mask for FlexAttention (a GPU without flash-attn), a dense boolean mask for SDPA. Built once per
+def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype) -> AttentionMask:
+    """The document mask in the form the attention kernel that will run takes: spans for flash-attn
+    (CUDA, half precision ``dtype``: the q/k/v dtype), a block mask for FlexAttention (any other CUDA
+    run but ``backend=sdpa``), a dense boolean mask for SDPA and the CPU kernel. Built once per
     forward, outside the (compiled) blocks."""
     if doc_ids is None:
         return None
-    if backend != "sdpa" and flash_attn_usable(doc_ids):
+    if backend != "sdpa" and flash_attn_usable(doc_ids) and dtype in (torch.float16, torch.bfloat16):
         return document_spans(doc_ids)
     if backend == "auto" and flex_attention_usable(doc_ids):
         return document_block_mask(doc_ids)
