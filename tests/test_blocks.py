@@ -148,12 +148,16 @@ def test_causal():
 @pytest.mark.parametrize("ffn", ["dense", "moe"])
 def test_a_forward_writes_no_module_state(ffn):
     """Everything a forward computes is returned (losses, loads; the KV cache is an argument): no
-    attribute of any module changes, which dynamo refuses inside a checkpointed, compiled region."""
+    attribute of any module changes, which dynamo refuses inside a checkpointed, compiled region, and
+    no parameter or buffer is replaced or written in place (a tensor's version counts its in-place writes)."""
     cfg = small_model_cfg("sdd", ffn=ffn, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
     model = Transformer(cfg)
 
-    def state() -> dict[str, dict[str, int]]:
-        return {name: {k: id(v) for k, v in vars(m).items()} for name, m in model.named_modules()}
+    def state() -> dict[str, dict[str, object]]:
+        return {name: {**{k: id(v) for k, v in vars(m).items()},
+                       **{f"{k} tensor": (id(t), t._version) for k, t in [*m._parameters.items(), *m._buffers.items()]
+                          if t is not None}}
+                for name, m in model.named_modules()}
 
     before = state()
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
