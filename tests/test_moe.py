@@ -159,6 +159,48 @@ def test_grouped_mm_and_loop_agree_in_float32(monkeypatch):
     assert len(calls) == (6 if torch.__version__ >= (2, 9) else 0)
 
 
+@pytest.mark.parametrize("grouped_mm", ["auto", "loop"])
+def test_a_layer_copies_its_counts_to_the_host_at_most_once_and_its_expert_weights_never(grouped_mm, monkeypatch):
+    """On a GPU each host read of the row counts waits for the device: a layer makes one host copy
+    (``expert_counts``; none where the grouped GEMM runs), and the loop's four GEMMs, forward and backward,
+    read only it. The expert weights reach the GEMMs as (transposed) views of the parameters, never copies."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sdd_train.model import moe
+
+    torch.manual_seed(0)
+    layer = moe_layer(4, 2, sdd=True, grouped_mm=grouped_mm, d=32, hidden=16).float()
+    copies: list[torch.Tensor] = []
+    real_counts = moe.expert_counts
+
+    def host_copy(counts, *args):
+        out = real_counts(counts, *args)
+        if out is counts and grouped_mm == "loop":  # a GPU's host copy is a new tensor; on CPU .cpu() is counts
+            out = out.clone()
+            copies.append(out)
+        return out
+
+    read: list[int] = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(moe, "expert_counts", host_copy)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read.append(t.data_ptr()) or tolist(t))
+    storages = {p.untyped_storage().data_ptr() for p in (layer.ff_proj.weight, layer.ff_out.weight)}
+    weight_args: list[bool] = []
+
+    class WeightViews(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.sdd_train.expert_mm.default:
+                weight_args.append(args[1].untyped_storage().data_ptr() in storages)
+            return func(*args, **(kwargs or {}))
+
+    with WeightViews():
+        y, _ = layer(torch.randn(24, 32))
+        y.square().mean().backward()
+    assert len(copies) == (1 if grouped_mm == "loop" else 0)
+    assert read and set(read) == {copies[0].data_ptr()} if grouped_mm == "loop" else not read
+    assert weight_args == [True] * 4  # forward: up and down projections; backward: their input gradients
+
+
 def test_aux_losses_match_hand_computation():
     """Fixed routing: 4 tokens, 4 experts, top-2, logits chosen by hand."""
     layer = moe_layer(4, 2, sdd=False, d=4)
