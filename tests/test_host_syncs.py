@@ -26,6 +26,7 @@ from sdd_train.distributed.world import World
 from sdd_train.train.__main__ import main
 from sdd_train.train.callbacks import checkpointing
 from sdd_train.train.stop_signals import StopSignals
+from sdd_train.train.train_module import StepOutput
 from sdd_train.train.trainer import Trainer
 
 ROOT = str(Path(__file__).resolve().parents[1] / "sdd_train")
@@ -118,7 +119,20 @@ class _Trainer:
                                       "train.signal_check_interval=4"])
         self.world = World(rank=0, world_size=world_size, local_rank=0, device=torch.device("cpu"))
         self.module = SimpleNamespace(parameters_finite=lambda: True)  # each test counts its reductions
-        self.run_dir, self.saved, self.stop_reason = tmp_path, [], None
+        self.run_dir, self.saved, self.stop_reason, self.carried = tmp_path, [], None, {}
+
+    def read_with_step(self, name: str, value: torch.Tensor) -> None:
+        self.carried[name] = value
+
+    def run_step(self, callback: checkpointing.CheckpointCallback, read_losses: bool = False) -> StepOutput:
+        """The hooks of one step, as the loop calls them (``read_losses``: a callback reads the losses first)."""
+        self.carried = {}
+        callback.pre_step(self, self.step)
+        out = StepOutput(losses=torch.zeros(4), grad_norm_tensor=torch.ones(()), carried=self.carried)
+        if read_losses:
+            assert out.loss == 0.0
+        callback.post_step(self, self.step, out)
+        return out
 
     def save_checkpoint(self) -> Path:
         self.saved.append(self.step)
@@ -145,10 +159,30 @@ def test_ranks_agree_on_a_stop_signal_every_n_steps_and_at_checkpoints(world_siz
     for trainer.step in range(1, 21):
         if trainer.step == 9:
             checkpointing.STOPS._record(signal.SIGUSR1, None)
-        callback.post_step(trainer, trainer.step, None)
+        trainer.run_step(callback)
         if trainer.stop_reason:
             break
     assert trainer.stop_reason == "SIGUSR1"
     # (stopped at, saved at, reductions: a save's finiteness check makes one too, after the flag's)
     expected = {1: (9, [6, 9], [6, 9]), 2: (12, [6, 12], [4, 6, 6, 8, 12, 12])}
     assert (trainer.step, trainer.saved, reduced) == expected[world_size]
+
+
+def test_ranks_read_their_stop_flag_in_the_steps_one_read(tmp_path, monkeypatch):
+    """At a step where ranks agree on a stop signal (step 4 of 20, no checkpoint, no record) the flag's
+    all-reduce is read with the step's losses: a step whose losses a callback reads (spike detection) makes
+    that one read, not a second one for the flag; a step that reads nothing else reads the flag alone."""
+    trainer = _Trainer(2, tmp_path)
+    monkeypatch.setattr(checkpointing, "all_reduce_max", lambda t: t)
+    monkeypatch.setattr(checkpointing, "STOPS", StopSignals())
+    tolist, lists = torch.Tensor.tolist, []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: lists.append(_caller()) or tolist(t))  # CPU: no dispatch
+    callback, trainer.step = checkpointing.CheckpointCallback(), 4
+    for read_losses in (True, False):
+        lists.clear()
+        with CountReads() as mode:
+            out = trainer.run_step(callback, read_losses)
+        assert len(mode.reads) + len(lists) == 1 and list(out.carried) == ["stop_signal"], (mode.reads, lists)
+    checkpointing.STOPS._record(signal.SIGTERM, None)
+    trainer.run_step(callback, read_losses=True)
+    assert trainer.stop_reason == "SIGTERM"

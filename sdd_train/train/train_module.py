@@ -54,13 +54,19 @@ class StepOutput:
     grad_norm_tensor: torch.Tensor | None = None  # global, before clipping: set before any callback sees the step
     lr: float = math.nan
     step_time: float = math.nan  # seconds, from reading the batch to the end of the update
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)  # callbacks' device scalars (Trainer.read_with_step)
     _values: list[float] | None = field(default=None, init=False, repr=False)
 
     def read(self) -> list[float]:
-        """The losses and the gradient norm as floats: one device read per step, whoever asks first."""
+        """The losses, the gradient norm and the carried values as floats: one device read per step, whoever
+        asks first."""
         if self._values is None:
-            self._values = torch.cat([self.losses.double(), self.grad_norm_tensor.double().reshape(1)]).tolist()
+            scalars = [self.grad_norm_tensor, *self.carried.values()]
+            self._values = torch.cat([self.losses.double(), *(t.double().reshape(1) for t in scalars)]).tolist()
         return self._values
+
+    def carried_value(self, name: str) -> float:
+        return self.read()[5 + list(self.carried).index(name)]
 
     @property
     def loss(self) -> float:

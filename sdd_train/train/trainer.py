@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sdd_train.checkpoint import Checkpointer, Restore, complete_checkpoints
 from sdd_train.config import RunConfig, as_dict, save_config
 from sdd_train.data.loader import MixtureLoader
@@ -40,6 +42,7 @@ class Trainer:
         self.start_step = 0  # the step this process started from
         self.stop_reason: str | None = None
         self._metrics: dict[str, Any] = {}  # recorded by callbacks during the current step
+        self._carried: dict[str, torch.Tensor] = {}  # device scalars callbacks read with the current step's values
         self.restore = Restore(cfg, checkpointer, log)
 
     # ------------------------------------------------------------------ the loop
@@ -91,9 +94,11 @@ class Trainer:
         t = self.cfg.train
         step = self.step + 1  # the optimizer step this one makes
         self.position = self.feed.next_position(self.position, self.excluded)
+        self._carried = {}
         self._call("pre_step", step)
         start = time.perf_counter()
         out = self.module.train_batch(self.feed.micro_batches(self.position, self.excluded), self.feed.accum, step)
+        out.carried.update(self._carried)
         self._call("post_backward", step)
         self.module.clip_gradients(out)
         verdict = self._decide(step, out)
@@ -139,6 +144,11 @@ class Trainer:
         a resumed run as in an uninterrupted one (records hold values accumulated since the last one)."""
         t = self.cfg.train
         return step % t.log_interval == 0 or step in (1, t.max_steps)
+
+    def read_with_step(self, name: str, value: torch.Tensor) -> None:
+        """A device scalar a callback needs in this step, read in the step's one read with its losses
+        (``out.carried_value(name)``) rather than in a read of its own; called in ``pre_step``."""
+        self._carried[name] = value
 
     def record_metric(self, key: str, value: float) -> None:
         """A value for this step's metrics record (written on log steps, after ``post_train_step``)."""

@@ -2,8 +2,9 @@
 (kept forever), at the last step, and on SIGTERM / SIGUSR1 (Slurm preemption), after which the run
 stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed.
 Under torchrun the ranks agree on a signal every ``train.signal_check_interval`` steps (and at every
-checkpoint), so a signal is acted on at most that many steps after it arrives; one process acts on
-it at the end of the step it arrives in.
+checkpoint), so a signal is acted on at most that many steps after it arrives; their flag is reduced
+as such a step starts and read with its losses, in the step's one read. One process acts on a signal
+at the end of the step it arrives in.
 
 A save that fails (a full disk, a quota, permissions) leaves the previous checkpoint the latest;
 ``train.checkpoint_failure`` decides: ``stop`` the run (exit 1), or ``retry`` at the next interval
@@ -34,18 +35,37 @@ class CheckpointCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         STOPS.install()  # sdd-train installed it at start-up; a trainer built in code installs it here
-        stopping = self._stop_requested(trainer, agree=True)  # arrived while the run was set up
+        stopping = self._stop_requested(trainer)  # arrived while the run was set up
         if stopping:
             trainer.log(f"stopped by {signal.Signals(stopping).name} before step {trainer.step + 1}; nothing new"
                         " to checkpoint. Re-run the same command to resume.")
             trainer.request_stop(signal.Signals(stopping).name)
 
-    def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+    def pre_step(self, trainer: Trainer, step: int) -> None:
+        """Ranks agree on a stop signal at the steps of :meth:`agrees`: the flag's all-reduce is queued now
+        and read with the step's losses (one read for the step, not one more)."""
+        if trainer.world.distributed and self.agrees(trainer, step):
+            flag = torch.tensor(float(STOPS.received), device=trainer.world.device)
+            trainer.read_with_step("stop_signal", all_reduce_max(flag))
+
+    @staticmethod
+    def saves(trainer: Trainer, step: int) -> bool:
         t = trainer.cfg.train
         interval = t.checkpoint_interval and step % t.checkpoint_interval == 0
         permanent = t.permanent_checkpoint_interval and step % t.permanent_checkpoint_interval == 0
-        saving = bool(interval or permanent or step == t.max_steps)
-        stopping = self._stop_requested(trainer, saving or step % t.signal_check_interval == 0)
+        return bool(interval or permanent or step == t.max_steps)
+
+    def agrees(self, trainer: Trainer, step: int) -> bool:
+        """Every ``train.signal_check_interval`` steps and at checkpoints: the same steps on every rank."""
+        return self.saves(trainer, step) or step % trainer.cfg.train.signal_check_interval == 0
+
+    def post_step(self, trainer: Trainer, step: int, out: StepOutput) -> None:
+        t = trainer.cfg.train
+        saving = self.saves(trainer, step)
+        if not trainer.world.distributed:
+            stopping = STOPS.received
+        else:
+            stopping = int(out.carried_value("stop_signal")) if "stop_signal" in out.carried else 0
         if saving or stopping:
             if not trainer.module.parameters_finite():
                 raise TrainingDiverged(f"step {step}: the model has non-finite parameters; not checkpointing it."
@@ -68,14 +88,10 @@ class CheckpointCallback(Callback):
                         " Re-run the same command to resume.")
             trainer.request_stop(name)
 
-    def _stop_requested(self, trainer: Trainer, agree: bool) -> int:
-        """The signal number if any rank received SIGTERM/SIGUSR1, else 0. One process knows at once;
-        ranks agree (an all-reduce, and a read of its result) only where ``agree``: every
-        ``train.signal_check_interval`` steps and at checkpoints, the same steps on every rank."""
+    def _stop_requested(self, trainer: Trainer) -> int:
+        """The signal number if any rank received SIGTERM/SIGUSR1, else 0 (ranks: an all-reduce and a read)."""
         if not trainer.world.distributed:
             return STOPS.received
-        if not agree:
-            return 0
         flag = torch.tensor(float(STOPS.received), device=trainer.world.device)
         return int(all_reduce_max(flag).item())
 
