@@ -206,6 +206,24 @@ def test_training_with_the_chunked_loss_matches_the_plain_loss(tmp_path, data_ca
         assert b[step] == pytest.approx(a[step], rel=1e-5)
 
 
+def test_the_gradient_norm_sums_in_the_parameters_order_whatever_their_meshes():
+    """The same gradients give the same norm, bitwise, however their DTensors' mesh objects group them. A run
+    after another in the same process (make matrix's rank pools) got mesh objects grouped otherwise, summed
+    its squares in another order and logged a norm one ulp off its reference."""
+    from sdd_train.train.train_module import grad_norm_and_clip
+
+    for seed in range(5):  # grouped by mesh, 2 of these 5 sums came out one ulp apart
+        torch.manual_seed(seed)
+        params = [torch.nn.Parameter(torch.zeros(7)) for _ in range(40)]
+        for p in params:
+            p.grad = torch.randn(7) * 10 ** torch.empty(()).uniform_(-1, 1).item()
+        alone = grad_norm_and_clip(params, max_norm=math.inf)
+        meshes = [object(), object()]
+        for i, p in enumerate(params):
+            p.device_mesh = meshes[i % 3 == 0]
+        assert torch.equal(grad_norm_and_clip(params, max_norm=math.inf), alone), seed
+
+
 def test_the_gradient_norm_is_accurate_for_a_large_gradient_and_clips_to_it():
     """A 16M-element fp32 gradient beside a small one: the norm is the float64 one to 1e-6 (one fp32 reduction
     over the whole tensor on CPU is ~6e-4 off, which made one process and 4 ranks log different norms), and

@@ -114,15 +114,13 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     gradients, and such a step's update is dropped anyway (the stability callback), so no read of
     the norm is needed here.
     """
-    by_mesh: dict[int, list[torch.Tensor]] = {}  # DTensors of different meshes do not mix in one op
-    for p in params:
-        if p.grad is not None:
-            by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    with_grads = [p for p in params if p.grad is not None]
     # every rank's squares of its own elements, each element counted once over the world (divided by the ranks
-    # that hold it), in one all-reduce
+    # that hold it), in one all-reduce; summed in the parameters' order, so that the norm does not depend on
+    # anything else (grouped by mesh object, a run after another in the same process summed in another order)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     by_replicas: dict[int, list[torch.Tensor]] = {}
-    for p in (p for group in by_mesh.values() for p in group):
+    for p in with_grads:
         local = p.grad.to_local() if type(p.grad).__name__ == "DTensor" else p.grad
         by_replicas.setdefault(replica_count(p, world), []).append(upcast(local))
     device = params[0].device if params else None
@@ -130,6 +128,9 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
                   torch.zeros((), device=device))
     total = all_reduce_sum(squares).sqrt()
     if max_norm < math.inf:
+        by_mesh: dict[int, list[torch.Tensor]] = {}  # DTensors of different meshes do not mix in one op
+        for p in with_grads:
+            by_mesh.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
