@@ -8,7 +8,7 @@ runs on this device, interleaved round by round: which one ``model.attention_bac
   kernel (``sdd_train.kernels.cpu_attention``) vs SDPA with the dense mask. FlexAttention has no CPU
   backward, so it is not a CPU candidate.
 
-    python benchmarks/doc_attention.py [--reps 10] [--json runs/bench_doc_attention.json] [--smoke]
+    python benchmarks/doc_attention.py [--reps 10] [--dtype bf16|fp32] [--json runs/bench_doc_attention.json] [--smoke]
 
 Each row: median and fastest milliseconds, and the peak memory of one call on CUDA. ``--smoke`` runs
 tiny shapes to check the script, not to measure.
@@ -33,11 +33,11 @@ from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E4
 from benchmarks.record import write_json  # noqa: E402
 
 
-def cases(device: torch.device, smoke: bool) -> dict[str, Callable[[], None]]:
+def cases(device: torch.device, smoke: bool, dtype: torch.dtype = torch.bfloat16) -> dict[str, Callable[[], None]]:
     cuda = device.type == "cuda"
     b, s, h, hkv, doc = ((4, 4096, 32, 8, 512) if cuda else (16, 256, 4, 2, 64)) if not smoke else (2, 32, 4, 2, 8)
-    q = torch.randn(b, s, h, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(b, s, hkv, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    q = torch.randn(b, s, h, 64, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, s, hkv, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
     dout = torch.randn_like(q)
     doc_ids = torch.arange(s, device=device).div(doc, rounding_mode="floor").expand(b, s)
     dense = attention.document_mask(doc_ids)
@@ -66,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", default="runs/bench_doc_attention.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: check the script, not the speed")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="q/k/v dtype (fp32: what a CPU without native bf16 trains in)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    steps = cases(device, args.smoke)
+    steps = cases(device, args.smoke, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
     times: dict[str, list[float]] = {name: [] for name in steps}
     peaks: dict[str, float] = {}
     for name, step in steps.items():  # warm-up (compiles FlexAttention), and one call's peak memory
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    rows = [{"case": name, "device": device.type, "median_ms": statistics.median(t) * 1e3,
+    rows = [{"case": name, "device": device.type, "dtype": args.dtype, "median_ms": statistics.median(t) * 1e3,
              "fastest_ms": min(t) * 1e3, "peak_gib": peaks.get(name)} for name, t in times.items()]
     print(f"{'case':<32} {'median (ms)':>12} {'fastest':>9} {'peak GiB':>9}")
     for r in rows:
