@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import small_model_cfg
+from conftest import small_model_cfg, small_run
 from sdd_train.model import Transformer
 from sdd_train.kernels import attention
 from sdd_train.distributed.parallelize import apply_compile
@@ -157,6 +157,38 @@ def test_compiled_blocks_with_document_spans_compile_once_for_every_document_cou
             model(tokens, doc_ids).float().square().mean().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[-1] == graphs[1] and graphs[1] <= graphs[0] + 1  # at most one retrace, to the dynamic count
+
+
+@pytest.mark.slow
+def test_training_builds_document_spans_from_the_hosts_ids(flash_attn_reference, data_cache, tmp_path, monkeypatch):
+    """flash-attn's spans need their count on the host: counted from the GPU's ids, every micro-batch's
+    forward waited for the GPU. The data feed builds them from the host's ids, before they move (one call per
+    micro-batch), and the model takes them as they are instead of building them again from its ids."""
+    import traceback
+
+    from sdd_train.model import transformer
+    from sdd_train.train.__main__ import main
+
+    taken, callers = [], []
+    forward, spans = transformer.Transformer.forward, attention.document_spans
+
+    def recording_forward(self, tokens, doc_ids=None, *args, **kwargs):
+        if torch.is_grad_enabled():  # a training step's (validation and statistics pass the ids)
+            taken.append(type(doc_ids))
+        return forward(self, tokens, doc_ids, *args, **kwargs)
+
+    def recording_spans(ids, device=None):
+        callers.append([frame.name for frame in traceback.extract_stack()[:-1]])
+        return spans(ids, device)
+
+    monkeypatch.setattr(transformer.Transformer, "forward", recording_forward)
+    monkeypatch.setattr(attention, "document_spans", recording_spans)
+    args = small_run(tmp_path, data_cache, "data.doc_mask=true", "train.precision=bf16", "train.max_steps=2",
+                     "train.eval_interval=0", "train.checkpoint_interval=0")
+    assert main(args) == 0
+    assert taken and set(taken) == {attention.DocumentSpans}
+    training = [names for names in callers if "micro_batches" in names]
+    assert len(training) == len(taken) and not any("run_blocks" in names for names in training)
 
 
 def test_document_spans():

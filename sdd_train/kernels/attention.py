@@ -48,19 +48,22 @@ class DocumentSpans:
     doc_ids: torch.Tensor
 
 
-def document_spans(doc_ids: torch.Tensor) -> DocumentSpans:
+def document_spans(doc_ids: torch.Tensor, device: torch.device | None = None) -> DocumentSpans:
     """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change.
 
-    The number of spans varies from batch to batch: it is marked dynamic for torch.compile, so the
-    blocks that take it are traced once for all counts instead of once per count (fullgraph compile
-    stops at the eighth recompile)."""
+    The spans are found where ``doc_ids`` is and then moved to ``device`` (default: the same): their
+    number is read on the host (a shape), which from a GPU's ids waits for the GPU, and from the data
+    feed's host copy waits for nothing. It varies from batch to batch: it is marked dynamic for
+    torch.compile, so the blocks that take it are traced once for all counts instead of once per count
+    (fullgraph compile stops at the eighth recompile)."""
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     offsets = starts.flatten().nonzero().flatten()
     end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
-    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
+    device = doc_ids.device if device is None else device
+    cu_seqlens = torch.cat([offsets, end]).to(device=device, dtype=torch.int32, non_blocking=True)
     torch._dynamo.mark_dynamic(cu_seqlens, 0)
-    return DocumentSpans(cu_seqlens, doc_ids)
+    return DocumentSpans(cu_seqlens, doc_ids.to(device, non_blocking=True))
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,17 @@ def document_block_mask(doc_ids: torch.Tensor) -> DocumentBlockMask:
 
 
 AttentionMask = torch.Tensor | DocumentSpans | DocumentBlockMask | None
+DOCUMENT_MASKS = (DocumentSpans, DocumentBlockMask)  # built from document ids (dense masks are tensors too)
 
 
-def flex_attention_usable(t: torch.Tensor) -> bool:
-    """FlexAttention runs forward and backward here: CUDA (its CPU backward is not implemented)."""
-    return t.is_cuda and _has_flex_attention()
+def _on_cuda(where: torch.Tensor | torch.device) -> bool:
+    return where.is_cuda if isinstance(where, torch.Tensor) else torch.device(where).type == "cuda"
+
+
+def flex_attention_usable(where: torch.Tensor | torch.device) -> bool:
+    """FlexAttention runs forward and backward on this tensor's device: CUDA (its CPU backward is not
+    implemented)."""
+    return _on_cuda(where) and _has_flex_attention()
 
 
 @functools.cache
@@ -126,9 +135,10 @@ class BackendUnavailable(UsageError, RuntimeError):
     label = "backend error"
 
 
-def flash_attn_usable(t: torch.Tensor) -> bool:
-    """flash-attn is installed and ``t`` is on CUDA (it also needs half precision, checked per call)."""
-    return flash_attn_func is not None and t.is_cuda
+def flash_attn_usable(where: torch.Tensor | torch.device) -> bool:
+    """flash-attn is installed and this tensor or device is CUDA (it also needs half precision, checked
+    per call)."""
+    return flash_attn_func is not None and _on_cuda(where)
 
 
 def attention_backend_problem(backend: str, device: torch.device, precision: str) -> str | None:
@@ -142,16 +152,20 @@ def attention_backend_problem(backend: str, device: torch.device, precision: str
     return None
 
 
-def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype) -> AttentionMask:
-    """The document mask in the form the attention kernel that will run takes: spans for flash-attn
-    (CUDA, half precision ``dtype``: the q/k/v dtype), a block mask for FlexAttention (any other CUDA
-    run but ``backend=sdpa``), a dense boolean mask for SDPA and the CPU kernel. Built once per
-    forward, outside the (compiled) blocks."""
+def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype,
+                   device: torch.device | None = None) -> AttentionMask:
+    """The document mask in the form the attention kernel that will run on ``device`` (default: the
+    ids') takes: spans for flash-attn (CUDA, half precision ``dtype``: the q/k/v dtype), a block mask
+    for FlexAttention (any other CUDA run but ``backend=sdpa``), a dense boolean mask for SDPA and the
+    CPU kernel. Built once per forward, outside the (compiled) blocks; from ids on the host (the data
+    feed's), the spans' count is read without waiting for the device."""
     if doc_ids is None:
         return None
-    if backend != "sdpa" and flash_attn_usable(doc_ids) and dtype in (torch.float16, torch.bfloat16):
-        return document_spans(doc_ids)
-    if backend == "auto" and flex_attention_usable(doc_ids):
+    device = doc_ids.device if device is None else torch.device(device)
+    if backend != "sdpa" and flash_attn_usable(device) and dtype in (torch.float16, torch.bfloat16):
+        return document_spans(doc_ids, device)
+    doc_ids = doc_ids.to(device, non_blocking=True)
+    if backend == "auto" and flex_attention_usable(device):
         return document_block_mask(doc_ids)
     return document_mask(doc_ids)
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from sdd_train.config import ConfigError, ModelConfig
 from sdd_train.config.validation import check_choices
-from sdd_train.kernels import attention_mask, autocast_dtype, linear_cross_entropy, lm_loss
+from sdd_train.kernels import (DOCUMENT_MASKS, AttentionMask, attention_mask, autocast_dtype, linear_cross_entropy,
+                               lm_loss)
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
@@ -110,12 +111,13 @@ class Transformer(nn.Module):
         scheme = self.cfg.init.scheme
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | AttentionMask = None, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096,
                 earlier_counts: torch.Tensor | None = None):
         """tokens [B, S] -> logits [B, S, vocab_size], or with ``targets`` [B, S] a :class:`LossOutput`.
 
-        ``doc_ids`` [B, S] confines attention to documents. With a ``cache`` (:meth:`new_cache`)
+        ``doc_ids`` [B, S] confines attention to documents (or the document mask built from them already,
+        spans or a block mask: the data feed's, from the host's ids). With a ``cache`` (:meth:`new_cache`)
         the tokens continue the cached positions and their keys / values are added to it. The loss
         is computed ``loss_chunk`` tokens at a time so the full logits never exist (inside the root
         forward, so FSDP2 has the head weight gathered); ``loss_chunk`` 0: from the full logits.
@@ -178,7 +180,10 @@ class Transformer(nn.Module):
                    ) -> tuple[list[torch.Tensor], list[MoEAux]]:
         """The residual stream after the embedding and after every block, and what every MoE layer routed."""
         rope = self.rope if cache is None else self.rope[:, cache.pos:cache.pos + tokens.shape[1]]
-        mask = attention_mask(doc_ids, self.cfg.attention_backend, autocast_dtype(self.embed.weight))
+        if isinstance(doc_ids, DOCUMENT_MASKS):  # built from the ids already (the data feed's, from the host's ids)
+            mask = doc_ids
+        else:
+            mask = attention_mask(doc_ids, self.cfg.attention_backend, autocast_dtype(self.embed.weight))
         att = AttentionInputs(rope, mask, cache)
         x = self.embed(tokens)
         states, aux = [x], []

@@ -109,7 +109,7 @@ def build_trainer(cfg: RunConfig, world: World, log: Callable[..., None]) -> Tra
     checkpointer = Checkpointer(run_dir, world, keep=t.keep_checkpoints,
                                 permanent_every=t.permanent_checkpoint_interval,
                                 async_save=t.async_checkpoint)
-    feed = DataFeed(loader, t, world, cfg.data.prefetch)
+    feed = DataFeed(loader, cfg, world, cfg.data.prefetch)
     return Trainer(cfg, world, module, feed, loader, callbacks, checkpointer, eval_sets,
                    [d.fingerprint for d in datasets], log)
 

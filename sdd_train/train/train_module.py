@@ -192,7 +192,8 @@ class TrainModule:
                 if sharded and self.cfg.parallel.defer_grad_sync:
                     self.model.set_requires_gradient_sync(micro == accum - 1)
                 with record_function("forward"), autocast(world.device, t.precision):
-                    out = self.model(batch["inputs"], batch.get("doc_ids"), targets=batch["targets"],
+                    documents = batch.get("attention_mask", batch.get("doc_ids"))  # the feed's mask, or the ids
+                    out = self.model(batch["inputs"], documents, targets=batch["targets"],
                                      z_loss=o.z_loss, loss_chunk=t.loss_chunk_size, earlier_counts=earlier)
                 if out.balance_counts is not None:
                     earlier = earlier + out.balance_counts
