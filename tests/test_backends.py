@@ -271,6 +271,39 @@ def test_bf16_training_step_on_gpu(block):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_attention_document_masks_train_like_sdpa_and_compile_once_on_gpu():
+    """The GPU path of document masks without flash-attn (the GPU image has none): compiled blocks with
+    FlexAttention's block mask give SDPA's dense-mask logits and gradients (GQA, bf16), and one graph
+    serves every document count (the block mask's shapes follow the sequence length, not the documents)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = small_model_cfg("pre", d_model=64, max_seq_len=128)  # heads of 16, GQA
+    flex = Transformer(cfg).cuda()
+    sdpa = Transformer(dataclasses.replace(cfg, attention_backend="sdpa")).cuda()
+    sdpa.load_state_dict(flex.state_dict())
+    apply_compile(flex.parallel_plan())
+    graphs = []
+    for n_docs in range(1, 6):
+        doc_ids = (torch.arange(128, device="cuda") * n_docs // 128).expand(2, 128)
+        tokens = torch.randint(0, 97, (2, 128), device="cuda")
+        results = []
+        for model in (flex, sdpa):
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(tokens, doc_ids).float()
+            logits.square().mean().backward()
+            results.append((logits, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (flex_logits, flex_grads), (sdpa_logits, sdpa_grads) = results
+        torch.testing.assert_close(flex_logits, sdpa_logits, rtol=3e-2, atol=3e-2)
+        assert (flex_grads - sdpa_grads).norm() <= 2e-2 * sdpa_grads.norm(), n_docs
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[0], graphs
+
+
 def test_document_masks_on_a_gpu_without_flash_attn_go_to_flex_attention(monkeypatch):
     """A dense mask with GQA runs only in SDPA's math backend on CUDA (every score in memory); a GPU
     without flash-attn gets FlexAttention's block mask instead. Its forward runs on CPU too (its CPU
