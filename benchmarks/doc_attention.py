@@ -1,22 +1,24 @@
 """Document-masked causal attention (``data.doc_mask``), forward + backward, per implementation that
 runs on this device, interleaved round by round: which one ``model.attention_backend=auto`` should take.
 
-- CUDA (the dense 1B shape: micro-batch 4 x 4096, 32 query / 8 kv heads of 64, bf16, documents of
-  512 tokens): FlexAttention with a document block mask (compiled), SDPA with the dense mask (GQA
-  with a mask runs only in its math backend), flash-attn's varlen kernel when installed.
-- CPU (the tiny shape: 16 x 256, 4 / 2 heads of 64, bf16, documents of 64 tokens): the batched-matmul
+- CUDA (the dense 1B shape: micro-batch 4 x 4096, 32 query / 8 kv heads of 64, documents of 512
+  tokens): FlexAttention with a document block mask (compiled), SDPA with the dense mask (GQA with a
+  mask runs only in its math backend), flash-attn's varlen kernel when installed (bf16 only).
+- CPU (the tiny shape: 16 x 256, 4 / 2 heads of 64, documents of 64 tokens): the batched-matmul
   kernel (``sdd_train.kernels.cpu_attention``) vs SDPA with the dense mask. FlexAttention has no CPU
   backward, so it is not a CPU candidate.
 
     python benchmarks/doc_attention.py [--reps 10] [--dtype bf16|fp32] [--json runs/bench_doc_attention.json] [--smoke]
 
-Each row: median and fastest milliseconds, and the peak memory of one call on CUDA. ``--smoke`` runs
+q, k, v are bf16 (``--dtype fp32``: fp32, what a CPU without native bf16 trains in). Each row: median
+and fastest milliseconds, and the peak memory of one call on CUDA. ``--smoke`` runs
 tiny shapes to check the script, not to measure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -43,8 +45,8 @@ def cases(device: torch.device, smoke: bool, dtype: torch.dtype = torch.bfloat16
     dense = attention.document_mask(doc_ids)
 
     def run(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        def step() -> None:
-            with bf16_products_of_bf16_values(device):
+        def step() -> None:  # a bf16 training step's setting (it would round fp32 products to bf16)
+            with bf16_products_of_bf16_values(device) if dtype == torch.bfloat16 else contextlib.nullcontext():
                 fn().backward(dout)
         return step
 
@@ -53,7 +55,7 @@ def cases(device: torch.device, smoke: bool, dtype: torch.dtype = torch.bfloat16
         if attention.flex_attention_usable(q):
             blocks = attention.document_block_mask(doc_ids)
             out["FlexAttention, block mask"] = run(lambda: attention.flex_document_attention(q, k, v, blocks))
-        if attention.flash_attn_usable(q):
+        if attention.flash_attn_usable(q) and dtype == torch.bfloat16:  # half precision only
             spans = attention.document_spans(doc_ids)
             out["flash-attn varlen"] = run(lambda: attention.causal_attention(q, k, v, "flash", spans))
     else:

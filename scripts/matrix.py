@@ -87,7 +87,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-CODE = ("sdd_train", "tests/matrix.py", "tests/matrix_run.py", "tests/rank_pool.py", "pyproject.toml")  # what a row runs
+# what a row runs: a row recorded on other code than these paths' is not compared with
+CODE = ("sdd_train", "tests/matrix.py", "tests/matrix_run.py", "tests/rank_pool.py", "pyproject.toml")
 
 
 def git(*args: str) -> subprocess.CompletedProcess:
@@ -225,9 +226,6 @@ def main() -> int:
         print(f"matrix: {e or 'interrupted'}; the combinations before it are in results.jsonl, re-run to resume",
               file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `--list | head` stopped reading
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 0
 
 
 def run_matrix() -> int:
@@ -267,7 +265,10 @@ def run_matrix() -> int:
         forget_stale_rows(todo, loaded, args.work)
     if args.list:  # before anything is written
         left = [c for c in todo if c.name not in loaded]
-        print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
+        try:
+            print("\n".join(c.name for c in left) + f"\n{len(left)} of {len(todo)} combinations left to run")
+        except BrokenPipeError:  # `--list | head` stopped reading
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)

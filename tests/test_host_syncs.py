@@ -127,7 +127,7 @@ class _Trainer:
     def run_step(self, callback: checkpointing.CheckpointCallback, read_losses: bool = False) -> StepOutput:
         """The hooks of one step, as the loop calls them (``read_losses``: a callback reads the losses first)."""
         self.carried = {}
-        callback.pre_step(self, self.step)
+        callback.post_backward(self, self.step)
         out = StepOutput(losses=torch.zeros(4), grad_norm_tensor=torch.ones(()), carried=self.carried)
         if read_losses:
             assert out.loss == 0.0

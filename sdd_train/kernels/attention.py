@@ -42,28 +42,33 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 class DocumentSpans:
     """Packed documents in flash-attn's varlen form: ``cu_seqlens`` [n_docs + 1] int32 offsets of
     the documents in the flattened [B * S] batch (every row starts a new span). ``doc_ids`` is kept
-    for the SDPA fallback (e.g. fp32 on CUDA), which needs the dense mask."""
+    for the dense-mask fallback of :func:`causal_attention` (spans handed to a run flash-attn cannot
+    serve)."""
 
     cu_seqlens: torch.Tensor
     doc_ids: torch.Tensor
 
 
-def document_spans(doc_ids: torch.Tensor, device: torch.device | None = None) -> DocumentSpans:
+def document_spans(doc_ids: torch.Tensor, device: torch.device | None = None,
+                   ids_there: torch.Tensor | None = None) -> DocumentSpans:
     """Document boundaries of [B, S] ``doc_ids``: a span starts at every row start and id change.
 
-    The spans are found where ``doc_ids`` is and then moved to ``device`` (default: the same): their
-    number is read on the host (a shape), which from a GPU's ids waits for the GPU, and from the data
-    feed's host copy waits for nothing. It varies from batch to batch: it is marked dynamic for
-    torch.compile, so the blocks that take it are traced once for all counts instead of once per count
-    (fullgraph compile stops at the eighth recompile)."""
+    The spans are found where ``doc_ids`` is and then moved to ``device`` (default: the same;
+    ``ids_there``: the ids already copied there): their number is read on the host (a shape), which
+    from a GPU's ids waits for the GPU, and from the data feed's host copy waits for nothing. It varies
+    from batch to batch: it is marked dynamic for torch.compile, so the blocks that take it are traced
+    once for all counts instead of once per count (fullgraph compile stops at the eighth recompile)."""
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     offsets = starts.flatten().nonzero().flatten()
     end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
-    device = doc_ids.device if device is None else device
-    cu_seqlens = torch.cat([offsets, end]).to(device=device, dtype=torch.int32, non_blocking=True)
+    device = doc_ids.device if device is None else torch.device(device)
+    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
+    if device.type == "cuda" and not cu_seqlens.is_cuda:
+        cu_seqlens = cu_seqlens.pin_memory()  # an asynchronous copy from pageable memory may wait for the stream
+    cu_seqlens = cu_seqlens.to(device, non_blocking=True)
     torch._dynamo.mark_dynamic(cu_seqlens, 0)
-    return DocumentSpans(cu_seqlens, doc_ids.to(device, non_blocking=True))
+    return DocumentSpans(cu_seqlens, doc_ids.to(device, non_blocking=True) if ids_there is None else ids_there)
 
 
 @dataclass(frozen=True)
@@ -152,22 +157,40 @@ def attention_backend_problem(backend: str, device: torch.device, precision: str
     return None
 
 
+def document_mask_form(backend: str, dtype: torch.dtype, device: torch.device) -> str:
+    """The form of document mask the attention kernel that will run takes: ``spans`` for flash-attn
+    (CUDA, half precision ``dtype``: the q/k/v dtype), ``block`` for FlexAttention (any other CUDA run
+    but ``backend=sdpa``), ``dense`` for SDPA and the CPU kernel."""
+    if backend != "sdpa" and flash_attn_usable(device) and dtype in (torch.float16, torch.bfloat16):
+        return "spans"
+    if backend == "auto" and flex_attention_usable(device):
+        return "block"
+    return "dense"
+
+
 def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype,
                    device: torch.device | None = None) -> AttentionMask:
-    """The document mask in the form the attention kernel that will run on ``device`` (default: the
-    ids') takes: spans for flash-attn (CUDA, half precision ``dtype``: the q/k/v dtype), a block mask
-    for FlexAttention (any other CUDA run but ``backend=sdpa``), a dense boolean mask for SDPA and the
-    CPU kernel. Built once per forward, outside the (compiled) blocks; from ids on the host (the data
-    feed's), the spans' count is read without waiting for the device."""
+    """The document mask of [B, S] ``doc_ids`` in :func:`document_mask_form` for a run on ``device``
+    (default: the ids'). Built once per forward, outside the (compiled) blocks."""
     if doc_ids is None:
         return None
     device = doc_ids.device if device is None else torch.device(device)
-    if backend != "sdpa" and flash_attn_usable(device) and dtype in (torch.float16, torch.bfloat16):
+    form = document_mask_form(backend, dtype, device)
+    if form == "spans":
         return document_spans(doc_ids, device)
     doc_ids = doc_ids.to(device, non_blocking=True)
-    if backend == "auto" and flex_attention_usable(device):
-        return document_block_mask(doc_ids)
-    return document_mask(doc_ids)
+    return document_block_mask(doc_ids) if form == "block" else document_mask(doc_ids)
+
+
+def prebuilt_document_mask(host_ids: torch.Tensor, device_ids: torch.Tensor, backend: str,
+                           dtype: torch.dtype) -> DocumentSpans | DocumentBlockMask | None:
+    """The data feed's mask of a batch's ids (on the host, and copied to the device), where its form
+    depends on the documents: flash-attn's spans, counted on the host (no wait for the device), or
+    FlexAttention's block mask; None where the model's dense mask follows from the ids alone."""
+    form = document_mask_form(backend, dtype, device_ids.device)
+    if form == "spans":
+        return document_spans(host_ids, device_ids.device, device_ids)
+    return document_block_mask(device_ids) if form == "block" else None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
@@ -176,7 +199,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
     ``backend``: 'flash' uses flash-attn (CUDA, half precision), 'sdpa' PyTorch's
     scaled_dot_product_attention, 'auto' flash-attn where it can run, on CPU the batched-matmul
-    attention of :mod:`sdd_train.kernels.cpu_attention` for short unmasked sequences, else SDPA.
+    attention of :mod:`sdd_train.kernels.cpu_attention` for short sequences (with or without a
+    dense document mask), else SDPA.
     ``mask``: document spans (flash-attn's varlen kernel; SDPA gets the equivalent dense mask), a
     document block mask (FlexAttention) or a dense boolean mask (from :func:`document_mask` or a KV
     cache), which only SDPA takes. GQA: flash-attn and FlexAttention take fewer k/v heads natively,

@@ -17,7 +17,7 @@ import torch
 from sdd_train.config import RunConfig
 from sdd_train.data.loader import MixtureLoader, Prefetcher
 from sdd_train.distributed.world import World
-from sdd_train.kernels.attention import DOCUMENT_MASKS, attention_mask
+from sdd_train.kernels.attention import prebuilt_document_mask
 
 
 class DataFeed:
@@ -52,8 +52,8 @@ class DataFeed:
                         self.prefetch.schedule(following, s, self.micro_batch)
             on_device: dict[str, Any] = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             if "doc_ids" in batch:
-                mask = attention_mask(batch["doc_ids"], self.backend, self.dtype, self.device)
-                if isinstance(mask, DOCUMENT_MASKS):
+                mask = prebuilt_document_mask(batch["doc_ids"], on_device["doc_ids"], self.backend, self.dtype)
+                if mask is not None:
                     on_device["attention_mask"] = mask
             yield on_device
 

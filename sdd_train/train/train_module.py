@@ -66,7 +66,7 @@ class StepOutput:
         return self._values
 
     def carried_value(self, name: str) -> float:
-        return self.read()[5 + list(self.carried).index(name)]
+        return self.read()[len(self.losses) + 1 + list(self.carried).index(name)]
 
     @property
     def loss(self) -> float:

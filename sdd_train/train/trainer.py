@@ -98,8 +98,8 @@ class Trainer:
         self._call("pre_step", step)
         start = time.perf_counter()
         out = self.module.train_batch(self.feed.micro_batches(self.position, self.excluded), self.feed.accum, step)
-        out.carried.update(self._carried)
         self._call("post_backward", step)
+        out.carried.update(self._carried)
         self.module.clip_gradients(out)
         verdict = self._decide(step, out)
         if verdict.action is Action.ROLLBACK:
@@ -147,7 +147,8 @@ class Trainer:
 
     def read_with_step(self, name: str, value: torch.Tensor) -> None:
         """A device scalar a callback needs in this step, read in the step's one read with its losses
-        (``out.carried_value(name)``) rather than in a read of its own; called in ``pre_step``."""
+        (``out.carried_value(name)``) rather than in a read of its own; called in ``pre_step`` or
+        ``post_backward``."""
         self._carried[name] = value
 
     def record_metric(self, key: str, value: float) -> None:

@@ -2,8 +2,9 @@
 (kept forever), at the last step, and on SIGTERM / SIGUSR1 (Slurm preemption), after which the run
 stops with exit code 0; re-running the command resumes. Nothing non-finite is ever checkpointed.
 Under torchrun the ranks agree on a signal every ``train.signal_check_interval`` steps (and at every
-checkpoint), so a signal is acted on at most that many steps after it arrives; their flag is reduced
-as such a step starts and read with its losses, in the step's one read. One process acts on a signal
+checkpoint), so a signal is acted on at most that many steps after it arrives (one more if it arrives
+in such a step's optimizer update); their flag is reduced after such a step's backward and read with
+its losses, in the step's one read. One process acts on a signal
 at the end of the step it arrives in.
 
 A save that fails (a full disk, a quota, permissions) leaves the previous checkpoint the latest;
@@ -41,11 +42,11 @@ class CheckpointCallback(Callback):
                         " to checkpoint. Re-run the same command to resume.")
             trainer.request_stop(signal.Signals(stopping).name)
 
-    def pre_step(self, trainer: Trainer, step: int) -> None:
-        """Ranks agree on a stop signal at the steps of :meth:`agrees`: the flag's all-reduce is queued now
-        and read with the step's losses (one read for the step, not one more)."""
+    def post_backward(self, trainer: Trainer, step: int) -> None:
+        """Ranks agree on a stop signal at the steps of :meth:`agrees`: the flag's all-reduce is queued
+        after the step's backward and read with its losses (one read for the step, not one more)."""
         if trainer.world.distributed and self.agrees(trainer, step):
-            flag = torch.tensor(float(STOPS.received), device=trainer.world.device)
+            flag = torch.full((), float(STOPS.received), device=trainer.world.device)  # no copy from the host
             trainer.read_with_step("stop_signal", all_reduce_max(flag))
 
     @staticmethod
@@ -92,7 +93,7 @@ class CheckpointCallback(Callback):
         """The signal number if any rank received SIGTERM/SIGUSR1, else 0 (ranks: an all-reduce and a read)."""
         if not trainer.world.distributed:
             return STOPS.received
-        flag = torch.tensor(float(STOPS.received), device=trainer.world.device)
+        flag = torch.full((), float(STOPS.received), device=trainer.world.device)
         return int(all_reduce_max(flag).item())
 
     def on_fit_end(self, trainer: Trainer) -> None:
