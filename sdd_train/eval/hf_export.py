@@ -89,7 +89,7 @@ def causal_attention(q, k, v, backend, mask=None):
     return sdpa_causal_attention(q, k, v, mask)
 
 
-def attention_mask(doc_ids, backend, dtype, device=None):
+def attention_mask(doc_ids, backend, dtype):
     return None if doc_ids is None else document_mask(doc_ids)
 
 

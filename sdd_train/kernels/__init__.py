@@ -29,7 +29,7 @@ from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 
 __all__ = ["DOCUMENT_MASKS", "AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem",
-           "attention_mask", "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
-           "expert_counts", "expert_mm", "flash_attn_usable", "l2_normalize", "linear_cross_entropy", "lm_loss",
-           "norm_kernel", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
-           "set_norm_kernel", "slow_bf16_matmuls", "upcast"]
+           "attention_mask", "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask",
+           "document_spans", "expert_counts", "expert_mm", "flash_attn_usable", "l2_normalize",
+           "linear_cross_entropy", "lm_loss", "norm_kernel", "rms_norm", "rms_norm_torch", "row_gain_rms_norm",
+           "sdd_swiglu", "sdpa_causal_attention", "set_norm_kernel", "slow_bf16_matmuls", "upcast"]

@@ -168,29 +168,24 @@ def document_mask_form(backend: str, dtype: torch.dtype, device: torch.device) -
     return "dense"
 
 
-def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype,
-                   device: torch.device | None = None) -> AttentionMask:
-    """The document mask of [B, S] ``doc_ids`` in :func:`document_mask_form` for a run on ``device``
-    (default: the ids'). Built once per forward, outside the (compiled) blocks."""
-    if doc_ids is None:
-        return None
-    device = doc_ids.device if device is None else torch.device(device)
-    form = document_mask_form(backend, dtype, device)
-    if form == "spans":
-        return document_spans(doc_ids, device)
-    doc_ids = doc_ids.to(device, non_blocking=True)
-    return document_block_mask(doc_ids) if form == "block" else document_mask(doc_ids)
-
-
 def prebuilt_document_mask(host_ids: torch.Tensor, device_ids: torch.Tensor, backend: str,
                            dtype: torch.dtype) -> DocumentSpans | DocumentBlockMask | None:
-    """The data feed's mask of a batch's ids (on the host, and copied to the device), where its form
-    depends on the documents: flash-attn's spans, counted on the host (no wait for the device), or
-    FlexAttention's block mask; None where the model's dense mask follows from the ids alone."""
+    """The mask of a batch's ids (on the host, and copied to the device) where its form depends on the
+    documents: flash-attn's spans, counted on the host (the data feed's copy: no wait for the device),
+    or FlexAttention's block mask; None where the dense mask follows from the ids alone."""
     form = document_mask_form(backend, dtype, device_ids.device)
     if form == "spans":
         return document_spans(host_ids, device_ids.device, device_ids)
     return document_block_mask(device_ids) if form == "block" else None
+
+
+def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype) -> AttentionMask:
+    """The document mask of [B, S] ``doc_ids`` in :func:`document_mask_form` for a run on their device.
+    Built once per forward, outside the (compiled) blocks."""
+    if doc_ids is None:
+        return None
+    built = prebuilt_document_mask(doc_ids, doc_ids, backend, dtype)
+    return document_mask(doc_ids) if built is None else built
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,

@@ -111,7 +111,7 @@ class Transformer(nn.Module):
         scheme = self.cfg.init.scheme
         return self.block_cls.init_scheme if scheme == "auto" else scheme
 
-    def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | AttentionMask = None, cache: KVCache | None = None,
+    def forward(self, tokens: torch.Tensor, doc_ids: AttentionMask = None, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None, z_loss: float = 0.0, loss_chunk: int = 4096,
                 earlier_counts: torch.Tensor | None = None):
         """tokens [B, S] -> logits [B, S, vocab_size], or with ``targets`` [B, S] a :class:`LossOutput`.

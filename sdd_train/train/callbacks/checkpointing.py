@@ -4,8 +4,7 @@ stops with exit code 0; re-running the command resumes. Nothing non-finite is ev
 Under torchrun the ranks agree on a signal every ``train.signal_check_interval`` steps (and at every
 checkpoint), so a signal is acted on at most that many steps after it arrives (one more if it arrives
 in such a step's optimizer update); their flag is reduced after such a step's backward and read with
-its losses, in the step's one read. One process acts on a signal
-at the end of the step it arrives in.
+its losses, in the step's one read. One process acts on a signal at the end of the step it arrives in.
 
 A save that fails (a full disk, a quota, permissions) leaves the previous checkpoint the latest;
 ``train.checkpoint_failure`` decides: ``stop`` the run (exit 1), or ``retry`` at the next interval
@@ -46,8 +45,7 @@ class CheckpointCallback(Callback):
         """Ranks agree on a stop signal at the steps of :meth:`agrees`: the flag's all-reduce is queued
         after the step's backward and read with its losses (one read for the step, not one more)."""
         if trainer.world.distributed and self.agrees(trainer, step):
-            flag = torch.full((), float(STOPS.received), device=trainer.world.device)  # no copy from the host
-            trainer.read_with_step("stop_signal", all_reduce_max(flag))
+            trainer.read_with_step("stop_signal", self._ranks_signal(trainer))
 
     @staticmethod
     def saves(trainer: Trainer, step: int) -> bool:
@@ -93,8 +91,12 @@ class CheckpointCallback(Callback):
         """The signal number if any rank received SIGTERM/SIGUSR1, else 0 (ranks: an all-reduce and a read)."""
         if not trainer.world.distributed:
             return STOPS.received
-        flag = torch.full((), float(STOPS.received), device=trainer.world.device)
-        return int(all_reduce_max(flag).item())
+        return int(self._ranks_signal(trainer).item())
+
+    @staticmethod
+    def _ranks_signal(trainer: Trainer) -> torch.Tensor:
+        """The largest signal number any rank received, on the device (made there: no copy from the host)."""
+        return all_reduce_max(torch.full((), float(STOPS.received), device=trainer.world.device))
 
     def on_fit_end(self, trainer: Trainer) -> None:
         trainer.checkpointer.wait()  # an async save in flight completes (or fails) before the process ends
