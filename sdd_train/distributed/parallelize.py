@@ -180,11 +180,20 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
 
 def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
                 compile: bool | None, compile_backend: str = "inductor") -> list[int]:
-    """AC, then compile, then expert parallelism and FSDP2 (only over more than one rank; one process
-    casts parameters as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
+    """AC and compile, then expert parallelism and FSDP2 (only over more than one rank; one process
+    casts parameters as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks.
+
+    A block that compiles to one graph is compiled with its checkpoint inside, so AOTAutograd plans the
+    recomputation. Under expert parallelism the block's graphs break at the all-to-all, and dynamo then
+    runs a checkpoint inside them eagerly, whose recomputation in backward would run eager kernels, not
+    the forward's compiled ones: there the checkpoint wraps the compiled block instead, and backward
+    recomputes with the same graphs (bitwise what a run without checkpointing computes)."""
+    compiled, fullgraph = compile_enabled(compile, device), dims.ep == 1
+    if compiled and not fullgraph:
+        apply_compile(plan, fullgraph=False, backend=compile_backend)
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
-    if compile_enabled(compile, device):
-        apply_compile(plan, fullgraph=dims.ep == 1, backend=compile_backend)
+    if compiled and fullgraph:
+        apply_compile(plan, fullgraph=True, backend=compile_backend)
     if dims.sharded:
         mesh = dims.build_mesh(device.type)
         experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, PARAM_DTYPES[par.param_dtype],
