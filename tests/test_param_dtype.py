@@ -154,3 +154,11 @@ def test_a_resumed_bf16_parameter_run_is_bitwise_the_uninterrupted_one(data_cach
     assert main(small_run(resumed, data_cache, *run)) == 0
     assert "resume: from" in capsys.readouterr().out
     assert losses(resumed) == losses(whole)
+
+
+def test_every_precision_name_the_config_offers_has_a_dtype():
+    """train.precision, parallel.param_dtype and optim.muon.ns_dtype look their names up in one table."""
+    from sdd_train.config.schema import NS_DTYPES, PARAM_DTYPE_NAMES, PRECISIONS
+    from sdd_train.kernels.precision import DTYPES
+
+    assert {*PRECISIONS, *PARAM_DTYPE_NAMES, *NS_DTYPES} - {"auto"} <= DTYPES.keys()

@@ -18,7 +18,6 @@ from sdd_train.kernels.precision import (BF16_PRODUCTS_MIN_TORCH, bf16_products_
                                          bf16_products_of_bf16_values)
 from sdd_train.model import Transformer
 from sdd_train.train import train_module
-from sdd_train.train.callbacks import evaluation
 from sdd_train.train.__main__ import main
 
 aten = torch.ops.aten
@@ -129,14 +128,14 @@ def test_trainer_uses_bf16_products_in_bf16_steps_only(tmp_path, data_cache, pre
         seen["step"].add(torch.backends.mkldnn.matmul.fp32_precision)
         return real_autocast(*args, **kwargs)
 
-    real_evaluate = evaluation.evaluate_sets
+    real_evaluate = train_module.evaluate_sets  # what the train module's evaluation calls
 
     def evaluate(*args, **kwargs):
         seen["eval"].add(torch.backends.mkldnn.matmul.fp32_precision)
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "autocast", autocast)
-    monkeypatch.setattr(evaluation, "evaluate_sets", evaluate)
+    monkeypatch.setattr(train_module, "evaluate_sets", evaluate)
     args = small_run(tmp_path / "run", data_cache, "train.max_steps=2", "train.eval_interval=2",
                      f"train.precision={precision}")
     outside = torch.backends.mkldnn.matmul.fp32_precision

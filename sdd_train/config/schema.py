@@ -44,7 +44,7 @@ CHECKPOINT_FAILURE_ACTIONS = ("stop", "retry")
 NONFINITE_ACTIONS = ("stop", "skip")
 ACTIVATION_CHECKPOINTING_MODES = ("none", "full", "every_n", "selective")
 COMPILE_BACKENDS = ("inductor", "aot_eager")
-# in this order the torch dtypes of sdd_train.kernels.precision.PARAM_DTYPES: float32, bfloat16
+# the torch dtype of every name: sdd_train.kernels.precision.DTYPES
 PARAM_DTYPE_NAMES = ("fp32", "bf16")
 WANDB_MODES = ("disabled", "online", "offline")
 SPIKE_ACTIONS = ("none", "log", "skip", "rollback")

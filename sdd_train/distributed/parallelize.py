@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdd_train.config import ParallelConfig
 from sdd_train.kernels import grouped_mm  # noqa: F401  (registers sdd_train::expert_mm, which selective AC keeps)
-from sdd_train.kernels.precision import PARAM_DTYPES
+from sdd_train.kernels.precision import DTYPES
 from sdd_train.distributed.dims import ParallelDims
 from sdd_train.distributed.expert_parallel import apply_all_ranks_balance, apply_expert_parallel
 from sdd_train.distributed.param_cast import apply_param_cast
@@ -148,14 +148,14 @@ def apply_fsdp(plan: ModelPlan, par: ParallelConfig, mesh, device_type: str,
     """Shard every block, then the root (embedding, final norm, head), over ``mesh``: 1-D (FSDP2) or 2-D
     (HSDP); the ``ignored`` parameters (experts split by expert parallelism) stay as they are.
 
-    Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.PARAM_DTYPES`)
+    Parameters are all-gathered in ``parallel.param_dtype`` (:data:`sdd_train.kernels.precision.DTYPES`)
     and gradients reduced in fp32 into fp32 shards, the optimizer's master weights. One process gets
     the same bf16 parameters from :func:`sdd_train.distributed.param_cast.apply_param_cast`. Forward
     inputs are not cast: the blocks get the RoPE table in fp32 (FSDP2's default would cast it to bf16).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[par.param_dtype], reduce_dtype=torch.float32,
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[par.param_dtype], reduce_dtype=torch.float32,
                               cast_forward_inputs=False)
     register_output_types(plan.output_types)
     blocks, root = plan.blocks, plan.root
@@ -196,12 +196,12 @@ def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device
         apply_compile(plan, fullgraph=True, backend=compile_backend)
     if dims.sharded:
         mesh = dims.build_mesh(device.type)
-        experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, PARAM_DTYPES[par.param_dtype],
+        experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, DTYPES[par.param_dtype],
                                          par.reshard_after_forward) if dims.ep > 1 else set())
         apply_all_ranks_balance(plan.expert_layers)
         apply_fsdp(plan, par, mesh, device.type, experts)
-    elif PARAM_DTYPES[par.param_dtype] != torch.float32:
-        apply_param_cast(plan.root, [*plan.blocks, plan.root], PARAM_DTYPES[par.param_dtype])
+    elif DTYPES[par.param_dtype] != torch.float32:
+        apply_param_cast(plan.root, [*plan.blocks, plan.root], DTYPES[par.param_dtype])
     return chosen
 
 

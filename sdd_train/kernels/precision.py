@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from sdd_train.config.schema import PARAM_DTYPE_NAMES
-
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half precision; fp32 and fp64 unchanged (so float64 references stay exact)."""
@@ -56,10 +54,11 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# ``parallel.param_dtype``: the dtype parameters are gathered and computed in, by the names the schema
-# lists (in its order). The optimizer's master weights and the gradient reduction stay fp32 in both
-# (sdd_train/distributed/parallelize.py).
-PARAM_DTYPES = dict(zip(PARAM_DTYPE_NAMES, (torch.float32, torch.bfloat16), strict=True))
+# The dtype of each precision name in the config: ``train.precision`` (what matmuls compute in),
+# ``parallel.param_dtype`` (what parameters are gathered and computed in; the optimizer's master weights
+# and the gradient reduction stay fp32 in both, sdd_train/distributed/parallelize.py),
+# ``optim.muon.ns_dtype``.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -129,7 +129,9 @@ def measure_cpu(dtype_name: str = "fp32") -> Device:
     import torch
     from torch.utils.benchmark import Timer
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    from sdd_train.kernels.precision import DTYPES
+
+    dtype = DTYPES[dtype_name]
     a = torch.randn(1024, 1024, dtype=dtype)
     src = torch.empty(64 * 2**20 // 4)
     dst = torch.empty_like(src)

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from typing import Any
 
-import torch
-
 from sdd_train.config import RunConfig
 from sdd_train.data.loader import MixtureLoader, Prefetcher
 from sdd_train.distributed.world import World
 from sdd_train.kernels.attention import prebuilt_document_mask
+from sdd_train.kernels.precision import DTYPES
 
 
 class DataFeed:
@@ -25,7 +24,7 @@ class DataFeed:
         t = cfg.train
         self.loader, self.device = loader, world.device
         self.backend = cfg.model.attention_backend
-        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32  # what q, k, v compute in
+        self.dtype = DTYPES[t.precision]  # what q, k, v compute in
         self.global_batch, self.micro_batch = t.global_batch_size, t.micro_batch_size
         per_rank = t.global_batch_size // world.world_size
         self.accum = per_rank // t.micro_batch_size  # micro-batches per rank and step

@@ -67,9 +67,10 @@ def lr_scale(shape: torch.Size, adjust: str) -> float:
 
 def resolve_ns_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 where bf16 matrix products are fast (CUDA; CPUs with oneDNN bf16 GEMMs), else fp32."""
+    from sdd_train.kernels.precision import DTYPES, slow_bf16_matmuls
+
     if name != "auto":
-        return torch.bfloat16 if name == "bf16" else torch.float32
-    from sdd_train.kernels.precision import slow_bf16_matmuls
+        return DTYPES[name]
 
     return torch.float32 if slow_bf16_matmuls(device) else torch.bfloat16
 
