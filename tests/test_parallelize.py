@@ -10,7 +10,7 @@ from conftest import small_model_cfg
 from sdd_train.config import MoEConfig, ParallelConfig
 from sdd_train.model import LossOutput, Transformer
 from sdd_train.distributed.world import World
-from sdd_train.distributed.parallelize import checkpointed_blocks, parallelize
+from sdd_train.distributed.parallelize import apply_checkpointing_and_compile, checkpointed_blocks, parallelize
 
 ONE = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -89,6 +89,28 @@ def test_activation_checkpointing_recomputes_forward():
     parallelize(model.parallel_plan(), par, ONE.dims, ONE.device, False)
     model(torch.randint(0, cfg.vocab_size, (2, 8))).sum().backward()
     assert sorted(calls) == [0, 0, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("fullgraph", [True, False])
+def test_checkpointed_compiled_blocks_keep_no_activations(fullgraph):
+    """Checkpointing outside the compiled blocks (their graphs broken, as under expert parallelism) frees what
+    the compiled forward saves, as checkpointing inside one graph does: what the step keeps for backward outside
+    the checkpoints (saved-tensor hooks see it) is a fraction of what the compiled blocks keep without AC."""
+    torch.manual_seed(0)
+    cfg = small_model_cfg("pre", n_layers=4, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    kept = {}
+    for mode in ("none", "full"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        apply_checkpointing_and_compile(model.parallel_plan(), ParallelConfig(activation_checkpointing=mode),
+                                        compiled=True, fullgraph=fullgraph, backend="aot_eager")
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+            loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+        loss.backward()
+        kept[mode] = sum(sizes)
+    assert kept["full"] < kept["none"] / 3, kept
 
 
 def test_compile_defaults_to_on_for_gpus_only():

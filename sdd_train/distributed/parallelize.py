@@ -178,22 +178,30 @@ def compile_enabled(setting: bool | None, device: torch.device) -> bool:
     return setting if setting is not None else device.type == "cuda"
 
 
-def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
-                compile: bool | None, compile_backend: str = "inductor") -> list[int]:
-    """AC and compile, then expert parallelism and FSDP2 (only over more than one rank; one process
-    casts parameters as FSDP2 does for ``parallel.param_dtype=bf16``). Returns the checkpointed blocks.
+def apply_checkpointing_and_compile(plan: ModelPlan, par: ParallelConfig, compiled: bool, fullgraph: bool,
+                                    backend: str = "inductor") -> list[int]:
+    """Checkpoint and compile the blocks; returns the checkpointed ones.
 
     A block that compiles to one graph is compiled with its checkpoint inside, so AOTAutograd plans the
-    recomputation. Under expert parallelism the block's graphs break at the all-to-all, and dynamo then
-    runs a checkpoint inside them eagerly, whose recomputation in backward would run eager kernels, not
-    the forward's compiled ones: there the checkpoint wraps the compiled block instead, and backward
+    recomputation. Where the block's graphs break (at expert parallelism's all-to-all), dynamo runs a
+    checkpoint inside them eagerly, and its recomputation in backward would run eager kernels, not the
+    forward's compiled ones: there the checkpoint wraps the compiled block instead, and backward
     recomputes with the same graphs (bitwise what a run without checkpointing computes)."""
-    compiled, fullgraph = compile_enabled(compile, device), dims.ep == 1
     if compiled and not fullgraph:
-        apply_compile(plan, fullgraph=False, backend=compile_backend)
+        apply_compile(plan, fullgraph=False, backend=backend)
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
     if compiled and fullgraph:
-        apply_compile(plan, fullgraph=True, backend=compile_backend)
+        apply_compile(plan, fullgraph=True, backend=backend)
+    return chosen
+
+
+def parallelize(plan: ModelPlan, par: ParallelConfig, dims: ParallelDims, device: torch.device,
+                compile: bool | None, compile_backend: str = "inductor") -> list[int]:
+    """AC and compile (one graph per block, but for expert parallelism's all-to-all), then expert parallelism
+    and FSDP2 (only over more than one rank; one process casts parameters as FSDP2 does for
+    ``parallel.param_dtype=bf16``). Returns the checkpointed blocks."""
+    chosen = apply_checkpointing_and_compile(plan, par, compile_enabled(compile, device), fullgraph=dims.ep == 1,
+                                             backend=compile_backend)
     if dims.sharded:
         mesh = dims.build_mesh(device.type)
         experts = (apply_expert_parallel(plan.expert_layers, mesh, dims, DTYPES[par.param_dtype],
