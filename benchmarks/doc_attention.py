@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdd_train.kernels import attention  # noqa: E402
 from sdd_train.kernels.cpu_attention import cpu_causal_attention  # noqa: E402
-from sdd_train.kernels.precision import bf16_products_of_bf16_values  # noqa: E402
+from sdd_train.kernels.precision import DTYPES, bf16_products_of_bf16_values  # noqa: E402
 from benchmarks.record import write_json  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    steps = cases(device, args.smoke, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype])
+    steps = cases(device, args.smoke, DTYPES[args.dtype])
     times: dict[str, list[float]] = {name: [] for name in steps}
     peaks: dict[str, float] = {}
     for name, step in steps.items():  # warm-up (compiles FlexAttention), and one call's peak memory

@@ -93,8 +93,8 @@ def test_activation_checkpointing_recomputes_forward():
 
 @pytest.mark.parametrize("fullgraph", [True, False])
 def test_checkpointed_compiled_blocks_keep_no_activations(fullgraph):
-    """Checkpointing outside the compiled blocks (their graphs broken, as under expert parallelism) frees what
-    the compiled forward saves, as checkpointing inside one graph does: what the step keeps for backward outside
+    """Checkpointing outside the compiled blocks (the order for graphs that break, as under expert parallelism)
+    frees what the compiled forward saves, as checkpointing inside one graph does: what the step keeps for backward outside
     the checkpoints (saved-tensor hooks see it) is a fraction of what the compiled blocks keep without AC."""
     torch.manual_seed(0)
     cfg = small_model_cfg("pre", n_layers=4, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))

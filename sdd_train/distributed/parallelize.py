@@ -6,8 +6,9 @@ shape comes from the world's :class:`~sdd_train.distributed.dims.ParallelDims`. 
 imports the model.
 
 Order matters and follows torchtitan: activation checkpointing wraps a block's forward, compile
-compiles that forward (so recomputation is inside the graph), and FSDP2 shards each block and
-then the root. Only methods are replaced (blocks' ``forward``, the root's compiled methods), never
+compiles that forward (so recomputation is inside the graph; under expert parallelism, whose
+all-to-all breaks the graph, the checkpoint wraps the compiled forward instead), and FSDP2 shards
+each block and then the root. Only methods are replaced (blocks' ``forward``, the root's compiled methods), never
 an attribute a forward reads, so parameter names (and therefore checkpoints) are identical with and
 without any of the three.
 """
@@ -186,7 +187,9 @@ def apply_checkpointing_and_compile(plan: ModelPlan, par: ParallelConfig, compil
     recomputation. Where the block's graphs break (at expert parallelism's all-to-all), dynamo runs a
     checkpoint inside them eagerly, and its recomputation in backward would run eager kernels, not the
     forward's compiled ones: there the checkpoint wraps the compiled block instead, and backward
-    recomputes with the same graphs (bitwise what a run without checkpointing computes)."""
+    recomputes with the same graphs (bitwise what a run without checkpointing computes). ``selective``'s
+    policy there sees the operators the compiled code dispatches: attention and the expert GEMMs are kept,
+    the matrix products inductor generates code around are recomputed."""
     if compiled and not fullgraph:
         apply_compile(plan, fullgraph=False, backend=backend)
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
