@@ -188,8 +188,9 @@ def apply_checkpointing_and_compile(plan: ModelPlan, par: ParallelConfig, compil
     checkpoint inside them eagerly, and its recomputation in backward would run eager kernels, not the
     forward's compiled ones: there the checkpoint wraps the compiled block instead, and backward
     recomputes with the same graphs (bitwise what a run without checkpointing computes). ``selective``'s
-    policy there sees the operators the compiled code dispatches: attention and the expert GEMMs are kept,
-    the matrix products inductor generates code around are recomputed."""
+    policy there sees the operators the compiled code calls: the expert GEMMs (and attention where inductor
+    calls its kernel) are kept; the matrix products inductor writes into its own buffers (``mm.out``) are
+    recomputed, as a cached result cannot fill the buffer the recomputed code passes."""
     if compiled and not fullgraph:
         apply_compile(plan, fullgraph=False, backend=backend)
     chosen = apply_activation_checkpointing(plan, par.activation_checkpointing, par.ac_every)
