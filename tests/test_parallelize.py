@@ -113,6 +113,26 @@ def test_checkpointed_compiled_blocks_keep_no_activations(fullgraph):
     assert kept["full"] < kept["none"] / 3, kept
 
 
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointed_blocks_whose_graphs_break_recompute_with_the_compiled_graphs(mode):
+    """One process, the experts run outside the compiled graphs (as expert parallelism runs its all-to-all):
+    activation checkpointing gives bitwise the gradients of the compiled blocks without it, so its
+    recomputation ran the forward's graphs (a checkpoint that dynamo ran eagerly recomputed with eager kernels)."""
+    cfg = small_model_cfg("pre", n_layers=2, ffn="moe", moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for ac in ("none", mode):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        plan = model.parallel_plan()
+        for layer in plan.expert_layers:  # a graph break at the experts, as expert_parallel_run's
+            layer.run_experts = torch.compiler.disable(type(layer).run_experts.__get__(layer))
+        apply_checkpointing_and_compile(plan, ParallelConfig(activation_checkpointing=ac), compiled=True,
+                                        fullgraph=False, backend="aot_eager")
+        _, grads[ac] = loss_and_grads(model, tokens)
+    assert all(torch.equal(grads[mode][n], grads["none"][n]) for n in grads["none"]), mode
+
+
 def test_compile_defaults_to_on_for_gpus_only():
     from sdd_train.config import TrainConfig
     from sdd_train.distributed.parallelize import compile_enabled
