@@ -273,7 +273,7 @@ TOLERANCE: dict[tuple[str, str], tuple[float, float | None]] = {
     ("compile", "fp32"): (2e-5, 2e-4),  # the fused chunked loss compiled sits nearest (docs/testing.md)
     ("compile", "bf16"): (1e-2, None),  # the gradient norm moves most
     ("ranks", "fp32"): (1e-5, 5e-6),  # tests/test_distributed.py's
-    ("ranks", "bf16"): (2e-3, None),  # tests/test_fsdp_bf16.py's
+    ("ranks", "bf16"): (5e-3, None),  # about one bf16 rounding (4e-3): a late gradient norm with oneDNN bf16 GEMMs
 }
 
 
