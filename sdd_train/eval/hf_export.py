@@ -50,7 +50,7 @@ DEFINITIONS: tuple[tuple[ModuleType, tuple[str, ...] | None], ...] = (
     (norm, ("NORM_BLOCK_ELEMENTS", "norm_row_blocks", "RMSNormFunction", "rms_norm_torch", "row_gain_rms_norm",
             "l2_normalize")),
     (attention, ("SDPA_HAS_GQA", "document_mask", "DocumentSpans", "DocumentBlockMask", "AttentionMask",
-                 "DOCUMENT_MASKS", "sdpa_causal_attention")),
+                 "sdpa_causal_attention")),
     (swiglu, ("sdd_swiglu_torch",)),
     (grouped_mm, ("expert_mm_loop",)),
     (cross_entropy, ("IGNORE", "lm_loss")),

@@ -17,9 +17,9 @@ Every function has a PyTorch path that needs nothing but torch (what a Hugging F
 read once, at the first norm (:func:`set_norm_kernel` changes the setting afterwards).
 """
 
-from sdd_train.kernels.attention import (DOCUMENT_MASKS, AttentionMask, BackendUnavailable, DocumentSpans,
-                                         attention_backend_problem, attention_mask, causal_attention, document_mask,
-                                         document_spans, flash_attn_usable, sdpa_causal_attention)
+from sdd_train.kernels.attention import (AttentionMask, BackendUnavailable, DocumentSpans, attention_backend_problem,
+                                         attention_mask, causal_attention, document_mask, document_spans,
+                                         flash_attn_usable, sdpa_causal_attention)
 from sdd_train.kernels.cross_entropy import linear_cross_entropy, lm_loss
 from sdd_train.kernels.grouped_mm import expert_counts, expert_mm
 from sdd_train.kernels.norm import l2_normalize, rms_norm, rms_norm_torch, row_gain_rms_norm
@@ -28,8 +28,8 @@ from sdd_train.kernels.precision import (autocast, autocast_dtype, compute_dtype
 from sdd_train.kernels.settings import norm_kernel, set_norm_kernel
 from sdd_train.kernels.swiglu import sdd_swiglu
 
-__all__ = ["DOCUMENT_MASKS", "AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem",
-           "attention_mask", "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask",
-           "document_spans", "expert_counts", "expert_mm", "flash_attn_usable", "l2_normalize",
-           "linear_cross_entropy", "lm_loss", "norm_kernel", "rms_norm", "rms_norm_torch", "row_gain_rms_norm",
-           "sdd_swiglu", "sdpa_causal_attention", "set_norm_kernel", "slow_bf16_matmuls", "upcast"]
+__all__ = ["AttentionMask", "BackendUnavailable", "DocumentSpans", "attention_backend_problem", "attention_mask",
+           "autocast", "autocast_dtype", "causal_attention", "compute_dtype", "document_mask", "document_spans",
+           "expert_counts", "expert_mm", "flash_attn_usable", "l2_normalize", "linear_cross_entropy", "lm_loss",
+           "norm_kernel", "rms_norm", "rms_norm_torch", "row_gain_rms_norm", "sdd_swiglu", "sdpa_causal_attention",
+           "set_norm_kernel", "slow_bf16_matmuls", "upcast"]

@@ -179,11 +179,12 @@ def prebuilt_document_mask(host_ids: torch.Tensor, device_ids: torch.Tensor, bac
     return document_block_mask(device_ids) if form == "block" else None
 
 
-def attention_mask(doc_ids: torch.Tensor | None, backend: str, dtype: torch.dtype) -> AttentionMask:
-    """The document mask of [B, S] ``doc_ids`` in :func:`document_mask_form` for a run on their device.
+def attention_mask(doc_ids: AttentionMask, backend: str, dtype: torch.dtype) -> AttentionMask:
+    """The document mask of [B, S] ``doc_ids`` in :func:`document_mask_form` for a run on their device,
+    or ``doc_ids`` itself where it is such a mask already (the data feed's, built from the host's ids).
     Built once per forward, outside the (compiled) blocks."""
-    if doc_ids is None:
-        return None
+    if doc_ids is None or isinstance(doc_ids, DOCUMENT_MASKS):
+        return doc_ids
     built = prebuilt_document_mask(doc_ids, doc_ids, backend, dtype)
     return document_mask(doc_ids) if built is None else built
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from sdd_train.config import ConfigError, ModelConfig
 from sdd_train.config.validation import check_choices
-from sdd_train.kernels import (DOCUMENT_MASKS, AttentionMask, attention_mask, autocast_dtype, linear_cross_entropy,
-                               lm_loss)
+from sdd_train.kernels import AttentionMask, attention_mask, autocast_dtype, linear_cross_entropy, lm_loss
 from sdd_train.model.blocks import BLOCKS, Block, deepnorm_beta
 from sdd_train.model.feed_forward import FEED_FORWARDS
 from sdd_train.model.layers import (AttentionInputs, KVCache, RMSNorm, attention_flops_per_token, init_full_, rope_cache,
@@ -180,10 +179,7 @@ class Transformer(nn.Module):
                    ) -> tuple[list[torch.Tensor], list[MoEAux]]:
         """The residual stream after the embedding and after every block, and what every MoE layer routed."""
         rope = self.rope if cache is None else self.rope[:, cache.pos:cache.pos + tokens.shape[1]]
-        if isinstance(doc_ids, DOCUMENT_MASKS):  # built from the ids already (the data feed's, from the host's ids)
-            mask = doc_ids
-        else:
-            mask = attention_mask(doc_ids, self.cfg.attention_backend, autocast_dtype(self.embed.weight))
+        mask = attention_mask(doc_ids, self.cfg.attention_backend, autocast_dtype(self.embed.weight))
         att = AttentionInputs(rope, mask, cache)
         x = self.embed(tokens)
         states, aux = [x], []
